@@ -1,0 +1,20 @@
+//! Shared vocabulary of edge-agent.
+//!
+//! * [`Event`] is the one envelope every source hands to the local log, and [`Record`] is what every
+//!   consumer reads back (an event plus its identity in the log).
+//! * [`Priority`] is the eviction class of a stream (see PRODUCT.md, guarantee 2).
+//! * [`config`] holds the small config primitives (problem collection with paths, byte sizes).
+//! * [`shutdown`] is the cancellation plumbing every long-running task selects on.
+//!
+//! This crate depends on nothing heavy so that drivers, models and sync never depend on the binary or
+//! on each other.
+
+pub mod config;
+pub mod event;
+pub mod priority;
+pub mod shutdown;
+pub mod time;
+
+pub use event::{Event, Header, Record};
+pub use priority::Priority;
+pub use shutdown::Shutdown;

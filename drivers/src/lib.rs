@@ -1,0 +1,1 @@
+//! Device drivers (POS serial devices, BLE beacons, cameras). Filled by their issues.

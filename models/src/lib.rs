@@ -1,0 +1,1 @@
+//! ONNX runtime, model registry and offers engine. Filled by their issue.

@@ -1,0 +1,772 @@
+//! The log contract: one generic test body per behaviour, run against every engine and durability
+//! mode (the `contract_suite!` invocations at the bottom). A new engine adds one line there.
+#![cfg(test)]
+
+use super::*;
+use edge_core::Event;
+use std::path::Path;
+use std::time::Duration;
+
+/// A storage engine under test.
+pub(crate) trait Engine {
+    type L: Log + std::fmt::Debug;
+    fn config() -> LogConfig;
+    fn open(dir: &Path, cfg: LogConfig) -> Result<Self::L, LogError>;
+    /// Damages one stored record the way bit rot would.
+    fn corrupt_record(dir: &Path, cfg: &LogConfig, stream: &str, seq: u64);
+    /// Damages the database file beyond opening.
+    fn corrupt_file(dir: &Path, cfg: &LogConfig);
+}
+
+pub(crate) struct SqliteFull;
+pub(crate) struct SqliteNormal;
+
+fn sqlite_corrupt_record(dir: &Path, cfg: &LogConfig, stream: &str, seq: u64) {
+    let path = sqlite::db_path(dir, cfg);
+    let conn = rusqlite::Connection::open(path).expect("open for corruption");
+    let sid: i64 = conn
+        .query_row("SELECT id FROM streams WHERE name = ?1", [stream], |r| {
+            r.get(0)
+        })
+        .expect("stream exists");
+    let n = conn
+        .execute(
+            "UPDATE records SET payload = CAST('bit rot' AS BLOB) WHERE id = ?1",
+            [sqlite::queries::row_id(sid, seq)],
+        )
+        .expect("corrupt");
+    assert_eq!(n, 1, "the record to corrupt exists");
+}
+
+fn sqlite_corrupt_file(dir: &Path, cfg: &LogConfig) {
+    let path = sqlite::db_path(dir, cfg);
+    let _ = std::fs::remove_file(format!("{}-wal", path.display()));
+    let _ = std::fs::remove_file(format!("{}-shm", path.display()));
+    std::fs::write(&path, vec![0x5a; 64 * 1024]).expect("overwrite");
+}
+
+impl Engine for SqliteFull {
+    type L = SqliteLog;
+    fn config() -> LogConfig {
+        LogConfig {
+            integrity_check: IntegrityCheck::Off,
+            ..LogConfig::default()
+        }
+    }
+    fn open(dir: &Path, cfg: LogConfig) -> Result<SqliteLog, LogError> {
+        SqliteLog::open(dir, cfg)
+    }
+    fn corrupt_record(dir: &Path, cfg: &LogConfig, stream: &str, seq: u64) {
+        sqlite_corrupt_record(dir, cfg, stream, seq)
+    }
+    fn corrupt_file(dir: &Path, cfg: &LogConfig) {
+        sqlite_corrupt_file(dir, cfg)
+    }
+}
+
+impl Engine for SqliteNormal {
+    type L = SqliteLog;
+    fn config() -> LogConfig {
+        LogConfig {
+            synchronous: Synchronous::Normal,
+            integrity_check: IntegrityCheck::Blocking,
+            ..LogConfig::default()
+        }
+    }
+    fn open(dir: &Path, cfg: LogConfig) -> Result<SqliteLog, LogError> {
+        SqliteLog::open(dir, cfg)
+    }
+    fn corrupt_record(dir: &Path, cfg: &LogConfig, stream: &str, seq: u64) {
+        sqlite_corrupt_record(dir, cfg, stream, seq)
+    }
+    fn corrupt_file(dir: &Path, cfg: &LogConfig) {
+        sqlite_corrupt_file(dir, cfg)
+    }
+}
+
+fn ev(stream: &str, i: u64) -> Event {
+    Event::new(stream, format!("{{\"i\":{i}}}").into_bytes())
+        .with_event_ts(1_700_000_000_000 + i as i64)
+        .with_key("lane-1")
+}
+
+fn open<E: Engine>(dir: &Path) -> E::L {
+    E::open(dir, E::config()).expect("open log")
+}
+
+async fn read_all<L: Log>(log: &L, stream: &str) -> Vec<Record> {
+    let mut out = Vec::new();
+    let mut from = 1;
+    loop {
+        let b = log
+            .read(
+                stream,
+                from,
+                ReadLimits {
+                    max_records: 333,
+                    max_bytes: 1 << 20,
+                },
+            )
+            .await
+            .expect("read");
+        if b.records.is_empty() && b.quarantined.is_empty() {
+            return out;
+        }
+        from = b.next_seq;
+        out.extend(b.records);
+    }
+}
+
+pub(crate) async fn seq_is_dense_per_stream_and_payloads_round_trip<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open::<E>(dir.path());
+    let mut events = Vec::new();
+    for i in 0..500 {
+        events.push(ev(if i % 3 == 0 { "a.one" } else { "b.two" }, i).with_header("h", "v"));
+    }
+    let out = log
+        .append(AppendRequest::events(events.clone()))
+        .await
+        .unwrap();
+    let (mut a, mut b) = (0, 0);
+    for (e, r) in events.iter().zip(&out.appended) {
+        let expect = if &*e.stream == "a.one" {
+            a += 1;
+            a
+        } else {
+            b += 1;
+            b
+        };
+        assert_eq!(*r, Appended::New { seq: expect });
+    }
+    let got = read_all(&log, "b.two").await;
+    assert_eq!(got.len(), b as usize);
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r.seq, i as u64 + 1);
+    }
+    let src: Vec<&Event> = events.iter().filter(|e| &*e.stream == "b.two").collect();
+    for (r, e) in got.iter().zip(src) {
+        assert_eq!(&r.event, e, "stored event equals the submitted one");
+    }
+    assert_eq!(log.next_seq("a.one"), Some(a + 1));
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn requests_apply_in_submission_order<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open::<E>(dir.path());
+    let mut tickets = Vec::new();
+    for i in 0..2000 {
+        tickets.push(log.submit(AppendRequest::one(ev("s", i))).await.unwrap());
+    }
+    for (i, t) in tickets.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap().appended[0].seq(), i as u64 + 1);
+    }
+    let got = read_all(&log, "s").await;
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r.event.payload, ev("s", i as u64).payload);
+    }
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn concurrent_writers_get_unique_dense_seqs<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::sync::Arc::new(open::<E>(dir.path()));
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..250 {
+                let o = log
+                    .append(AppendRequest::one(ev("shared", w * 1000 + i)))
+                    .await
+                    .unwrap();
+                seqs.push(o.appended[0].seq());
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let seqs = t.await.unwrap();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "one writer's seqs increase"
+        );
+        all.extend(seqs);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=2000).collect::<Vec<u64>>());
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn records_epoch_and_seq_survive_reopen<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open::<E>(dir.path());
+    let epoch = log.epoch();
+    log.append(AppendRequest::events((0..10).map(|i| ev("s", i)).collect()))
+        .await
+        .unwrap();
+    log.close().await.unwrap();
+    assert!(matches!(
+        log.append(AppendRequest::one(ev("s", 99))).await,
+        Err(LogError::Closed)
+    ));
+    drop(log);
+    let log = open::<E>(dir.path());
+    assert_eq!(log.epoch(), epoch, "reopening keeps the epoch");
+    let o = log.append(AppendRequest::one(ev("s", 10))).await.unwrap();
+    assert_eq!(o.appended[0], Appended::New { seq: 11 }, "seq continues");
+    assert_eq!(read_all(&log, "s").await.len(), 11);
+    log.close().await.unwrap();
+    drop(log);
+    // A wiped disk is a new incarnation.
+    let dir2 = tempfile::tempdir().unwrap();
+    let other = open::<E>(dir2.path());
+    assert_ne!(other.epoch(), epoch);
+    other.close().await.unwrap();
+}
+
+pub(crate) async fn second_open_of_same_log_is_refused<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open::<E>(dir.path());
+    match E::open(dir.path(), E::config()) {
+        Err(LogError::Locked { .. }) => {}
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn event_ids_are_stored_once_per_stream<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open::<E>(dir.path());
+    let first = log
+        .append(AppendRequest::one(
+            ev("pos.transactions", 1).with_event_id("tx-1"),
+        ))
+        .await
+        .unwrap();
+    let again = log
+        .append(AppendRequest::events(vec![
+            ev("pos.transactions", 2).with_event_id("tx-1"),
+            ev("pos.transactions", 3).with_event_id("tx-2"),
+            ev("pos.transactions", 4).with_event_id("tx-2"),
+            ev("other.stream", 5).with_event_id("tx-1"),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(first.appended[0], Appended::New { seq: 1 });
+    assert_eq!(
+        again.appended,
+        vec![
+            Appended::Duplicate { seq: 1 },
+            Appended::New { seq: 2 },
+            Appended::Duplicate { seq: 2 },
+            Appended::New { seq: 1 },
+        ]
+    );
+    log.close().await.unwrap();
+    drop(log);
+    let log = open::<E>(dir.path());
+    let after = log
+        .append(AppendRequest::one(
+            ev("pos.transactions", 9).with_event_id("tx-2"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        after.appended[0],
+        Appended::Duplicate { seq: 2 },
+        "dedup survives restart"
+    );
+    assert_eq!(read_all(&log, "pos.transactions").await.len(), 2);
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn dedup_window_is_bounded<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        dedup_window: 10,
+        ..E::config()
+    };
+    let log = E::open(dir.path(), cfg).unwrap();
+    for i in 0..50 {
+        log.append(AppendRequest::one(
+            ev("s", i).with_event_id(format!("e{i}")),
+        ))
+        .await
+        .unwrap();
+    }
+    let r = log.maintain().await.unwrap();
+    assert_eq!(r.dedup_forgotten, 40);
+    // Recent ids are still recognised, the oldest are forgotten (and would be stored again).
+    let recent = log
+        .append(AppendRequest::one(ev("s", 49).with_event_id("e49")))
+        .await
+        .unwrap();
+    assert!(recent.appended[0].is_duplicate());
+    let old = log
+        .append(AppendRequest::one(ev("s", 0).with_event_id("e0")))
+        .await
+        .unwrap();
+    assert!(!old.appended[0].is_duplicate());
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn cursors_and_kv_commit_with_events<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open::<E>(dir.path());
+    assert_eq!(log.cursor("uplink", "s").await.unwrap(), None);
+    log.append(AppendRequest {
+        events: vec![ev("s", 1), ev("s", 2)],
+        cursors: vec![CursorMove {
+            cursor: "uplink".into(),
+            stream: "s".into(),
+            next_seq: 2,
+        }],
+        kv: vec![("downlink.offsets".into(), b"p0=42".to_vec())],
+    })
+    .await
+    .unwrap();
+    log.append(AppendRequest::cursor("egress", "s", 3))
+        .await
+        .unwrap();
+    log.close().await.unwrap();
+    drop(log);
+    let log = open::<E>(dir.path());
+    assert_eq!(log.cursor("uplink", "s").await.unwrap(), Some(2));
+    assert_eq!(log.cursor("egress", "s").await.unwrap(), Some(3));
+    assert_eq!(
+        log.kv_get("downlink.offsets").await.unwrap().as_deref(),
+        Some(&b"p0=42"[..])
+    );
+    let names: Vec<String> = log
+        .cursors()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.cursor)
+        .collect();
+    assert_eq!(names, vec!["egress".to_string(), "uplink".to_string()]);
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn invalid_requests_fail_alone<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open::<E>(dir.path());
+    let bad = log
+        .submit(AppendRequest::one(ev("Not A Stream", 1)))
+        .await
+        .unwrap();
+    let good = log.submit(AppendRequest::one(ev("s", 1))).await.unwrap();
+    assert!(matches!(bad.await, Err(LogError::Invalid(_))));
+    assert_eq!(good.await.unwrap().appended[0].seq(), 1);
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn reads_respect_limits_and_resume<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open::<E>(dir.path());
+    log.append(AppendRequest::events(
+        (0..100).map(|i| ev("s", i)).collect(),
+    ))
+    .await
+    .unwrap();
+    let b = log
+        .read(
+            "s",
+            41,
+            ReadLimits {
+                max_records: 10,
+                max_bytes: 1 << 20,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        b.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (41..=50).collect::<Vec<_>>()
+    );
+    assert_eq!(b.next_seq, 51);
+    let b = log
+        .read(
+            "s",
+            95,
+            ReadLimits {
+                max_records: 1,
+                max_bytes: 1,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        b.records.len(),
+        1,
+        "a read returns at least one record even over max_bytes"
+    );
+    let b = log.read("s", 101, ReadLimits::default()).await.unwrap();
+    assert!(b.records.is_empty());
+    assert_eq!(b.next_seq, 101);
+    let b = log.read("unknown", 1, ReadLimits::default()).await.unwrap();
+    assert!(b.records.is_empty());
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn subscribers_wake_on_commit<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::sync::Arc::new(open::<E>(dir.path()));
+    let mut rx = log.subscribe();
+    rx.borrow_and_update();
+    let l2 = log.clone();
+    let waiter = tokio::spawn(async move {
+        rx.changed().await.unwrap();
+        l2.next_seq("s")
+    });
+    log.append(AppendRequest::one(ev("s", 1))).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen, Some(2));
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn retention_removes_only_old_mirrored_records<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        retention: Some(Duration::from_millis(1)),
+        ..E::config()
+    };
+    let log = E::open(dir.path(), cfg).unwrap();
+    log.append(AppendRequest::events(
+        (0..100).map(|i| ev("pos.transactions", i)).collect(),
+    ))
+    .await
+    .unwrap();
+    log.append(AppendRequest::events(
+        (0..10).map(|i| ev("local.only", i)).collect(),
+    ))
+    .await
+    .unwrap();
+    // The uplink has mirrored seq 1..=60.
+    log.append(AppendRequest::cursor("uplink", "pos.transactions", 61))
+        .await
+        .unwrap();
+    // Let the records age past the 1 ms retention (time passing is the subject here).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let r = log.maintain().await.unwrap();
+    assert_eq!(r.retention_deleted, 60, "only mirrored records expire");
+    let left = read_all(&log, "pos.transactions").await;
+    assert_eq!(left.first().map(|r| r.seq), Some(61));
+    assert_eq!(left.len(), 40);
+    assert!(
+        log.gaps(0, 10).await.unwrap().is_empty(),
+        "retention of mirrored records is no gap"
+    );
+    let s = log.streams().await.unwrap();
+    let t = s.iter().find(|s| s.name == "pos.transactions").unwrap();
+    assert_eq!((t.first_seq, t.next_seq, t.records), (61, 101, 40));
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn retention_forever_keeps_everything<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        retention: None,
+        ..E::config()
+    };
+    let log = E::open(dir.path(), cfg).unwrap();
+    log.append(AppendRequest::events((0..10).map(|i| ev("s", i)).collect()))
+        .await
+        .unwrap();
+    log.append(AppendRequest::cursor("uplink", "s", 11))
+        .await
+        .unwrap();
+    assert_eq!(log.maintain().await.unwrap().retention_deleted, 0);
+    assert_eq!(read_all(&log, "s").await.len(), 10);
+    log.close().await.unwrap();
+}
+
+fn big(stream: &str, i: u64) -> Event {
+    Event::new(stream, vec![b'x'; 1000]).with_event_ts(i as i64)
+}
+
+pub(crate) async fn budget_evicts_lowest_class_first_with_gaps<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        disk_budget: ByteSize::mib(2),
+        min_free_disk: ByteSize::b(0),
+        ..E::config()
+    };
+    let log = E::open(dir.path(), cfg).unwrap();
+    // 0.6 MB protected and 0.6 MB high fit; 1.5 MB of low sightings push past the 2 MiB budget.
+    log.append(AppendRequest::events(
+        (0..600).map(|i| big("pos.transactions", i)).collect(),
+    ))
+    .await
+    .unwrap();
+    log.append(AppendRequest::events(
+        (0..600).map(|i| big("presence.events", i)).collect(),
+    ))
+    .await
+    .unwrap();
+    for chunk in 0..15 {
+        log.append(AppendRequest::events(
+            (0..100)
+                .map(|i| big("beacon.sightings", chunk * 100 + i))
+                .collect(),
+        ))
+        .await
+        .unwrap();
+    }
+    log.maintain().await.unwrap();
+    let usage = log.usage().await.unwrap();
+    assert!(
+        usage.used_bytes <= ByteSize::mib(2).as_u64(),
+        "back under budget: {usage:?}"
+    );
+    assert!(!usage.full);
+    assert_eq!(
+        read_all(&log, "pos.transactions").await.len(),
+        600,
+        "protected records are never evicted"
+    );
+    assert_eq!(
+        read_all(&log, "presence.events").await.len(),
+        600,
+        "high class is kept while low can go"
+    );
+    let low_left = read_all(&log, "beacon.sightings").await;
+    assert!(
+        low_left.len() < 1500 && !low_left.is_empty(),
+        "low class was evicted, only as much as needed: {} left",
+        low_left.len()
+    );
+    let first = low_left.first().unwrap().seq;
+    assert_eq!(
+        first,
+        1500 - low_left.len() as u64 + 1,
+        "oldest records go first, newest stay"
+    );
+    let gaps = log.gaps(0, 100).await.unwrap();
+    let evicted: u64 = gaps
+        .iter()
+        .filter(|g| g.stream == "beacon.sightings")
+        .map(|g| g.count)
+        .sum();
+    assert_eq!(evicted, first - 1, "every evicted record is in a gap");
+    assert!(
+        gaps.iter()
+            .all(|g| g.reason.contains("budget") && g.stream == "beacon.sightings")
+    );
+    // When low is gone, high goes next (never protected).
+    for chunk in 0..10 {
+        log.append(AppendRequest::events(
+            (0..100)
+                .map(|i| big("presence.events", 600 + chunk * 100 + i))
+                .collect(),
+        ))
+        .await
+        .unwrap();
+    }
+    assert!(
+        read_all(&log, "beacon.sightings").await.is_empty(),
+        "low went first"
+    );
+    assert!(
+        read_all(&log, "presence.events").await.len() < 1600,
+        "then high"
+    );
+    assert_eq!(read_all(&log, "pos.transactions").await.len(), 600);
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn protected_records_apply_backpressure_until_mirrored<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        disk_budget: ByteSize::mib(1),
+        min_free_disk: ByteSize::b(0),
+        ..E::config()
+    };
+    let log = E::open(dir.path(), cfg).unwrap();
+    let mut stored = 0u64;
+    let mut refused = false;
+    for chunk in 0..40 {
+        match log
+            .append(AppendRequest::events(
+                (0..50)
+                    .map(|i| big("pos.transactions", chunk * 50 + i))
+                    .collect(),
+            ))
+            .await
+        {
+            Ok(_) => stored += 50,
+            Err(LogError::Full) => {
+                refused = true;
+                break;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(
+        refused,
+        "intake is refused once only unmirrored protected records remain"
+    );
+    assert!(log.usage().await.unwrap().full);
+    assert_eq!(
+        read_all(&log, "pos.transactions").await.len() as u64,
+        stored,
+        "nothing was evicted"
+    );
+    assert!(log.gaps(0, 10).await.unwrap().is_empty());
+    // Cursor moves are still accepted while full; once the uplink has mirrored half, room returns.
+    log.append(AppendRequest::cursor(
+        "uplink",
+        "pos.transactions",
+        stored / 2 + 1,
+    ))
+    .await
+    .unwrap();
+    // (Eviction runs after every commit, so the cursor move itself already made room.)
+    let r = log.maintain().await.unwrap();
+    assert!(!r.full, "mirrored protected records may be evicted: {r:?}");
+    assert!(
+        log.gaps(0, 10).await.unwrap().is_empty(),
+        "evicting mirrored records is no loss"
+    );
+    log.append(AppendRequest::one(big("pos.transactions", 9999)))
+        .await
+        .unwrap();
+    let left = read_all(&log, "pos.transactions").await;
+    assert!(left.first().unwrap().seq > 1, "mirrored records made room");
+    assert_eq!(
+        left.iter().filter(|r| r.seq > stored / 2).count() as u64,
+        stored / 2 + 1,
+        "every unmirrored record is still there"
+    );
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn corrupt_record_is_dead_lettered_and_stream_moves_on<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = E::config();
+    let log = E::open(dir.path(), cfg.clone()).unwrap();
+    log.append(AppendRequest::events(
+        (0..20).map(|i| ev("pos.transactions", i)).collect(),
+    ))
+    .await
+    .unwrap();
+    log.close().await.unwrap();
+    drop(log);
+    E::corrupt_record(dir.path(), &cfg, "pos.transactions", 7);
+    let log = E::open(dir.path(), cfg).unwrap();
+    let b = log
+        .read("pos.transactions", 1, ReadLimits::default())
+        .await
+        .unwrap();
+    assert_eq!(b.records.len(), 19);
+    assert!(b.records.iter().all(|r| r.seq != 7));
+    assert_eq!(b.next_seq, 21, "the stream moves on past the bad record");
+    assert_eq!(b.quarantined.len(), 1);
+    assert!(b.quarantined[0].1.contains("CRC"));
+    // The quarantine is asynchronous; wait for the dead letter (poll with a deadline).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let dl = loop {
+        let dl = read_all(&log, DEADLETTER_STREAM).await;
+        if !dl.is_empty() || tokio::time::Instant::now() > deadline {
+            break dl;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(dl.len(), 1, "one dead letter for one bad record");
+    let v: serde_json::Value = serde_json::from_slice(&dl[0].event.payload).unwrap();
+    assert_eq!(v["stream"], "pos.transactions");
+    assert_eq!(v["seq"], 7);
+    assert!(v["reason"].as_str().unwrap().contains("CRC"));
+    let gaps = log.gaps(0, 10).await.unwrap();
+    assert_eq!(gaps.len(), 1);
+    assert_eq!(
+        (gaps[0].first_seq, gaps[0].last_seq, gaps[0].count),
+        (7, 7, 1)
+    );
+    // Reading again neither returns it nor dead-letters it twice.
+    let again = log
+        .read("pos.transactions", 1, ReadLimits::default())
+        .await
+        .unwrap();
+    assert!(again.quarantined.is_empty());
+    assert_eq!(again.records.len(), 19);
+    assert_eq!(log.maintain().await.map(|_| ()).ok(), Some(()));
+    assert_eq!(read_all(&log, DEADLETTER_STREAM).await.len(), 1);
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn unreadable_database_is_moved_aside_with_new_epoch<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = E::config();
+    let log = E::open(dir.path(), cfg.clone()).unwrap();
+    let epoch = log.epoch();
+    log.append(AppendRequest::one(ev("s", 1))).await.unwrap();
+    log.close().await.unwrap();
+    drop(log);
+    E::corrupt_file(dir.path(), &cfg);
+    let log = E::open(dir.path(), cfg.clone()).expect("a damaged file does not stop the agent");
+    assert_ne!(log.epoch(), epoch, "a new incarnation gets a new epoch");
+    assert_eq!(log.next_seq("s"), None);
+    log.close().await.unwrap();
+    drop(log);
+    let aside = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+        .count();
+    assert!(aside >= 1, "the damaged file is kept for forensics");
+    let strict = LogConfig {
+        on_corrupt_open: OnCorruptOpen::Fail,
+        ..cfg.clone()
+    };
+    E::corrupt_file(dir.path(), &cfg);
+    assert!(matches!(
+        E::open(dir.path(), strict),
+        Err(LogError::Open { .. })
+    ));
+}
+
+macro_rules! contract_suite {
+    ($name:ident, $engine:ty) => {
+        mod $name {
+            use super::*;
+            contract_suite!(@tests $engine;
+                seq_is_dense_per_stream_and_payloads_round_trip,
+                requests_apply_in_submission_order,
+                concurrent_writers_get_unique_dense_seqs,
+                records_epoch_and_seq_survive_reopen,
+                second_open_of_same_log_is_refused,
+                event_ids_are_stored_once_per_stream,
+                dedup_window_is_bounded,
+                cursors_and_kv_commit_with_events,
+                invalid_requests_fail_alone,
+                reads_respect_limits_and_resume,
+                subscribers_wake_on_commit,
+                retention_removes_only_old_mirrored_records,
+                retention_forever_keeps_everything,
+                budget_evicts_lowest_class_first_with_gaps,
+                protected_records_apply_backpressure_until_mirrored,
+                corrupt_record_is_dead_lettered_and_stream_moves_on,
+                unreadable_database_is_moved_aside_with_new_epoch,
+            );
+        }
+    };
+    (@tests $engine:ty; $($t:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $t() {
+                super::$t::<$engine>().await
+            }
+        )*
+    };
+}
+
+contract_suite!(sqlite_full, SqliteFull);
+contract_suite!(sqlite_normal, SqliteNormal);

@@ -1,0 +1,885 @@
+//! The single writer thread of the SQLite log.
+//!
+//! Every write (appends, cursor moves, quarantine, eviction, retention) goes through this thread, so
+//! there is never write contention and `seq` assignment is a plain counter.
+//!
+//! Group commit: the thread blocks for the first request, then keeps taking queued requests without
+//! waiting until the queue is empty, the batch holds `max_batch_records`, or `commit_window` has
+//! passed since the batch began. The batch is one transaction and one fsync (WAL, synchronous=FULL).
+//! While that fsync runs, new requests queue up and form the next batch, so batches grow with load
+//! and a lone record never waits for a timer. Tickets are resolved only after COMMIT returned.
+
+use super::Shared;
+use super::queries::{self, row_id, seq_of, storage};
+use crate::deadletter;
+use crate::log::{AppendOutcome, AppendRequest, Appended, LogConfig, LogError, MaintenanceReport};
+use edge_core::{Event, Priority};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Records deleted per eviction/retention transaction.
+const EVICT_CHUNK: i64 = 5_000;
+/// Dedup entries forgotten per maintenance pass at most (bounds the pass's duration).
+const DEDUP_PRUNE_CHUNK: i64 = 200_000;
+/// Evict down to this fraction of the budget, so eviction does not run on every commit.
+const LOW_WATER: f64 = 0.95;
+/// How often the filesystem free space is checked on the commit path.
+const FS_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+pub(super) enum WriterMsg {
+    Append(
+        AppendRequest,
+        oneshot::Sender<Result<AppendOutcome, LogError>>,
+    ),
+    /// A reader found a damaged row: dead-letter it, remove it, record a gap.
+    Quarantine {
+        stream: String,
+        seq: u64,
+        reason: String,
+    },
+    Maintain(Option<oneshot::Sender<Result<MaintenanceReport, LogError>>>),
+    Close(oneshot::Sender<Result<(), LogError>>),
+}
+
+impl WriterMsg {
+    fn records(&self) -> usize {
+        match self {
+            WriterMsg::Append(r, _) => r.events.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct StreamState {
+    id: i64,
+    next_seq: u64,
+    count: i64,
+    bytes: i64,
+}
+
+pub(super) struct Writer {
+    conn: Connection,
+    cfg: LogConfig,
+    data_dir: PathBuf,
+    shared: Arc<Shared>,
+    streams: HashMap<String, StreamState>,
+    max_stream_id: i64,
+    full: bool,
+    last_fs_check: Option<Instant>,
+    fs_low: bool,
+}
+
+impl Writer {
+    pub(super) fn new(
+        conn: Connection,
+        cfg: LogConfig,
+        data_dir: PathBuf,
+        shared: Arc<Shared>,
+    ) -> Result<Writer, LogError> {
+        let mut streams = HashMap::new();
+        let mut max_stream_id = 0;
+        {
+            let mut stmt = conn
+                .prepare("SELECT id, name, next_seq, record_count, payload_bytes FROM streams")
+                .map_err(storage("loading streams"))?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(1)?,
+                        StreamState {
+                            id: r.get(0)?,
+                            next_seq: r.get::<_, i64>(2)? as u64,
+                            count: r.get(3)?,
+                            bytes: r.get(4)?,
+                        },
+                    ))
+                })
+                .map_err(storage("loading streams"))?;
+            for row in rows {
+                let (name, st) = row.map_err(storage("loading streams"))?;
+                max_stream_id = max_stream_id.max(st.id);
+                streams.insert(name, st);
+            }
+        }
+        let w = Writer {
+            conn,
+            cfg,
+            data_dir,
+            shared,
+            streams,
+            max_stream_id,
+            full: false,
+            last_fs_check: None,
+            fs_low: false,
+        };
+        w.publish_heads();
+        Ok(w)
+    }
+
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) {
+        let window = self.cfg.commit_window();
+        let max_records = self.cfg.max_batch_records;
+        // Budget state of an existing database is known before the first append.
+        self.check_budget();
+        while let Some(first) = rx.blocking_recv() {
+            let started = Instant::now();
+            let mut n = first.records();
+            let mut batch = vec![first];
+            while n < max_records && started.elapsed() < window {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        n += m.records();
+                        batch.push(m);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut work = Vec::with_capacity(batch.len());
+            let mut maintain = Vec::new();
+            let mut close = None;
+            for m in batch {
+                match m {
+                    WriterMsg::Maintain(reply) => maintain.push(reply),
+                    WriterMsg::Close(reply) => close = Some(reply),
+                    other => work.push(other),
+                }
+            }
+            if !work.is_empty() {
+                self.commit_batch(work, started);
+                self.check_budget();
+            }
+            for reply in maintain {
+                let r = self.maintain();
+                if let Some(reply) = reply {
+                    let _ = reply.send(r); // the caller may have given up waiting; nothing to undo
+                } else if let Err(e) = r {
+                    tracing::warn!(error = %e, "periodic log maintenance failed; it will be retried");
+                }
+            }
+            if let Some(reply) = close {
+                // Everything queued before Close was in this or an earlier batch (FIFO queue).
+                rx.close();
+                while let Ok(m) = rx.try_recv() {
+                    self.reject(m, LogError::Closed);
+                }
+                let r = self.shutdown();
+                let _ = reply.send(r);
+                return;
+            }
+        }
+    }
+
+    fn reject(&self, m: WriterMsg, e: LogError) {
+        match m {
+            WriterMsg::Append(_, reply) => {
+                let _ = reply.send(Err(e));
+            }
+            WriterMsg::Maintain(Some(reply)) => {
+                let _ = reply.send(Err(e));
+            }
+            WriterMsg::Close(reply) => {
+                let _ = reply.send(Ok(()));
+            }
+            _ => {}
+        }
+    }
+
+    fn shutdown(&mut self) -> Result<(), LogError> {
+        // Fold the WAL into the database so the next start replays nothing.
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(storage("checkpointing at shutdown"))?;
+        Ok(())
+    }
+
+    fn publish_heads(&self) {
+        let mut heads = self.shared.heads.write().unwrap_or_else(|e| e.into_inner());
+        for (name, st) in &self.streams {
+            heads.insert(name.clone(), (st.id, st.next_seq));
+        }
+    }
+
+    /// One transaction for every request of the batch.
+    fn commit_batch(&mut self, work: Vec<WriterMsg>, started: Instant) {
+        let mut replies: Vec<(
+            oneshot::Sender<Result<AppendOutcome, LogError>>,
+            Result<AppendOutcome, LogError>,
+        )> = Vec::with_capacity(work.len());
+        let mut accepted = Vec::with_capacity(work.len());
+        let mut quarantines = Vec::new();
+        for m in work {
+            match m {
+                WriterMsg::Append(req, reply) => {
+                    if let Some(e) = validate(&req) {
+                        replies.push((reply, Err(e)));
+                    } else if self.full && !req.events.is_empty() {
+                        metrics::counter!("edge_log_appends_refused_total", "reason" => "full")
+                            .increment(req.events.len() as u64);
+                        replies.push((reply, Err(LogError::Full)));
+                    } else {
+                        accepted.push((req, reply));
+                    }
+                }
+                WriterMsg::Quarantine {
+                    stream,
+                    seq,
+                    reason,
+                } => quarantines.push((stream, seq, reason)),
+                _ => {}
+            }
+        }
+        // Replies to refused requests do not wait for the commit.
+        for (reply, r) in replies.drain(..) {
+            let _ = reply.send(r);
+        }
+        if accepted.is_empty() && quarantines.is_empty() {
+            return;
+        }
+
+        let before = self.streams.clone();
+        let max_id_before = self.max_stream_id;
+        let commit_started = Instant::now();
+        let result = self.apply(&accepted, &quarantines);
+        match result {
+            Ok(outcomes) => {
+                let commit_secs = commit_started.elapsed().as_secs_f64();
+                metrics::histogram!("edge_log_commit_seconds").record(commit_secs);
+                metrics::histogram!("edge_log_batch_records")
+                    .record(accepted.iter().map(|(r, _)| r.events.len()).sum::<usize>() as f64);
+                self.publish_heads();
+                let generation = self.shared.generation.send_modify(|g| *g += 1);
+                let _ = generation;
+                for ((_, reply), outcome) in accepted.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+                metrics::histogram!("edge_log_append_wait_seconds")
+                    .record(started.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a log commit failed; the batch is rejected and its sources will retry");
+                metrics::counter!("edge_log_commit_failures_total").increment(1);
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.streams = before;
+                self.max_stream_id = max_id_before;
+                for (_, reply) in accepted {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        accepted: &[(
+            AppendRequest,
+            oneshot::Sender<Result<AppendOutcome, LogError>>,
+        )],
+        quarantines: &[(String, u64, String)],
+    ) -> Result<Vec<AppendOutcome>, LogError> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(storage("beginning a commit"))?;
+        let now = edge_core::time::now_ms();
+        let mut touched: Vec<String> = Vec::new();
+        let mut outcomes = Vec::with_capacity(accepted.len());
+        for (req, _) in accepted {
+            let mut appended = Vec::with_capacity(req.events.len());
+            for ev in &req.events {
+                appended.push(self.insert(ev, now, &mut touched)?);
+            }
+            for c in &req.cursors {
+                let sid = self.ensure_stream(&c.stream, now, &mut touched)?;
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO cursors (name, stream_id, next_seq, updated_ts) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (name, stream_id) DO UPDATE SET next_seq = excluded.next_seq, updated_ts = excluded.updated_ts",
+                    )
+                    .and_then(|mut s| s.execute(params![c.cursor, sid, c.next_seq as i64, now]))
+                    .map_err(storage("moving a cursor"))?;
+            }
+            for (k, v) in &req.kv {
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO kv (key, value) VALUES (?1, ?2)
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    )
+                    .and_then(|mut s| s.execute(params![k, v]))
+                    .map_err(storage("writing a key"))?;
+            }
+            outcomes.push(AppendOutcome { appended });
+        }
+        for (stream, seq, reason) in quarantines {
+            self.quarantine(stream, *seq, reason, now, &mut touched)?;
+        }
+        self.flush_stream_rows(&touched)?;
+        self.conn
+            .execute_batch("COMMIT")
+            .map_err(storage("committing"))?;
+        Ok(outcomes)
+    }
+
+    fn ensure_stream(
+        &mut self,
+        name: &str,
+        now: i64,
+        touched: &mut Vec<String>,
+    ) -> Result<i64, LogError> {
+        if let Some(st) = self.streams.get(name) {
+            return Ok(st.id);
+        }
+        if self.max_stream_id >= queries::MAX_STREAM_ID {
+            return Err(LogError::Invalid(format!(
+                "cannot create stream {name:?}: the log already holds the maximum number of streams"
+            )));
+        }
+        let id = self.max_stream_id + 1;
+        self.conn
+            .execute(
+                "INSERT INTO streams (id, name, next_seq, created_ts) VALUES (?1, ?2, 1, ?3)",
+                params![id, name, now],
+            )
+            .map_err(storage("creating a stream"))?;
+        self.max_stream_id = id;
+        self.streams.insert(
+            name.to_string(),
+            StreamState {
+                id,
+                next_seq: 1,
+                count: 0,
+                bytes: 0,
+            },
+        );
+        touched.push(name.to_string());
+        Ok(id)
+    }
+
+    fn insert(
+        &mut self,
+        ev: &Event,
+        now: i64,
+        touched: &mut Vec<String>,
+    ) -> Result<Appended, LogError> {
+        let sid = self.ensure_stream(&ev.stream, now, touched)?;
+        if let Some(eid) = &ev.event_id {
+            let dup: Option<i64> = self
+                .conn
+                .prepare_cached("SELECT seq FROM dedup WHERE stream_id = ?1 AND event_id = ?2")
+                .and_then(|mut s| s.query_row(params![sid, eid], |r| r.get(0)).optional())
+                .map_err(storage("checking the dedup window"))?;
+            if let Some(seq) = dup {
+                metrics::counter!("edge_log_duplicates_total").increment(1);
+                return Ok(Appended::Duplicate { seq: seq as u64 });
+            }
+        }
+        let st = self
+            .streams
+            .get_mut(&*ev.stream)
+            .ok_or_else(|| LogError::Invalid("stream vanished".into()))?;
+        let seq = st.next_seq;
+        if seq > queries::MAX_SEQ {
+            return Err(LogError::Invalid(format!(
+                "stream {} has used every seq of this epoch",
+                ev.stream
+            )));
+        }
+        let headers = queries::encode_headers(&ev.headers);
+        let crc = queries::record_crc(
+            &ev.stream,
+            seq,
+            ev.event_ts_ms,
+            now,
+            ev.key.as_deref(),
+            ev.source.as_deref(),
+            ev.event_id.as_deref(),
+            ev.schema.as_deref(),
+            headers.as_deref(),
+            &ev.payload,
+        );
+        self.conn
+            .prepare_cached(
+                "INSERT INTO records (id, event_ts, ingest_ts, key, source, event_id, schema, headers, payload, crc)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    row_id(sid, seq),
+                    ev.event_ts_ms,
+                    now,
+                    ev.key,
+                    ev.source,
+                    ev.event_id,
+                    ev.schema,
+                    headers,
+                    &ev.payload[..],
+                    i64::from(crc)
+                ])
+            })
+            .map_err(storage("inserting a record"))?;
+        if let Some(eid) = &ev.event_id {
+            self.conn
+                .prepare_cached("INSERT INTO dedup (stream_id, event_id, seq) VALUES (?1, ?2, ?3)")
+                .and_then(|mut s| s.execute(params![sid, eid, seq as i64]))
+                .map_err(storage("remembering an event id"))?;
+        }
+        st.next_seq += 1;
+        st.count += 1;
+        st.bytes += ev.payload.len() as i64;
+        if touched.last().map(String::as_str) != Some(&*ev.stream) {
+            touched.push(ev.stream.to_string());
+        }
+        Ok(Appended::New { seq })
+    }
+
+    fn flush_stream_rows(&mut self, touched: &[String]) -> Result<(), LogError> {
+        let mut seen = std::collections::HashSet::new();
+        for name in touched {
+            if !seen.insert(name) {
+                continue;
+            }
+            if let Some(st) = self.streams.get(name) {
+                self.conn
+                    .prepare_cached(
+                        "UPDATE streams SET next_seq = ?1, record_count = ?2, payload_bytes = ?3 WHERE id = ?4",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![st.next_seq as i64, st.count, st.bytes, st.id])
+                    })
+                    .map_err(storage("updating stream counters"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn quarantine(
+        &mut self,
+        stream: &str,
+        seq: u64,
+        reason: &str,
+        now: i64,
+        touched: &mut Vec<String>,
+    ) -> Result<(), LogError> {
+        let Some(st) = self.streams.get(stream).copied() else {
+            return Ok(());
+        };
+        let rid = row_id(st.id, seq);
+        let raw = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {} FROM records WHERE id = ?1",
+                queries::RECORD_COLUMNS
+            ))
+            .and_then(|mut s| s.query_row([rid], queries::raw_row).optional())
+            .map_err(storage("reading a damaged record"))?;
+        let Some(raw) = raw else {
+            return Ok(()); // already quarantined by another reader
+        };
+        let name: Arc<str> = Arc::from(stream);
+        if queries::decode_row(&name, &raw).is_ok() {
+            // Re-read is clean: the reader saw a transient fault, not a damaged row.
+            return Ok(());
+        }
+        let payload = queries::raw_payload(&raw);
+        self.conn
+            .execute("DELETE FROM records WHERE id = ?1", [rid])
+            .map_err(storage("removing a damaged record"))?;
+        if let Some(s) = self.streams.get_mut(stream) {
+            s.count -= 1;
+            s.bytes -= payload.len() as i64;
+        }
+        touched.push(stream.to_string());
+        self.record_gap(st.id, seq, seq, 1, &format!("corrupt: {reason}"), now)?;
+        let dl = deadletter::from_log(stream, seq, reason, &payload);
+        self.insert(&dl, now, touched)?;
+        metrics::counter!("edge_log_quarantined_total", "stream" => stream.to_string())
+            .increment(1);
+        tracing::error!(
+            stream,
+            seq,
+            reason,
+            "a damaged record was moved to the deadletter stream"
+        );
+        Ok(())
+    }
+
+    fn record_gap(
+        &self,
+        stream_id: i64,
+        first: u64,
+        last: u64,
+        count: u64,
+        reason: &str,
+        now: i64,
+    ) -> Result<(), LogError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO gaps (stream_id, first_seq, last_seq, count, reason, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![stream_id, first as i64, last as i64, count as i64, reason, now])
+            })
+            .map_err(storage("recording a gap"))?;
+        Ok(())
+    }
+
+    // ---- budget, eviction, retention -------------------------------------------------------
+
+    /// Bytes a record costs beyond its payload (row header, key columns, B-tree share).
+    fn shared_page_overhead(&self) -> i64 {
+        48
+    }
+
+    fn budget(&self) -> u64 {
+        self.cfg.disk_budget.as_u64()
+    }
+
+    fn used_bytes(&self) -> Result<u64, LogError> {
+        let (used, file) =
+            queries::page_usage(&self.conn).map_err(storage("measuring disk use"))?;
+        let mut u = self.shared.usage.lock().unwrap_or_else(|e| e.into_inner());
+        u.used_bytes = used;
+        u.file_bytes = file;
+        u.budget_bytes = self.budget();
+        Ok(used)
+    }
+
+    fn fs_free(&self) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.data_dir).ok()?;
+        Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+    }
+
+    fn refresh_fs_low(&mut self, force: bool) {
+        let due = force
+            || self
+                .last_fs_check
+                .is_none_or(|t| t.elapsed() >= FS_CHECK_EVERY);
+        if due {
+            self.last_fs_check = Some(Instant::now());
+            if let Some(free) = self.fs_free() {
+                self.shared
+                    .usage
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .fs_free_bytes = free;
+                self.fs_low = free < self.cfg.min_free_disk.as_u64();
+            }
+        }
+    }
+
+    fn over_limits(&mut self) -> Result<bool, LogError> {
+        Ok(self.used_bytes()? > self.budget() || self.fs_low)
+    }
+
+    /// Called after every commit: evict when over budget, set or clear `full`.
+    fn check_budget(&mut self) {
+        self.refresh_fs_low(false);
+        match self.over_limits() {
+            Ok(false) => self.set_full(false),
+            Ok(true) => {
+                let mut report = MaintenanceReport::default();
+                if let Err(e) = self.evict(&mut report) {
+                    tracing::error!(error = %e, "eviction failed; intake may pause until it succeeds");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not measure the log's disk use"),
+        }
+    }
+
+    fn set_full(&mut self, full: bool) {
+        if full != self.full {
+            if full {
+                tracing::error!(
+                    budget = %self.cfg.disk_budget,
+                    "the disk budget is exhausted by unmirrored protected records; intake is paused (backpressure) until the uplink drains"
+                );
+            } else {
+                tracing::info!("the log is below its disk budget again; intake resumed");
+            }
+        }
+        self.full = full;
+        self.shared.full.store(full, Ordering::Relaxed);
+        self.shared
+            .usage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .full = full;
+        metrics::gauge!("edge_log_full").set(if full { 1.0 } else { 0.0 });
+    }
+
+    /// The seq below which a stream's records are mirrored (safe to drop without a gap).
+    fn mirror_bound(&self, name: &str, st: &StreamState) -> Result<u64, LogError> {
+        if !self.shared.policy(name).mirrored {
+            return Ok(st.next_seq);
+        }
+        let c: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT next_seq FROM cursors WHERE name = ?1 AND stream_id = ?2")
+            .and_then(|mut s| {
+                s.query_row(params![self.cfg.mirror_cursor, st.id], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(storage("reading the mirror cursor"))?;
+        Ok(c.map_or(0, |v| (v.max(0) as u64).min(st.next_seq)))
+    }
+
+    /// First stored seq of a stream and its ingest time.
+    fn first_record(&self, st: &StreamState) -> Result<Option<(u64, i64)>, LogError> {
+        self.conn
+            .prepare_cached(
+                "SELECT id, ingest_ts FROM records WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![row_id(st.id, 1), row_id(st.id + 1, 0)], |r| {
+                    Ok((seq_of(r.get(0)?), r.get(1)?))
+                })
+                .optional()
+            })
+            .map_err(storage("finding a stream's first record"))
+    }
+
+    /// Deletes up to `EVICT_CHUNK` records of a stream with seq in [from, below), optionally only
+    /// those ingested before `older_than`, in its own transaction. Returns (count, first, last).
+    fn delete_chunk(
+        &mut self,
+        name: &str,
+        below: u64,
+        older_than: Option<i64>,
+        gap_reason: Option<&str>,
+        limit: i64,
+    ) -> Result<(u64, u64, u64), LogError> {
+        let Some(st) = self.streams.get(name).copied() else {
+            return Ok((0, 0, 0));
+        };
+        let lo = row_id(st.id, 1);
+        let hi = row_id(st.id, below.max(1));
+        let (count, bytes, min_id, max_id): (i64, i64, Option<i64>, Option<i64>) = self
+            .conn
+            .prepare_cached(
+                "SELECT count(*), coalesce(sum(length(payload)), 0), min(id), max(id) FROM
+                   (SELECT id, payload FROM records WHERE id >= ?1 AND id < ?2
+                    AND (?4 IS NULL OR ingest_ts < ?4) ORDER BY id LIMIT ?3)",
+            )
+            .and_then(|mut s| {
+                s.query_row(
+                    params![lo, hi, limit.clamp(1, EVICT_CHUNK), older_than],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+            })
+            .map_err(storage("selecting records to evict"))?;
+        let (Some(min_id), Some(max_id)) = (min_id, max_id) else {
+            return Ok((0, 0, 0));
+        };
+        if count == 0 {
+            return Ok((0, 0, 0));
+        }
+        let now = edge_core::time::now_ms();
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(storage("beginning an eviction"))?;
+        let r = (|| -> Result<(), LogError> {
+            self.conn
+                .prepare_cached(
+                    "DELETE FROM records WHERE id >= ?1 AND id <= ?2 AND (?3 IS NULL OR ingest_ts < ?3)",
+                )
+                .and_then(|mut s| s.execute(params![min_id, max_id, older_than]))
+                .map_err(storage("evicting records"))?;
+            if let Some(reason) = gap_reason {
+                self.record_gap(
+                    st.id,
+                    seq_of(min_id),
+                    seq_of(max_id),
+                    count as u64,
+                    reason,
+                    now,
+                )?;
+            }
+            self.conn
+                .prepare_cached(
+                    "UPDATE streams SET record_count = record_count - ?1, payload_bytes = payload_bytes - ?2 WHERE id = ?3",
+                )
+                .and_then(|mut s| s.execute(params![count, bytes, st.id]))
+                .map_err(storage("updating stream counters"))?;
+            self.conn
+                .execute_batch("COMMIT")
+                .map_err(storage("committing an eviction"))
+        })();
+        if let Err(e) = r {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+        if let Some(s) = self.streams.get_mut(name) {
+            s.count -= count;
+            s.bytes -= bytes;
+        }
+        Ok((count as u64, seq_of(min_id), seq_of(max_id)))
+    }
+
+    /// Evicts until under the low-water mark: mirrored records first (any class, lowest first),
+    /// then unmirrored records of low, normal and high classes, oldest first, each recorded as a gap.
+    /// Never an unmirrored protected record: if those alone exceed the budget, the log is `full`.
+    fn evict(&mut self, report: &mut MaintenanceReport) -> Result<(), LogError> {
+        let target = (self.budget() as f64 * LOW_WATER) as u64;
+        let mut freed_fs_pages = false;
+        let under = |w: &mut Writer| -> Result<bool, LogError> {
+            Ok(w.used_bytes()? <= target && !w.fs_low)
+        };
+        for mirrored_pass in [true, false] {
+            for class in Priority::ALL {
+                if !mirrored_pass && class == Priority::Protected {
+                    continue;
+                }
+                loop {
+                    if under(self)? {
+                        self.set_full(false);
+                        return Ok(());
+                    }
+                    // The stream of this class with the oldest evictable record.
+                    let mut best: Option<(String, u64, i64)> = None;
+                    let names: Vec<String> = self.streams.keys().cloned().collect();
+                    for name in names {
+                        if self.shared.policy(&name).priority != class {
+                            continue;
+                        }
+                        let st = self.streams[&name];
+                        let bound = self.mirror_bound(&name, &st)?;
+                        let Some((first, ts)) = self.first_record(&st)? else {
+                            continue;
+                        };
+                        let (evictable, below) = if mirrored_pass {
+                            (first < bound, bound)
+                        } else {
+                            (first >= bound && first < st.next_seq, st.next_seq)
+                        };
+                        if evictable && best.as_ref().is_none_or(|b| ts < b.2) {
+                            best = Some((name, below, ts));
+                        }
+                    }
+                    let Some((name, below, _)) = best else {
+                        break;
+                    };
+                    let reason = if mirrored_pass {
+                        None
+                    } else {
+                        Some(if self.fs_low {
+                            "evicted: free disk space below min_free_disk"
+                        } else {
+                            "evicted: disk budget exceeded"
+                        })
+                    };
+                    // Size the chunk to the bytes still to free, so eviction removes little more
+                    // than it must.
+                    let st = self.streams[&name];
+                    let per_record =
+                        (self.shared_page_overhead() + st.bytes.max(1) / st.count.max(1)).max(1);
+                    let need = self.used_bytes()?.saturating_sub(target) as i64;
+                    let limit = if self.fs_low {
+                        EVICT_CHUNK
+                    } else {
+                        need / per_record + 1
+                    };
+                    let (n, first, last) = self.delete_chunk(&name, below, None, reason, limit)?;
+                    if n == 0 {
+                        break;
+                    }
+                    if mirrored_pass {
+                        report.mirrored_evicted += n;
+                        metrics::counter!("edge_log_evicted_total", "stream" => name.clone(), "mirrored" => "true").increment(n);
+                    } else {
+                        report.unmirrored_evicted += n;
+                        metrics::counter!("edge_log_evicted_total", "stream" => name.clone(), "mirrored" => "false").increment(n);
+                        tracing::warn!(stream = %name, first_seq = first, last_seq = last, count = n, class = %class,
+                            "unmirrored records evicted to stay within the disk budget; a gap was recorded for HQ");
+                    }
+                    if self.fs_low && !freed_fs_pages {
+                        // Give freed pages back to the filesystem when the floor, not the budget, is hit.
+                        let _ = self.conn.execute_batch("PRAGMA incremental_vacuum(2000)");
+                        self.refresh_fs_low(true);
+                        freed_fs_pages = !self.fs_low;
+                    }
+                }
+            }
+        }
+        if self.fs_low {
+            let _ = self.conn.execute_batch("PRAGMA incremental_vacuum");
+            self.refresh_fs_low(true);
+        }
+        let still_over = self.over_limits()?;
+        self.set_full(still_over);
+        report.full = still_over;
+        Ok(())
+    }
+
+    fn retention(&mut self, report: &mut MaintenanceReport) -> Result<(), LogError> {
+        let Some(keep) = self.cfg.retention else {
+            return Ok(());
+        };
+        let cutoff = edge_core::time::now_ms() - keep.as_millis() as i64;
+        let names: Vec<String> = self.streams.keys().cloned().collect();
+        for name in names {
+            let st = self.streams[&name];
+            let bound = self.mirror_bound(&name, &st)?;
+            loop {
+                let (n, _, _) = self.delete_chunk(&name, bound, Some(cutoff), None, EVICT_CHUNK)?;
+                report.retention_deleted += n;
+                if n < EVICT_CHUNK as u64 {
+                    break;
+                }
+            }
+        }
+        if report.retention_deleted > 0 {
+            metrics::counter!("edge_log_retention_deleted_total")
+                .increment(report.retention_deleted);
+        }
+        Ok(())
+    }
+
+    fn prune_dedup(&mut self, report: &mut MaintenanceReport) -> Result<(), LogError> {
+        let window = self.cfg.dedup_window as i64;
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM dedup WHERE id IN (SELECT id FROM dedup WHERE id <= (SELECT max(id) FROM dedup) - ?1 ORDER BY id LIMIT ?2)",
+                params![window, DEDUP_PRUNE_CHUNK],
+            )
+            .map_err(storage("pruning the dedup window"))?;
+        report.dedup_forgotten = n as u64;
+        Ok(())
+    }
+
+    fn maintain(&mut self) -> Result<MaintenanceReport, LogError> {
+        let mut report = MaintenanceReport::default();
+        self.retention(&mut report)?;
+        self.prune_dedup(&mut report)?;
+        self.refresh_fs_low(true);
+        if self.over_limits()? {
+            self.evict(&mut report)?;
+        } else {
+            self.set_full(false);
+        }
+        report.full = self.full;
+        if report.retention_deleted + report.mirrored_evicted + report.unmirrored_evicted > 0 {
+            self.shared.generation.send_modify(|g| *g += 1);
+        }
+        Ok(report)
+    }
+}
+
+/// A request is refused as a whole when any of its events is malformed.
+fn validate(req: &AppendRequest) -> Option<LogError> {
+    for ev in &req.events {
+        if let Err(e) = edge_core::config::check_stream_name(&ev.stream) {
+            return Some(LogError::Invalid(e));
+        }
+    }
+    for c in &req.cursors {
+        if let Err(e) = edge_core::config::check_stream_name(&c.stream) {
+            return Some(LogError::Invalid(e));
+        }
+    }
+    None
+}
