@@ -1,1 +1,1 @@
-//! placeholder
+//! Shared helpers of the benchmark binaries.

@@ -5,16 +5,22 @@
 //! * [`Priority`] is the eviction class of a stream (see PRODUCT.md, guarantee 2).
 //! * [`config`] holds the small config primitives (problem collection with paths, byte sizes).
 //! * [`shutdown`] is the cancellation plumbing every long-running task selects on.
+//! * [`log`] is the interface of the local log; [`component`] what every component receives;
+//!   [`status`] where components report their state.
 //!
 //! This crate depends on nothing heavy so that drivers, models and sync never depend on the binary or
 //! on each other.
 
+pub mod component;
 pub mod config;
 pub mod event;
+pub mod log;
 pub mod priority;
 pub mod shutdown;
+pub mod status;
 pub mod time;
 
 pub use event::{Event, Header, Record};
 pub use priority::Priority;
 pub use shutdown::Shutdown;
+pub use status::{State, Status, StatusHandle};

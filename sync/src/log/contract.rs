@@ -3,7 +3,7 @@
 #![cfg(test)]
 
 use super::*;
-use edge_core::Event;
+use edge_core::{Event, Record};
 use std::path::Path;
 use std::time::Duration;
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs everything building and testing edge-agent needs on Debian/Ubuntu. Idempotent: skips what
+# is present. Needs root (or sudo) for apt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+# Debian packages: brokers and clients the tests run against, and the C toolchain pieces the
+# bundled librdkafka / SQLite builds need.
+APT_PACKAGES=(
+  mosquitto mosquitto-clients   # the store's MQTT broker and an independent client
+  socat                         # serial PTY pairs for driver tests
+  sqlite3                       # inspecting logs by hand in docs and tests
+  build-essential pkg-config cmake
+  libssl-dev libcurl4-openssl-dev libsasl2-dev zlib1g-dev
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# The packaged Mosquitto service is not used: tests start their own brokers on free ports.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
+  true
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "install-deps: installing the Rust toolchain with rustup"
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
