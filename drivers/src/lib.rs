@@ -1,1 +1,92 @@
-//! Device drivers (POS serial devices, BLE beacons, cameras). Filled by their issues.
+//! Device drivers: each turns a device (or a simulation of one) into events in the local log.
+//!
+//! A driver is configured by one variant of the closed [`DriverConfig`] enum (`[[drivers]]` entries
+//! in the agent config, `type = "..."`). [`DriverConfig::build`] checks what it can without I/O and
+//! returns a [`Task`] that owns the device: its reconnect loop, its status, and its writes to the
+//! log. A driver never blocks the reactor on device I/O and never drops an event silently: what it
+//! cannot store is counted by reason.
+
+pub mod simulated;
+
+use edge_core::component::{ComponentContext, Task};
+use edge_core::config::{Problems, join};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("driver {name}: {reason}")]
+    Build { name: String, reason: String },
+}
+
+/// One `[[drivers]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DriverConfig {
+    /// Generated POS transactions, scans and beacon sightings, for demos and for stores where a
+    /// device is not installed yet.
+    Simulated(simulated::SimulatedConfig),
+}
+
+impl DriverConfig {
+    /// The driver's unique name (component name in status and metrics).
+    pub fn name(&self) -> &str {
+        match self {
+            DriverConfig::Simulated(c) => &c.name,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DriverConfig::Simulated(_) => "simulated",
+        }
+    }
+
+    /// Device paths or addresses this driver opens exclusively (a path named twice is an error).
+    pub fn exclusive_resources(&self) -> Vec<String> {
+        match self {
+            DriverConfig::Simulated(_) => Vec::new(),
+        }
+    }
+
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        match self {
+            DriverConfig::Simulated(c) => c.validate(path, problems),
+        }
+    }
+
+    pub fn build(&self, ctx: ComponentContext) -> Result<Task, DriverError> {
+        match self {
+            DriverConfig::Simulated(c) => Ok(simulated::build(c.clone(), ctx)),
+        }
+    }
+}
+
+/// Validates every driver and the rules between them (unique names, a device opened once).
+pub fn validate_drivers(drivers: &[DriverConfig], path: &str, problems: &mut Problems) {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut resources: HashMap<String, usize> = HashMap::new();
+    for (i, d) in drivers.iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        d.validate(&p, problems);
+        if d.name().is_empty() {
+            problems.push(join(&p, "name"), "must not be empty");
+        } else if let Some(first) = names.insert(d.name(), i) {
+            problems.push(
+                join(&p, "name"),
+                format!(
+                    "{:?} is also the name of {path}[{first}]; driver names must be unique",
+                    d.name()
+                ),
+            );
+        }
+        for r in d.exclusive_resources() {
+            if let Some(first) = resources.insert(r.clone(), i) {
+                problems.push(
+                    p.clone(),
+                    format!("{r} is also used by {path}[{first}]; a device can be opened by one driver only"),
+                );
+            }
+        }
+    }
+}
