@@ -409,7 +409,7 @@ impl Log for SqliteLog {
             });
         };
         let name: Arc<str> = Arc::from(stream);
-        let (records, next_seq, bad) = self
+        let batch = self
             .with_reader(move |c, _| {
                 queries::read_rows(
                     c,
@@ -421,7 +421,7 @@ impl Log for SqliteLog {
                 )
             })
             .await?;
-        for (seq, reason) in &bad {
+        for (seq, reason) in &batch.quarantined {
             // Quarantine is idempotent; if the queue is closed the row stays for the next start.
             let _ = self
                 .tx
@@ -432,11 +432,7 @@ impl Log for SqliteLog {
                 })
                 .await;
         }
-        Ok(ReadBatch {
-            records,
-            next_seq,
-            quarantined: bad,
-        })
+        Ok(batch)
     }
 
     async fn cursor(&self, cursor: &str, stream: &str) -> Result<Option<u64>, LogError> {
@@ -627,19 +623,14 @@ impl LogInspector {
             )));
         };
         let name: Arc<str> = Arc::from(stream);
-        let (records, next_seq, quarantined) = queries::read_rows(
+        queries::read_rows(
             &self.conn,
             &name,
             id,
             from_seq,
             limits.max_records,
             limits.max_bytes,
-        )?;
-        Ok(ReadBatch {
-            records,
-            next_seq,
-            quarantined,
-        })
+        )
     }
 
     pub fn usage(&self) -> Result<DiskUsage, LogError> {
@@ -650,7 +641,7 @@ impl LogInspector {
             .path
             .parent()
             .and_then(|d| nix::sys::statvfs::statvfs(d).ok())
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .map(|s| s.blocks_available() * s.fragment_size())
             .unwrap_or(0);
         Ok(DiskUsage {
             used_bytes: used,

@@ -1,7 +1,7 @@
 //! SQL shared by the writer, the reader pool and the read-only inspector: schema set-up, PRAGMAs,
 //! the record CRC and row decoding.
 
-use crate::log::{CursorInfo, Gap, LogError, StreamInfo, StreamPolicy};
+use crate::log::{CursorInfo, Gap, LogError, ReadBatch, StreamInfo, StreamPolicy};
 use edge_core::{Event, Header, Record};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -274,7 +274,7 @@ pub fn read_rows(
     from_seq: u64,
     max_records: usize,
     max_bytes: usize,
-) -> Result<(Vec<Record>, u64, Vec<(u64, String)>), LogError> {
+) -> Result<ReadBatch, LogError> {
     let mut stmt = conn
         .prepare_cached(&format!(
             "SELECT {RECORD_COLUMNS} FROM records WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT ?3"
@@ -304,7 +304,11 @@ pub fn read_rows(
             break;
         }
     }
-    Ok((out, next, bad))
+    Ok(ReadBatch {
+        records: out,
+        next_seq: next,
+        quarantined: bad,
+    })
 }
 
 pub fn load_stream_infos(

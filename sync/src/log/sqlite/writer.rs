@@ -31,6 +31,9 @@ const LOW_WATER: f64 = 0.95;
 /// How often the filesystem free space is checked on the commit path.
 const FS_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// Where a request's outcome goes.
+type Reply = oneshot::Sender<Result<AppendOutcome, LogError>>;
+
 pub(super) enum WriterMsg {
     Append(
         AppendRequest,
@@ -207,10 +210,8 @@ impl Writer {
 
     /// One transaction for every request of the batch.
     fn commit_batch(&mut self, work: Vec<WriterMsg>, started: Instant) {
-        let mut replies: Vec<(
-            oneshot::Sender<Result<AppendOutcome, LogError>>,
-            Result<AppendOutcome, LogError>,
-        )> = Vec::with_capacity(work.len());
+        let mut replies: Vec<(Reply, Result<AppendOutcome, LogError>)> =
+            Vec::with_capacity(work.len());
         let mut accepted = Vec::with_capacity(work.len());
         let mut quarantines = Vec::new();
         for m in work {
@@ -253,8 +254,7 @@ impl Writer {
                 metrics::histogram!("edge_log_batch_records")
                     .record(accepted.iter().map(|(r, _)| r.events.len()).sum::<usize>() as f64);
                 self.publish_heads();
-                let generation = self.shared.generation.send_modify(|g| *g += 1);
-                let _ = generation;
+                self.shared.generation.send_modify(|g| *g += 1);
                 for ((_, reply), outcome) in accepted.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }

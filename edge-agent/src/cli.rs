@@ -1,0 +1,390 @@
+//! Command line: `run`, `check-config`, `status`, `log tail|export`.
+
+use crate::config::{AgentConfig, DEFAULT_CONFIG_PATH};
+use crate::report;
+use clap::{Parser, Subcommand, ValueEnum};
+use edge_core::log::ReadLimits;
+use edge_sync::log::LogInspector;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Exit code for configuration problems (systemd's ExecStartPre shows them and does not start).
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Store edge agent: durable local event log, MQTT bridge, mirror to HQ Kafka"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent in the foreground until SIGTERM/SIGINT.
+    Run {
+        #[arg(long, short, env = "EDGE_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and print every problem with its path (exit 2 on problems).
+    CheckConfig {
+        /// The file to check.
+        #[arg(env = "EDGE_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        file: PathBuf,
+    },
+    /// Streams, seq ranges, backlog per cursor, disk use and component (MQTT, drivers) state.
+    Status {
+        #[arg(long, short, env = "EDGE_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read records from the local log.
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Format {
+    /// One JSON object per line (payload embedded when it is JSON, else base64).
+    Jsonl,
+    /// A short human line per record.
+    Text,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LogCommand {
+    /// The newest records of a stream, optionally following new ones.
+    Tail {
+        #[arg(long, short, env = "EDGE_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long, short)]
+        stream: String,
+        /// Start at this seq instead of the last `-n` records.
+        #[arg(long)]
+        from_seq: Option<u64>,
+        #[arg(short = 'n', default_value_t = 10)]
+        lines: u64,
+        /// Keep printing new records as they are committed.
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Every record of a stream in a seq range.
+    Export {
+        #[arg(long, short, env = "EDGE_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long, short)]
+        stream: String,
+        #[arg(long, default_value_t = 1)]
+        from_seq: u64,
+        /// Last seq to export (inclusive); default: the newest.
+        #[arg(long)]
+        to_seq: Option<u64>,
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => match load(&config) {
+            Ok(cfg) => match crate::daemon::run(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edge-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(code) => code,
+        },
+        Command::CheckConfig { file } => match load(&file) {
+            Ok(cfg) => {
+                println!(
+                    "{}: OK (store {}, data in {}, {} MQTT ingress rule(s), {} egress rule(s), {} driver(s))",
+                    file.display(),
+                    cfg.agent.store_id,
+                    cfg.agent.data_dir.display(),
+                    cfg.mqtt.ingress.len(),
+                    cfg.mqtt.egress.len(),
+                    cfg.drivers.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Status { config, json } => status(&config, json),
+        Command::Log { command } => match command {
+            LogCommand::Tail {
+                config,
+                stream,
+                from_seq,
+                lines,
+                follow,
+                format,
+            } => with_inspector(&config, |i| {
+                tail(i, &stream, from_seq, lines, follow, format)
+            }),
+            LogCommand::Export {
+                config,
+                stream,
+                from_seq,
+                to_seq,
+                format,
+                output,
+            } => with_inspector(&config, |i| {
+                export(i, &stream, from_seq, to_seq, format, output.as_deref())
+            }),
+        },
+    }
+}
+
+/// Loads and validates; prints every problem and returns the exit code on failure.
+fn load(path: &Path) -> Result<AgentConfig, ExitCode> {
+    let cfg = match AgentConfig::load(path) {
+        Ok(c) => c,
+        Err(p) => {
+            eprint!("{p}");
+            eprintln!(
+                "{}: 1 problem; the agent will not start with this file",
+                path.display()
+            );
+            return Err(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let problems = cfg.validate();
+    if !problems.is_empty() {
+        eprint!("{problems}");
+        eprintln!(
+            "{}: {} problem(s); the agent will not start with this file",
+            path.display(),
+            problems.len()
+        );
+        return Err(ExitCode::from(EXIT_CONFIG));
+    }
+    Ok(cfg)
+}
+
+fn with_inspector(config: &Path, f: impl FnOnce(&LogInspector) -> anyhow::Result<()>) -> ExitCode {
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let r = LogInspector::open(&cfg.agent.data_dir, cfg.log.clone())
+        .map_err(anyhow::Error::from)
+        .and_then(|i| f(&i));
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::BrokenPipe
+            {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("edge-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// GET on the daemon's local HTTP endpoint (HTTP/1.1, Connection: close).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8(buf).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    Some(body.to_string())
+}
+
+fn status(config: &Path, json: bool) -> ExitCode {
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let from_daemon = cfg
+        .http
+        .enabled
+        .then(|| http_get(cfg.http.listen, "/status"))
+        .flatten()
+        .and_then(|b| serde_json::from_str::<report::StatusReport>(&b).ok());
+    let report = match from_daemon {
+        Some(r) => r,
+        None => match offline_report(&cfg) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!(
+                    "edge-agent: the daemon does not answer on {} and the log cannot be read: {e:#}",
+                    cfg.http.listen
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", report::render(&report));
+    }
+    ExitCode::SUCCESS
+}
+
+fn offline_report(cfg: &AgentConfig) -> anyhow::Result<report::StatusReport> {
+    let i = LogInspector::open(&cfg.agent.data_dir, cfg.log.clone())?;
+    let cursors = i.cursors()?;
+    let mut oldest = std::collections::BTreeMap::new();
+    for c in &cursors {
+        oldest.insert(
+            (c.stream.clone(), c.next_seq),
+            i.oldest_from(&c.stream, c.next_seq)?,
+        );
+    }
+    Ok(report::build(report::Inputs {
+        store_id: &cfg.agent.store_id,
+        path: i.path().display().to_string(),
+        epoch: i.epoch()?.to_string(),
+        usage: i.usage()?,
+        integrity: None,
+        streams: i.streams()?,
+        cursors,
+        oldest,
+        gaps: i.gaps(0, 100_000)?.len() as u64,
+        components: Default::default(),
+        daemon_running: false,
+        uptime_s: None,
+    }))
+}
+
+fn print_record(
+    out: &mut impl Write,
+    r: &edge_core::Record,
+    format: Format,
+) -> std::io::Result<()> {
+    match format {
+        Format::Jsonl => writeln!(out, "{}", r.to_json()),
+        Format::Text => {
+            let payload = String::from_utf8_lossy(&r.event.payload);
+            let short: String = payload.chars().take(160).collect();
+            writeln!(
+                out,
+                "{} #{} {} key={} id={} {}",
+                r.event.stream,
+                r.seq,
+                r.event.event_ts_ms,
+                r.event.key.as_deref().unwrap_or("-"),
+                r.event.event_id.as_deref().unwrap_or("-"),
+                short
+            )
+        }
+    }
+}
+
+fn tail(
+    i: &LogInspector,
+    stream: &str,
+    from_seq: Option<u64>,
+    lines: u64,
+    follow: bool,
+    format: Format,
+) -> anyhow::Result<()> {
+    let info = i
+        .streams()?
+        .into_iter()
+        .find(|s| s.name == stream)
+        .ok_or_else(|| anyhow::anyhow!("the log has no stream named {stream:?}"))?;
+    let mut next =
+        from_seq.unwrap_or_else(|| info.next_seq.saturating_sub(lines).max(info.first_seq));
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    loop {
+        let b = i.read(stream, next, ReadLimits::default())?;
+        for r in &b.records {
+            print_record(&mut out, r, format)?;
+        }
+        for (seq, reason) in &b.quarantined {
+            eprintln!("{stream} #{seq}: damaged record skipped ({reason})");
+        }
+        let progressed = b.next_seq > next;
+        next = b.next_seq;
+        if !progressed {
+            if !follow {
+                return Ok(());
+            }
+            out.flush()?;
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+fn export(
+    i: &LogInspector,
+    stream: &str,
+    from_seq: u64,
+    to_seq: Option<u64>,
+    format: Format,
+    output: Option<&Path>,
+) -> anyhow::Result<()> {
+    let mut out: Box<dyn Write> = match output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut next = from_seq;
+    let mut n = 0u64;
+    loop {
+        let b = i.read(
+            stream,
+            next,
+            ReadLimits {
+                max_records: 5000,
+                max_bytes: 8 << 20,
+            },
+        )?;
+        for r in &b.records {
+            if to_seq.is_some_and(|t| r.seq > t) {
+                out.flush()?;
+                eprintln!("exported {n} record(s)");
+                return Ok(());
+            }
+            print_record(&mut out, r, format)?;
+            n += 1;
+        }
+        for (seq, reason) in &b.quarantined {
+            eprintln!("{stream} #{seq}: damaged record skipped ({reason})");
+        }
+        if b.next_seq <= next {
+            break;
+        }
+        next = b.next_seq;
+    }
+    out.flush()?;
+    eprintln!("exported {n} record(s)");
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! The agent's TOML configuration: one file, typed sections owned by the component crates, and a
+//! validation pass that reports every problem with its path.
+
+use edge_core::config::{Problems, join};
+use edge_drivers::DriverConfig;
+use edge_sync::log::LogConfig;
+use edge_sync::mqtt::MqttConfig;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the packaged agent looks for its configuration.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/edge-agent/config.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub agent: AgentSection,
+    pub log: LogConfig,
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub drivers: Vec<DriverConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines on stderr.
+    #[default]
+    Text,
+    /// One JSON object per line on stderr.
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// This store's id: `edge.store` at HQ, part of the MQTT client id and Kafka keys.
+    pub store_id: String,
+    /// State directory: the local log and its lock file live here.
+    pub data_dir: PathBuf,
+    /// Budget for a graceful stop (SIGTERM): stop intake, ack what is committed, flush, exit.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Interval of the `agent.health` summary record (0 disables it).
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// Log verbosity (`RUST_LOG` syntax, e.g. `info` or `info,edge_sync=debug`); `RUST_LOG` wins.
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            store_id: "store-0001".into(),
+            data_dir: PathBuf::from("/var/lib/edge-agent"),
+            shutdown_timeout: Duration::from_secs(5),
+            health_interval: Duration::from_secs(60),
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    /// Health, status and Prometheus metrics. Keep it on localhost (there is no authentication).
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// Store ids become Kafka keys, topic parts and MQTT client ids.
+fn check_store_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err("must be 1 to 64 characters".into());
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "{id:?} contains {c:?}; use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+impl AgentConfig {
+    /// Reads and parses a config file. A syntax or type error is one problem with its location.
+    pub fn load(path: &Path) -> Result<AgentConfig, Problems> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let mut p = Problems::new();
+            p.push(
+                path.display().to_string(),
+                format!("cannot read the config file: {e}"),
+            );
+            p
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<AgentConfig, Problems> {
+        toml::from_str(text).map_err(|e| {
+            let mut p = Problems::new();
+            let location = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!("{origin}:{line}")
+                })
+                .unwrap_or_else(|| origin.to_string());
+            p.push(location, e.message().to_string());
+            p
+        })
+    }
+
+    /// Every problem of the configuration, with its path.
+    pub fn validate(&self) -> Problems {
+        let mut p = Problems::new();
+        if let Err(e) = check_store_id(&self.agent.store_id) {
+            p.push("agent.store_id", e);
+        }
+        if self.agent.data_dir.as_os_str().is_empty() {
+            p.push("agent.data_dir", "must name the state directory");
+        }
+        if self.agent.shutdown_timeout < Duration::from_secs(1)
+            || self.agent.shutdown_timeout > Duration::from_secs(300)
+        {
+            p.push("agent.shutdown_timeout", "must be between 1s and 300s");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.agent.log_level) {
+            p.push("agent.log_level", format!("is not a valid filter: {e}"));
+        }
+        self.log.validate("log", &mut p);
+        self.mqtt.validate("mqtt", &mut p);
+        edge_drivers::validate_drivers(&self.drivers, "drivers", &mut p);
+        if self.http.enabled && self.http.listen.port() == 0 {
+            p.push(
+                join("http", "listen"),
+                "needs a fixed port so the CLI can find the daemon",
+            );
+        }
+        p
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        edge_sync::log::sqlite::db_path(&self.agent.data_dir, &self.log)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_configs_are_valid() {
+        for f in ["../config/edge-agent.example.toml", "../config/demo.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            let cfg = AgentConfig::load(&path).unwrap_or_else(|p| panic!("{f}: {p}"));
+            let problems = cfg.validate();
+            assert!(problems.is_empty(), "{f}:\n{problems}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_have_a_line() {
+        let e = AgentConfig::parse("[agent]\nstore_id = \n", "x.toml").unwrap_err();
+        assert!(e.to_string().starts_with("x.toml:2"), "{e}");
+        let e = AgentConfig::parse("[agent]\nstore = \"a\"\n", "x.toml").unwrap_err();
+        assert!(e.to_string().contains("unknown field `store`"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_named_with_its_path() {
+        let text = r#"
+[agent]
+store_id = "store 12!"
+shutdown_timeout = "0s"
+
+[log]
+commit_window_ms = 0
+
+[mqtt]
+port = 0
+session_expiry = "0s"
+
+[[mqtt.ingress]]
+topic = "a/#/b"
+stream = "pos.transactions"
+
+[[drivers]]
+type = "simulated"
+name = "lane"
+
+[[drivers]]
+type = "simulated"
+name = "lane"
+beacons = 0
+"#;
+        let cfg = AgentConfig::parse(text, "t").unwrap();
+        let p = cfg.validate().to_string();
+        for path in [
+            "agent.store_id:",
+            "agent.shutdown_timeout:",
+            "log.commit_window_ms:",
+            "mqtt.port:",
+            "mqtt.session_expiry:",
+            "mqtt.ingress[0].topic:",
+            "drivers[1].name:",
+            "drivers[1].beacons:",
+        ] {
+            assert!(p.contains(path), "missing {path} in\n{p}");
+        }
+    }
+}

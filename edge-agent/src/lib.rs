@@ -1,0 +1,9 @@
+//! The edge-agent daemon and CLI: configuration, wiring of components, supervision, signals, and
+//! the local HTTP endpoint for health, status and metrics. Logic lives in the library crates
+//! (`edge-sync`, `edge-drivers`, `edge-models`); this crate only wires them.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod report;

@@ -1,0 +1,474 @@
+//! The MQTT bridge to the store's broker: ingress (topics -> local streams, ack after durable
+//! commit) and egress (local streams -> topics, from durable cursors).
+//!
+//! One MQTT 5 connection with a persistent session (stable client id, clean start off, session
+//! expiry > 0) and manual acks. Four tasks share it:
+//!
+//! * the **poller** owns rumqttc's event loop: it (re)connects with jittered backoff, subscribes on a
+//!   new session, hands publishes to the processor and counts PUBACKs for egress;
+//! * the **processor** turns each publish into a log request (the event, or a dead letter with the
+//!   reason) and submits it in arrival order;
+//! * the **acker** waits for each request's durable commit, in order, and only then sends PUBACK.
+//!   An ack is sent only on the connection the message arrived on: after a reconnect the broker
+//!   redelivers unacked messages, and the log stores a redelivered message with an event id once;
+//! * the **egress** task publishes configured streams from their cursors and moves a cursor only
+//!   after the broker acknowledged every message before it.
+//!
+//! The ingest queue holds `receive_maximum` messages: the broker never has more unacked messages in
+//! flight to us, so the poller never blocks on it.
+
+pub mod config;
+mod egress;
+mod ingress;
+mod tls;
+pub mod topic;
+
+pub use config::{EgressRule, IngressRule, MqttConfig, MqttTls, StartAt};
+
+use edge_core::State;
+use edge_core::component::{ComponentContext, Task};
+use edge_core::log::{AppendRequest, AppendTicket, LogError};
+use ingress::{CompiledRule, Limits, Rejection};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, SubscribeReasonCode};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("MQTT configuration: {0}")]
+    Config(String),
+}
+
+/// Connection facts shared by the bridge's tasks.
+pub(crate) struct Link {
+    /// Incremented at every CONNACK; an ack is only valid on the connection its message came on.
+    generation: AtomicU64,
+    /// Some(generation) while connected.
+    connected: watch::Sender<Option<u64>>,
+    /// PUBACKs received for our own publishes (egress).
+    pubacks: AtomicU64,
+    puback_notify: Notify,
+}
+
+impl Link {
+    fn new() -> Self {
+        let (tx, _) = watch::channel(None);
+        Link {
+            generation: AtomicU64::new(0),
+            connected: tx,
+            pubacks: AtomicU64::new(0),
+            puback_notify: Notify::new(),
+        }
+    }
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+fn mqtt_options(cfg: &MqttConfig, store: &str) -> Result<MqttOptions, MqttError> {
+    let mut o = MqttOptions::new(cfg.client_id_for(store), cfg.host.clone(), cfg.port);
+    o.set_keep_alive(cfg.keep_alive);
+    // Persistent session: the broker keeps our subscriptions and queues QoS 1 messages while we
+    // are away (up to its max_queued_messages).
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(cfg.session_expiry.as_secs() as u32));
+    o.set_receive_maximum(Some(cfg.receive_maximum));
+    o.set_max_packet_size(Some(cfg.max_packet_size.as_u64() as u32));
+    o.set_manual_acks(true);
+    o.set_connection_timeout(10);
+    // Outgoing (egress) publishes waiting for PUBACK; bounded like everything else.
+    o.set_outgoing_inflight_upper_limit(256);
+    if let Some(user) = &cfg.username {
+        let password = match &cfg.password_file {
+            Some(f) => std::fs::read_to_string(f)
+                .map_err(|e| {
+                    MqttError::Config(format!(
+                        "cannot read mqtt.password_file {}: {e}",
+                        f.display()
+                    ))
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+            None => String::new(),
+        };
+        o.set_credentials(user.clone(), password);
+    }
+    if let Some(t) = &cfg.tls {
+        let config = tls::client_config(t).map_err(MqttError::Config)?;
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(config),
+        ));
+    }
+    Ok(o)
+}
+
+/// Builds the bridge. Fails only on configuration that cannot work (unreadable secrets, bad TLS
+/// material); an unreachable broker is retried forever by the running task.
+pub fn build(cfg: MqttConfig, ctx: ComponentContext) -> Result<Task, MqttError> {
+    let rules: Vec<CompiledRule> = cfg
+        .ingress
+        .iter()
+        .map(CompiledRule::compile)
+        .collect::<Result<_, _>>()
+        .map_err(MqttError::Config)?;
+    let options = mqtt_options(&cfg, &ctx.store_id)?;
+    Ok(Box::pin(run(cfg, rules, options, ctx)))
+}
+
+async fn run(
+    cfg: MqttConfig,
+    rules: Vec<CompiledRule>,
+    options: MqttOptions,
+    ctx: ComponentContext,
+) -> Result<(), edge_core::component::ComponentError> {
+    let filters: Vec<Filter> = rules
+        .iter()
+        .map(|r| Filter::new(r.filter(), QoS::AtLeastOnce))
+        .collect();
+    ctx.status
+        .field("broker", format!("{}:{}", cfg.host, cfg.port));
+    ctx.status
+        .field("client_id", cfg.client_id_for(&ctx.store_id));
+    ctx.status.field(
+        "subscriptions",
+        filters.iter().map(|f| f.path.clone()).collect::<Vec<_>>(),
+    );
+
+    let (client, eventloop) = AsyncClient::new(options, 1024);
+    let link = Arc::new(Link::new());
+    let queue = cfg.receive_maximum as usize + 16;
+    let (ingest_tx, ingest_rx) = mpsc::channel(queue);
+    let (pending_tx, pending_rx) = mpsc::channel(queue);
+    let stop_poller = CancellationToken::new();
+
+    let poller = tokio::spawn(poll_loop(
+        eventloop,
+        client.clone(),
+        link.clone(),
+        filters,
+        ingest_tx,
+        ctx.clone(),
+        cfg.clone(),
+        stop_poller.clone(),
+    ));
+    let limits = Limits {
+        max_payload: cfg.max_payload.as_u64() as usize,
+        deadletter_keep: cfg.deadletter_keep.as_u64() as usize,
+    };
+    let processor = tokio::spawn(process_loop(
+        rules,
+        limits,
+        ingest_rx,
+        pending_tx,
+        ctx.clone(),
+        ctx.shutdown.intake_guard(),
+    ));
+    let acker = tokio::spawn(ack_loop(
+        pending_rx,
+        client.clone(),
+        link.clone(),
+        ctx.clone(),
+        ctx.shutdown.intake_guard(),
+    ));
+    let egress = (!cfg.egress.is_empty()).then(|| {
+        tokio::spawn(egress::run(
+            cfg.egress.clone(),
+            client.clone(),
+            link.clone(),
+            ctx.clone(),
+        ))
+    });
+
+    // Intake side ends first (processor stops, acker acks what was committed), while the poller
+    // keeps the connection up so those acks reach the broker.
+    let _ = processor.await;
+    let _ = acker.await;
+    ctx.shutdown.all().cancelled().await;
+    if let Some(e) = egress {
+        let _ = e.await;
+    }
+    // A clean DISCONNECT after the acks (the request queue is FIFO); the session persists.
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        let mut rx = link.connected.subscribe();
+        while rx.borrow_and_update().is_some() {
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    stop_poller.cancel();
+    let _ = poller.await;
+    ctx.status.set(State::Stopped, "MQTT bridge stopped");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn poll_loop(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    link: Arc<Link>,
+    filters: Vec<Filter>,
+    ingest_tx: mpsc::Sender<(u64, Publish)>,
+    ctx: ComponentContext,
+    cfg: MqttConfig,
+    stop: CancellationToken,
+) {
+    let broker = format!("{}:{}", cfg.host, cfg.port);
+    let mut backoff = cfg.reconnect_min;
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                let generation = link.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                backoff = cfg.reconnect_min;
+                if !ack.session_present && !filters.is_empty() {
+                    // A new session has no subscriptions (first start, or the broker lost it).
+                    if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                        tracing::error!(error = %e, "could not queue the MQTT subscriptions");
+                    }
+                }
+                metrics::counter!("edge_mqtt_connects_total").increment(1);
+                metrics::gauge!("edge_mqtt_connected").set(1.0);
+                let _ = link.connected.send_replace(Some(generation));
+                ctx.status.field("generation", generation);
+                ctx.status.set(
+                    State::Up,
+                    format!(
+                        "connected to {broker} ({})",
+                        if ack.session_present {
+                            "session resumed"
+                        } else {
+                            "new session"
+                        }
+                    ),
+                );
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let generation = link.generation();
+                if let Err(e) = ingest_tx.try_send((generation, p)) {
+                    // Cannot happen while the broker honours receive_maximum; the message stays
+                    // unacked and the broker redelivers it on the next connection.
+                    metrics::counter!("edge_mqtt_ingest_queue_full_total").increment(1);
+                    if matches!(e, mpsc::error::TrySendError::Closed(_)) {
+                        // Intake has stopped; unacked messages wait in the broker for next time.
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                link.pubacks.fetch_add(1, Ordering::AcqRel);
+                link.puback_notify.notify_waiters();
+            }
+            Ok(Event::Incoming(Packet::SubAck(s))) => {
+                let refused: Vec<String> = s
+                    .return_codes
+                    .iter()
+                    .zip(filters.iter())
+                    .filter(|(c, _)| !matches!(c, SubscribeReasonCode::Success(_)))
+                    .map(|(c, f)| format!("{} ({c:?})", f.path))
+                    .collect();
+                if !refused.is_empty() {
+                    metrics::counter!("edge_mqtt_subscriptions_refused_total")
+                        .increment(refused.len() as u64);
+                    ctx.status.set(
+                        State::Degraded,
+                        format!(
+                            "connected to {broker}, but the broker refused the subscriptions {}; check the broker ACL for this client",
+                            refused.join(", ")
+                        ),
+                    );
+                }
+            }
+            Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                tracing::warn!(broker = %broker, reason = ?d.reason_code, "the MQTT broker closed the session");
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                let _ = link.connected.send_replace(None);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = link.connected.send_replace(None);
+                metrics::gauge!("edge_mqtt_connected").set(0.0);
+                if stop.is_cancelled() {
+                    break;
+                }
+                let jittered = backoff.mul_f64(0.5 + fastrand::f64());
+                ctx.status.set(
+                    State::Down,
+                    format!(
+                        "cannot reach MQTT broker {broker}: {e}; retrying (backoff up to {:?})",
+                        cfg.reconnect_max
+                    ),
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(jittered) => {}
+                }
+                backoff = (backoff * 2).min(cfg.reconnect_max);
+            }
+        }
+    }
+    let _ = link.connected.send_replace(None);
+    metrics::gauge!("edge_mqtt_connected").set(0.0);
+}
+
+struct Pending {
+    generation: u64,
+    publish: Publish,
+    request: AppendRequest,
+    ticket: AppendTicket,
+    rejected: Option<Rejection>,
+    stream: Arc<str>,
+}
+
+async fn process_loop(
+    rules: Vec<CompiledRule>,
+    limits: Limits,
+    mut ingest_rx: mpsc::Receiver<(u64, Publish)>,
+    pending_tx: mpsc::Sender<Pending>,
+    ctx: ComponentContext,
+    _guard: tokio_util::task::task_tracker::TaskTrackerToken,
+) {
+    loop {
+        let (generation, publish) = tokio::select! {
+            biased;
+            _ = ctx.shutdown.intake().cancelled() => break,
+            m = ingest_rx.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+        };
+        let topic = String::from_utf8_lossy(&publish.topic);
+        let props: &[(String, String)] = publish
+            .properties
+            .as_ref()
+            .map(|p| &p.user_properties[..])
+            .unwrap_or(&[]);
+        let (event, rejected) = match ingress::to_event(
+            &rules,
+            &limits,
+            &topic,
+            &publish.payload,
+            props,
+            edge_core::time::now_ms(),
+        ) {
+            Ok(e) => (e, None),
+            Err((why, dead_letter)) => {
+                tracing::debug!(topic = %topic, reason = why.label(), "MQTT message dead-lettered");
+                (*dead_letter, Some(why))
+            }
+        };
+        let stream = event.stream.clone();
+        let request = AppendRequest::one(event);
+        let ticket = match ctx.log.submit(request.clone()).await {
+            Ok(t) => t,
+            Err(_) => break, // the log is closed: shutting down; the message stays unacked
+        };
+        let p = Pending {
+            generation,
+            publish,
+            request,
+            ticket,
+            rejected,
+            stream,
+        };
+        if pending_tx.send(p).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn ack_loop(
+    mut pending_rx: mpsc::Receiver<Pending>,
+    client: AsyncClient,
+    link: Arc<Link>,
+    ctx: ComponentContext,
+    _guard: tokio_util::task::task_tracker::TaskTrackerToken,
+) {
+    let mut degraded = false;
+    while let Some(mut p) = pending_rx.recv().await {
+        let mut delay = Duration::from_millis(100);
+        let outcome = loop {
+            match (&mut p.ticket).await {
+                Ok(o) => break Some(o),
+                Err(LogError::Closed) => return,
+                Err(e @ (LogError::Full | LogError::Storage { .. })) => {
+                    // Hold the ack: the broker keeps the message (and, at receive_maximum,
+                    // stops sending more). This is the backpressure of a full disk budget.
+                    if !degraded {
+                        ctx.status.set(
+                            State::Degraded,
+                            format!("the local log refuses writes ({e}); acks are held and the broker keeps the messages"),
+                        );
+                        degraded = true;
+                    }
+                    tokio::select! {
+                        _ = ctx.shutdown.all().cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    match ctx.log.submit(p.request.clone()).await {
+                        Ok(t) => p.ticket = t,
+                        Err(_) => return,
+                    }
+                }
+                Err(e) => {
+                    // The log refused this record itself: keep it as a dead letter instead.
+                    let topic = String::from_utf8_lossy(&p.publish.topic).to_string();
+                    let dl = crate::deadletter::DeadLetter::new(
+                        "mqtt",
+                        format!("the local log refused the record: {e}"),
+                    )
+                    .field("topic", topic)
+                    .original(&p.publish.payload, crate::deadletter::DEFAULT_KEEP_BYTES)
+                    .into_event();
+                    p.rejected = Some(Rejection::NoRule);
+                    p.request = AppendRequest::one(dl);
+                    match ctx.log.submit(p.request.clone()).await {
+                        Ok(t) => p.ticket = t,
+                        Err(_) => return,
+                    }
+                }
+            }
+        };
+        if degraded {
+            degraded = false;
+            if link.connected.borrow().is_some() {
+                ctx.status
+                    .set(State::Up, "connected; the local log accepts writes again");
+            }
+        }
+        if let Some(o) = outcome {
+            match p.rejected {
+                Some(r) => metrics::counter!("edge_mqtt_deadletters_total", "reason" => r.label())
+                    .increment(1),
+                None if o.appended.first().is_some_and(|a| a.is_duplicate()) => {
+                    metrics::counter!("edge_mqtt_duplicates_total", "stream" => p.stream.to_string())
+                        .increment(1)
+                }
+                None => metrics::counter!("edge_mqtt_ingested_total", "stream" => p.stream.to_string())
+                    .increment(1),
+            }
+        }
+        if p.publish.qos == QoS::AtMostOnce {
+            continue;
+        }
+        if link.generation() != p.generation {
+            // The connection it came on is gone; the broker redelivers it and dedup handles it.
+            metrics::counter!("edge_mqtt_acks_skipped_total").increment(1);
+            continue;
+        }
+        if client.ack(&p.publish).await.is_err() {
+            return;
+        }
+    }
+}
