@@ -312,12 +312,19 @@ async fn poll_loop(
                     break;
                 }
                 let jittered = backoff.mul_f64(0.5 + fastrand::f64());
+                let what = match &e {
+                    rumqttc::v5::ConnectionError::ConnectionRefused(code) => format!(
+                        "the MQTT broker {broker} refused the connection ({code:?}): check mqtt.username, mqtt.password_file and the broker's ACL"
+                    ),
+                    rumqttc::v5::ConnectionError::Tls(t) => format!(
+                        "TLS with the MQTT broker {broker} failed ({t}): check mqtt.tls.ca_file and that the broker certificate names {}",
+                        cfg.host
+                    ),
+                    other => format!("cannot reach the MQTT broker {broker}: {other}"),
+                };
                 ctx.status.set(
                     State::Down,
-                    format!(
-                        "cannot reach MQTT broker {broker}: {e}; retrying (backoff up to {:?})",
-                        cfg.reconnect_max
-                    ),
+                    format!("{what}; retrying (backoff up to {:?})", cfg.reconnect_max),
                 );
                 tokio::select! {
                     _ = stop.cancelled() => break,
