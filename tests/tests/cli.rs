@@ -1,6 +1,8 @@
 //! The operator CLI against the real binary: check-config names every problem, status and log
 //! export read a running or stopped agent.
 
+#![allow(clippy::unwrap_used)] // test code: a failed set-up step should fail the test loudly
+
 use edge_tests::agent::{Agent, wait_records};
 use edge_tests::agent_bin;
 use edge_tests::mosquitto::Mosquitto;

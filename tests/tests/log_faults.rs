@@ -1,6 +1,8 @@
 //! Faults of the local log seen from outside: the disk budget under real MQTT traffic, and a record
 //! damaged on disk (by the independent `sqlite3` tool) while the agent was stopped.
 
+#![allow(clippy::unwrap_used)] // test code: a failed set-up step should fail the test loudly
+
 use edge_tests::agent::{Agent, wait_records};
 use edge_tests::mosquitto::Mosquitto;
 use edge_tests::publisher::{json_message, spawn_publisher};

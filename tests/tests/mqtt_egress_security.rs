@@ -1,6 +1,8 @@
 //! MQTT egress (retained, from durable cursors, across restarts) and the broker connection's
 //! security (TLS with a private CA, username/password from a file, wrong credentials).
 
+#![allow(clippy::unwrap_used)] // test code: a failed set-up step should fail the test loudly
+
 use edge_tests::agent::{Agent, base_config, wait_records};
 use edge_tests::mosquitto::{Listener, Mosquitto};
 use edge_tests::{agent_bin, require_program, wait_for};

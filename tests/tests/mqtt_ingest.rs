@@ -1,6 +1,8 @@
 //! MQTT ingest against a real Mosquitto: ack after durable commit survives kill -9 of the agent and a
 //! broker restart; bad payloads are dead-lettered without blocking good traffic.
 
+#![allow(clippy::unwrap_used)] // test code: a failed set-up step should fail the test loudly
+
 use edge_tests::agent::{Agent, event_id_counts, wait_records};
 use edge_tests::mosquitto::Mosquitto;
 use edge_tests::publisher::{json_message, spawn_publisher};
