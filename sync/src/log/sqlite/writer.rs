@@ -660,9 +660,12 @@ impl Writer {
         let (count, bytes, min_id, max_id): (i64, i64, Option<i64>, Option<i64>) = self
             .conn
             .prepare_cached(
+                // The oldest `limit` rows by position first, then the age filter: filtering
+                // inside the LIMIT would scan the whole range when nothing is old enough.
                 "SELECT count(*), coalesce(sum(length(payload)), 0), min(id), max(id) FROM
-                   (SELECT id, payload FROM records WHERE id >= ?1 AND id < ?2
-                    AND (?4 IS NULL OR ingest_ts < ?4) ORDER BY id LIMIT ?3)",
+                   (SELECT id, payload, ingest_ts FROM records WHERE id >= ?1 AND id < ?2
+                    ORDER BY id LIMIT ?3)
+                 WHERE ?4 IS NULL OR ingest_ts < ?4",
             )
             .and_then(|mut s| {
                 s.query_row(
