@@ -6,6 +6,7 @@
 //! log. A driver never blocks the reactor on device I/O and never drops an event silently: what it
 //! cannot store is counted by reason.
 
+pub mod escpos;
 pub mod simulated;
 
 use edge_core::component::{ComponentContext, Task};
