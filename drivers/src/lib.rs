@@ -7,6 +7,7 @@
 //! cannot store is counted by reason.
 
 pub mod escpos;
+pub mod receipt;
 pub mod simulated;
 
 use edge_core::component::{ComponentContext, Task};
