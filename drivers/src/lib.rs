@@ -7,7 +7,10 @@
 //! cannot store is counted by reason.
 
 pub mod escpos;
+pub mod link;
+pub mod printer;
 pub mod receipt;
+pub mod serial;
 pub mod simulated;
 
 use edge_core::component::{ComponentContext, Task};
@@ -28,6 +31,10 @@ pub enum DriverConfig {
     /// Generated POS transactions, scans and beacon sightings, for demos and for stores where a
     /// device is not installed yet.
     Simulated(simulated::SimulatedConfig),
+    /// Read-only tap on the serial line between a POS and its ESC/POS receipt printer.
+    EscposTap(printer::EscposTapConfig),
+    /// TCP (9100) pass-through in front of the receipt printer (network or serial).
+    PrinterProxy(printer::PrinterProxyConfig),
 }
 
 impl DriverConfig {
@@ -35,12 +42,16 @@ impl DriverConfig {
     pub fn name(&self) -> &str {
         match self {
             DriverConfig::Simulated(c) => &c.name,
+            DriverConfig::EscposTap(c) => &c.name,
+            DriverConfig::PrinterProxy(c) => &c.name,
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
             DriverConfig::Simulated(_) => "simulated",
+            DriverConfig::EscposTap(_) => "escpos_tap",
+            DriverConfig::PrinterProxy(_) => "printer_proxy",
         }
     }
 
@@ -48,18 +59,34 @@ impl DriverConfig {
     pub fn exclusive_resources(&self) -> Vec<String> {
         match self {
             DriverConfig::Simulated(_) => Vec::new(),
+            DriverConfig::EscposTap(c) => vec![c.serial.path.clone()],
+            DriverConfig::PrinterProxy(c) => c.exclusive_resources(),
         }
     }
 
     pub fn validate(&self, path: &str, problems: &mut Problems) {
         match self {
             DriverConfig::Simulated(c) => c.validate(path, problems),
+            DriverConfig::EscposTap(c) => c.validate(path, problems),
+            DriverConfig::PrinterProxy(c) => c.validate(path, problems),
         }
     }
 
     pub fn build(&self, ctx: ComponentContext) -> Result<Task, DriverError> {
         match self {
             DriverConfig::Simulated(c) => Ok(simulated::build(c.clone(), ctx)),
+            DriverConfig::EscposTap(c) => {
+                printer::build_tap(c.clone(), ctx).map_err(|reason| DriverError::Build {
+                    name: c.name.clone(),
+                    reason,
+                })
+            }
+            DriverConfig::PrinterProxy(c) => {
+                printer::build_proxy(c.clone(), ctx).map_err(|reason| DriverError::Build {
+                    name: c.name.clone(),
+                    reason,
+                })
+            }
         }
     }
 }

@@ -3,7 +3,9 @@
 //! A receipt ends at a paper cut, at `ESC @` (when `split_on_init`), when a line matches the end
 //! pattern, before a line that matches the begin pattern, at an idle gap (the driver calls
 //! [`Segmenter::idle`]), or when it exceeds the size limit. Segments with no content (no text, no
-//! code, no drawer kick) are dropped: printers receive `ESC @` and settings between receipts.
+//! code, no drawer kick) and no noise are dropped: printers receive `ESC @` and settings between
+//! receipts. Segments with only noise (unknown commands, stray control bytes, malformed commands)
+//! are returned ([`Receipt::is_noise`]) so that the driver dead-letters them.
 //!
 //! Memory is bounded: at most `max_lines` lines of at most `max_line_chars` characters and
 //! `raw_keep_bytes` raw bytes are kept per receipt, and a receipt is closed once `max_receipt_bytes`
@@ -84,6 +86,8 @@ pub struct Receipt {
     pub images: u32,
     pub cuts: u32,
     pub unknown_commands: u32,
+    /// Control bytes outside any command other than CR and HT (line noise shows up here).
+    pub stray_controls: u32,
     pub malformed: Vec<&'static str>,
     /// Lines cut to `max_line_chars` or dropped beyond `max_lines`.
     pub lines_truncated: bool,
@@ -100,6 +104,12 @@ pub struct Receipt {
 impl Receipt {
     pub fn has_text(&self) -> bool {
         !self.lines.is_empty()
+    }
+
+    /// Neither text, nor a code, nor a drawer kick: only noise (returned so it can be
+    /// dead-lettered, never silently dropped).
+    pub fn is_noise(&self) -> bool {
+        self.lines.is_empty() && self.codes.is_empty() && self.drawer_kicks == 0
     }
 }
 
@@ -153,6 +163,7 @@ fn empty_receipt() -> Receipt {
         images: 0,
         cuts: 0,
         unknown_commands: 0,
+        stray_controls: 0,
         malformed: Vec::new(),
         lines_truncated: false,
         raw: Vec::new(),
@@ -183,7 +194,11 @@ impl Segmenter {
 
     /// True while a receipt with content is in progress (an idle gap would close it).
     pub fn in_progress(&self) -> bool {
-        self.content || !self.line.is_empty()
+        self.content
+            || !self.line.is_empty()
+            || self.cur.unknown_commands > 0
+            || self.cur.stray_controls > 0
+            || !self.cur.malformed.is_empty()
     }
 
     /// Feeds bytes; returns the receipts that ended inside them.
@@ -285,8 +300,9 @@ impl Segmenter {
             Token::CodePage(_)
             | Token::RealTime(_)
             | Token::StatusRequest { .. }
-            | Token::Setting
-            | Token::Control(_) => {}
+            | Token::Setting => {}
+            Token::Control(b'\r' | b'\t') => {}
+            Token::Control(_) => self.cur.stray_controls += 1,
         }
     }
 
@@ -347,7 +363,8 @@ impl Segmenter {
             self.end_line();
         }
         let mut r = std::mem::replace(&mut self.cur, empty_receipt());
-        let had = self.content;
+        let noisy = r.unknown_commands > 0 || r.stray_controls > 0 || !r.malformed.is_empty();
+        let had = self.content || noisy;
         self.content = false;
         if had {
             r.end = reason;
