@@ -830,9 +830,7 @@ fn classify(h: &[u8]) -> Step {
         },
         DLE => match c {
             0x04 => {
-                if n < 3 {
-                    More
-                } else if matches!(h[2], 7 | 8) && n < 4 {
+                if n < 3 || (matches!(h[2], 7 | 8) && n < 4) {
                     More
                 } else {
                     Emit(Token::RealTime(RealTime::StatusRequest(h[2])))

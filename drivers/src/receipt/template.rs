@@ -312,7 +312,7 @@ impl Template {
     /// Whether a tender type (as printed) pays in cash.
     pub fn is_cash(&self, tender_type: &str) -> bool {
         let t = tender_type.trim().to_lowercase();
-        self.cash_tenders.iter().any(|c| *c == t)
+        self.cash_tenders.contains(&t)
     }
 
     /// Parses a printed amount into minor units: `1,234.56`, `-1.00`, `1.00-` and `(1.00)`.
