@@ -1,6 +1,7 @@
 //! The TCP 9100 pass-through proxy with real sockets (and a serial printer on a socat PTY): every
 //! byte reaches the printer unchanged, status replies and ASB reach the POS, a receipt's cut is
 //! forwarded only after its records are durable, and printing goes on when storing cannot.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 mod common;
 
 use common::{Harness, PtyPair, open_end};

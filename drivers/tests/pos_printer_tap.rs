@@ -1,6 +1,7 @@
 //! The serial receipt-printer tap over real socat PTY pairs: Complete Journey baskets parse exactly,
 //! an unplugged device is reported down and comes back without a restart, garbage costs only
 //! itself.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 mod common;
 
 use common::{Harness, PtyPair, open_end};

@@ -1,4 +1,5 @@
 //! The Complete Journey fixture parsed in memory: every basket must come back exactly.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 mod common;
 
 use edge_drivers::escpos::{EndReason, Segmenter, SegmenterConfig};
