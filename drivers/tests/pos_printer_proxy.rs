@@ -285,10 +285,11 @@ async fn proxy_to_a_serial_printer_over_a_pty() {
         wait_printed(&seen, SALE.len() * (round + 1)).await;
     }
     h.wait_for("pos.transactions", 1, T).await;
-    let s = seen.lock().unwrap();
-    assert_eq!(s.bytes, [SALE, SALE].concat());
-    assert_eq!(s.cuts_before_commit, 0);
-    drop(s);
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!(s.bytes, [SALE, SALE].concat());
+        assert_eq!(s.cuts_before_commit, 0);
+    }
     h.shutdown.stop_all();
     task.await.unwrap().unwrap();
 }
