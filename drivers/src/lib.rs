@@ -10,6 +10,8 @@ pub mod escpos;
 pub mod link;
 pub mod printer;
 pub mod receipt;
+pub mod scale;
+pub mod scanner;
 pub mod serial;
 pub mod simulated;
 
@@ -35,6 +37,10 @@ pub enum DriverConfig {
     EscposTap(printer::EscposTapConfig),
     /// TCP (9100) pass-through in front of the receipt printer (network or serial).
     PrinterProxy(printer::PrinterProxyConfig),
+    /// Barcode scanner on a serial line.
+    Scanner(scanner::ScannerConfig),
+    /// Scale polled over a serial line (Toledo 8217 or SMA).
+    Scale(scale::ScaleConfig),
 }
 
 impl DriverConfig {
@@ -44,6 +50,8 @@ impl DriverConfig {
             DriverConfig::Simulated(c) => &c.name,
             DriverConfig::EscposTap(c) => &c.name,
             DriverConfig::PrinterProxy(c) => &c.name,
+            DriverConfig::Scanner(c) => &c.name,
+            DriverConfig::Scale(c) => &c.name,
         }
     }
 
@@ -52,6 +60,8 @@ impl DriverConfig {
             DriverConfig::Simulated(_) => "simulated",
             DriverConfig::EscposTap(_) => "escpos_tap",
             DriverConfig::PrinterProxy(_) => "printer_proxy",
+            DriverConfig::Scanner(_) => "scanner",
+            DriverConfig::Scale(_) => "scale",
         }
     }
 
@@ -61,6 +71,8 @@ impl DriverConfig {
             DriverConfig::Simulated(_) => Vec::new(),
             DriverConfig::EscposTap(c) => vec![c.serial.path.clone()],
             DriverConfig::PrinterProxy(c) => c.exclusive_resources(),
+            DriverConfig::Scanner(c) => vec![c.serial.path.clone()],
+            DriverConfig::Scale(c) => vec![c.serial.path.clone()],
         }
     }
 
@@ -69,6 +81,8 @@ impl DriverConfig {
             DriverConfig::Simulated(c) => c.validate(path, problems),
             DriverConfig::EscposTap(c) => c.validate(path, problems),
             DriverConfig::PrinterProxy(c) => c.validate(path, problems),
+            DriverConfig::Scanner(c) => c.validate(path, problems),
+            DriverConfig::Scale(c) => c.validate(path, problems),
         }
     }
 
@@ -87,6 +101,8 @@ impl DriverConfig {
                     reason,
                 })
             }
+            DriverConfig::Scanner(c) => Ok(scanner::build(c.clone(), ctx)),
+            DriverConfig::Scale(c) => Ok(scale::build(c.clone(), ctx)),
         }
     }
 }
