@@ -6,6 +6,7 @@
 //! log. A driver never blocks the reactor on device I/O and never drops an event silently: what it
 //! cannot store is counted by reason.
 
+pub mod display;
 pub mod escpos;
 pub mod link;
 pub mod printer;
@@ -41,6 +42,8 @@ pub enum DriverConfig {
     Scanner(scanner::ScannerConfig),
     /// Scale polled over a serial line (Toledo 8217 or SMA).
     Scale(scale::ScaleConfig),
+    /// Customer pole display showing offers for a lane.
+    CustomerDisplay(display::CustomerDisplayConfig),
 }
 
 impl DriverConfig {
@@ -52,6 +55,7 @@ impl DriverConfig {
             DriverConfig::PrinterProxy(c) => &c.name,
             DriverConfig::Scanner(c) => &c.name,
             DriverConfig::Scale(c) => &c.name,
+            DriverConfig::CustomerDisplay(c) => &c.name,
         }
     }
 
@@ -62,6 +66,7 @@ impl DriverConfig {
             DriverConfig::PrinterProxy(_) => "printer_proxy",
             DriverConfig::Scanner(_) => "scanner",
             DriverConfig::Scale(_) => "scale",
+            DriverConfig::CustomerDisplay(_) => "customer_display",
         }
     }
 
@@ -73,6 +78,7 @@ impl DriverConfig {
             DriverConfig::PrinterProxy(c) => c.exclusive_resources(),
             DriverConfig::Scanner(c) => vec![c.serial.path.clone()],
             DriverConfig::Scale(c) => vec![c.serial.path.clone()],
+            DriverConfig::CustomerDisplay(c) => vec![c.serial.path.clone()],
         }
     }
 
@@ -83,6 +89,7 @@ impl DriverConfig {
             DriverConfig::PrinterProxy(c) => c.validate(path, problems),
             DriverConfig::Scanner(c) => c.validate(path, problems),
             DriverConfig::Scale(c) => c.validate(path, problems),
+            DriverConfig::CustomerDisplay(c) => c.validate(path, problems),
         }
     }
 
@@ -103,6 +110,7 @@ impl DriverConfig {
             }
             DriverConfig::Scanner(c) => Ok(scanner::build(c.clone(), ctx)),
             DriverConfig::Scale(c) => Ok(scale::build(c.clone(), ctx)),
+            DriverConfig::CustomerDisplay(c) => Ok(display::build(c.clone(), ctx)),
         }
     }
 }
