@@ -8,6 +8,7 @@
 
 pub mod display;
 pub mod escpos;
+pub mod fuzzing;
 pub mod link;
 pub mod printer;
 pub mod receipt;
@@ -141,5 +142,81 @@ pub fn validate_drivers(drivers: &[DriverConfig], path: &str, problems: &mut Pro
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct Doc {
+        drivers: Vec<DriverConfig>,
+    }
+
+    /// Every TOML example in the configuration reference parses and validates.
+    #[test]
+    fn configuration_reference_examples_are_valid() {
+        let text = include_str!("../../docs/CONFIGURATION-drivers.md");
+        let mut blocks = 0;
+        for block in text.split("```toml\n").skip(1) {
+            let body = block.split("```").next().unwrap_or_default();
+            let src = if body.starts_with("[[drivers]]") {
+                body.to_string()
+            } else {
+                format!(
+                    "[[drivers]]\ntype = \"escpos_tap\"\nname = \"x\"\nlane = \"1\"\nserial = {{ path = \"/dev/ttyS9\" }}\n{body}"
+                )
+            };
+            let doc: Doc = toml::from_str(&src).unwrap_or_else(|e| panic!("{e}\n{src}"));
+            let mut p = Problems::new();
+            validate_drivers(&doc.drivers, "drivers", &mut p);
+            assert!(p.is_empty(), "{p}\n{src}");
+            blocks += 1;
+        }
+        assert!(blocks >= 7, "{blocks} examples");
+    }
+
+    #[test]
+    fn a_port_named_twice_is_a_config_error() {
+        let doc: Doc = toml::from_str(
+            r#"
+[[drivers]]
+type = "scanner"
+name = "a"
+lane = "1"
+serial = { path = "/dev/ttyUSB0" }
+[[drivers]]
+type = "scale"
+name = "b"
+lane = "1"
+protocol = "toledo"
+serial = { path = "/dev/ttyUSB0", baud_rate = 12345 }
+[[drivers]]
+type = "escpos_tap"
+name = "c"
+lane = ""
+serial = { path = "/dev/ttyUSB1" }
+template = { total = "TOTAL (" }
+"#,
+        )
+        .unwrap();
+        let mut p = Problems::new();
+        validate_drivers(&doc.drivers, "drivers", &mut p);
+        let text = p.to_string();
+        assert!(
+            text.contains("drivers[1]: /dev/ttyUSB0 is also used by drivers[0]"),
+            "{text}"
+        );
+        assert!(text.contains("drivers[1].serial.baud_rate:"), "{text}");
+        assert!(text.contains("drivers[2].lane:"), "{text}");
+        assert!(
+            text.contains("drivers[2].template.total: is not a valid regular expression"),
+            "{text}"
+        );
+        let bad: Result<Doc, _> = toml::from_str(
+            "[[drivers]]\ntype = \"scanner\"\nname = \"a\"\nlane = \"1\"\nserial = { path = \"/dev/x\", baud = 9600 }\n",
+        );
+        assert!(bad.is_err(), "unknown keys are refused");
     }
 }
