@@ -259,6 +259,9 @@ pub struct ReceiptProcessor {
     drawer_grace_ms: i64,
     /// When the last cash sale ended, for drawer kicks that follow their sale's cut.
     last_cash_sale_ms: Option<i64>,
+    /// Receipts seen by this processor: part of the receipt id, so that two identical receipts
+    /// in the same millisecond (a reprint) are two records, not one deduplicated.
+    seen: u64,
     pub parsed: u64,
     pub failed: u64,
     pub flagged: u64,
@@ -279,6 +282,7 @@ impl ReceiptProcessor {
             template,
             drawer_grace_ms: opts.drawer_grace_ms as i64,
             last_cash_sale_ms: None,
+            seen: 0,
             parsed: 0,
             failed: 0,
             flagged: 0,
@@ -323,7 +327,13 @@ impl ReceiptProcessor {
     /// The records for one receipt (and the dead letter when it is noise or did not parse).
     pub fn events(&mut self, r: &Receipt, ctx: &ComponentContext, ts: i64) -> Vec<Event> {
         let mut out = Vec::new();
-        let rid = format!("rcpt:{}:{ts}:{:016x}", self.driver, fnv64(&r.raw));
+        self.seen += 1;
+        let rid = format!(
+            "rcpt:{}:{ts}:{}:{:016x}",
+            self.driver,
+            self.seen,
+            fnv64(&r.raw)
+        );
         if r.is_noise() {
             let reason = format!(
                 "{} bytes on the printer line formed no receipt: {} unknown commands, {} stray control bytes, malformed: {:?} (line noise, a wrong baud rate, or a printer language other than ESC/POS?)",

@@ -205,3 +205,21 @@ async fn garbage_on_the_line_costs_only_itself() {
     h.shutdown.stop_all();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_receipts_without_a_number_are_each_stored() {
+    let h = Harness::new();
+    let pty = PtyPair::new(h.dir.path(), "same").await;
+    let task = tokio::spawn(build_tap(tap_config(&pty.a), h.ctx("same", "escpos_tap")).unwrap());
+    h.wait_status("same", T, |s| s.state == State::Up).await;
+    let mut pos = open_end(&pty.b);
+    let sale = format!("\x1b@{SALE}\x1dV\x00");
+    // A reprint right after the sale, then a third copy after the commit: three records each.
+    pos.write_all(sale.repeat(2).as_bytes()).await.unwrap();
+    h.wait_for("pos.transactions", 2, T).await;
+    pos.write_all(sale.as_bytes()).await.unwrap();
+    h.wait_for("pos.transactions", 3, T).await;
+    assert_eq!(h.records("pos.receipts").await.len(), 3);
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
