@@ -858,7 +858,7 @@ async fn relay(
     let mut buf = vec![0u8; 8192];
     let mut rbuf = vec![0u8; 1024];
     let mut last_byte = Instant::now();
-    let end = loop {
+    let end = 'relay: loop {
         tokio::select! {
             _ = ctx.shutdown.intake().cancelled() => break Err(RelayEnd::Shutdown),
             r = pos_r.read(&mut buf) => {
@@ -878,7 +878,7 @@ async fn relay(
                             // the receipt is durable.
                             let hold = e - 1;
                             if let Err(e) = up_w.write_all(&chunk[sent..hold]).await {
-                                return Err(RelayEnd::Printer(format!("writing to the printer failed: {e}")));
+                                break 'relay Err(RelayEnd::Printer(format!("writing to the printer failed: {e}")));
                             }
                             sent = hold;
                             if !store_and_wait(ctx, tx, events, store_timeout).await {
@@ -890,7 +890,7 @@ async fn relay(
                     }
                 }
                 if let Err(e) = up_w.write_all(&chunk[sent..]).await {
-                    return Err(RelayEnd::Printer(format!("writing to the printer failed: {e}")));
+                    break 'relay Err(RelayEnd::Printer(format!("writing to the printer failed: {e}")));
                 }
                 report(ctx, proc, &seg);
             }
@@ -945,4 +945,121 @@ async fn store_and_wait(
         return false;
     }
     matches!(tokio::time::timeout_at(deadline, done).await, Ok(Ok(true)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::escpos::{EndReason, Segmenter};
+    use edge_core::{Shutdown, Status};
+    use serde_json::Value;
+    use std::sync::Arc;
+
+    fn receipts(bytes: &[u8]) -> Vec<Receipt> {
+        let mut s = Segmenter::new(ReceiptOptions::default().segmenter());
+        let mut r = s.push(bytes);
+        r.extend(s.idle(EndReason::StreamEnd));
+        r
+    }
+
+    fn events_of(bytes: &[u8], start_ms: i64) -> Vec<(String, Value)> {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(
+            edge_sync::log::SqliteLog::open(dir.path(), edge_sync::log::LogConfig::default())
+                .unwrap(),
+        );
+        let ctx = ComponentContext {
+            store_id: Arc::from("s1"),
+            log,
+            shutdown: Shutdown::new(),
+            status: Status::new().register("p", "escpos_tap"),
+            data_dir: dir.path().to_path_buf(),
+        };
+        let opts = ReceiptOptions::default();
+        let mut proc = ReceiptProcessor::new(
+            "s1",
+            "p",
+            "7",
+            TemplateConfig::default().compile().unwrap(),
+            &opts,
+        );
+        let mut out = Vec::new();
+        for (i, r) in receipts(bytes).iter().enumerate() {
+            for e in proc.events(r, &ctx, start_ms + 1000 * i as i64) {
+                out.push((
+                    e.stream.to_string(),
+                    serde_json::from_slice(&e.payload).unwrap(),
+                ));
+            }
+        }
+        out
+    }
+
+    fn exceptions(ev: &[(String, Value)]) -> Vec<String> {
+        ev.iter()
+            .filter(|(s, _)| s == "pos.exceptions")
+            .map(|(_, v)| v["type"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    const CARD: &str =
+        "\x1b@A                    1.00\nTOTAL                1.00\nVISA                 1.00\n";
+    const CASH: &str = "\x1b@A                    1.00\nTOTAL                1.00\nCASH                 5.00\nCHANGE               4.00\n";
+
+    #[test]
+    fn drawer_kicks_without_a_cash_tender_are_exceptions() {
+        // Card sale with a drawer kick: exception.
+        let ev = events_of(format!("{CARD}\x1bp\x00\x19\x7a\x1dV\x00").as_bytes(), 0);
+        assert_eq!(exceptions(&ev), vec!["drawer_open_without_tender"]);
+        // Cash sale kicking before its cut: fine.
+        let ev = events_of(format!("{CASH}\x1bp\x00\x19\x7a\x1dV\x00").as_bytes(), 0);
+        assert!(exceptions(&ev).is_empty());
+        // Cash sale, then the kick after the cut (within the grace): fine.
+        let ev = events_of(
+            format!("{CASH}\x1dV\x00\x1bp\x00\x19\x7a\x1dV\x00").as_bytes(),
+            0,
+        );
+        assert!(exceptions(&ev).is_empty(), "{ev:?}");
+        // A kick alone ("no sale"): exception, and no receipt record.
+        let ev = events_of(b"\x1b@\x1bp\x00\x19\xfa\x1dV\x00", 0);
+        assert_eq!(exceptions(&ev), vec!["drawer_open_without_tender"]);
+        assert!(ev.iter().all(|(s, _)| s != "pos.receipts"));
+    }
+
+    #[test]
+    fn voids_refunds_and_bad_totals_are_exceptions_and_flagged() {
+        let ev = events_of(
+            b"\x1b@A                    1.00\nVOID A               1.00-\nREFUND B             2.00\nB                    3.00\nSUBTOTAL             9.99\nTOTAL                9.99\nCASH                 9.99\n\x1dV\x00",
+            0,
+        );
+        assert_eq!(
+            exceptions(&ev),
+            vec!["void_line", "refund_line", "totals_do_not_add_up"]
+        );
+        let tx = &ev.iter().find(|(s, _)| s == "pos.transactions").unwrap().1;
+        assert_eq!(tx["totals_consistent"], false);
+        assert_eq!(tx["flags"][0], "lines_do_not_add_up_to_subtotal");
+        let receipt = &ev.iter().find(|(s, _)| s == "pos.receipts").unwrap().1;
+        assert_eq!(receipt["parse"]["status"], "flagged");
+    }
+
+    #[test]
+    fn unparsed_receipts_are_stored_raw_and_dead_lettered_noise_only_dead_lettered() {
+        let ev = events_of(
+            b"\x1b@HELLO\nWORLD\n\x1dV\x00\x1b\x01\x1b\x02\x07\x07\x1dV\x00",
+            0,
+        );
+        let streams: Vec<&str> = ev.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(streams, vec!["pos.receipts", "deadletter", "deadletter"]);
+        assert_eq!(ev[0].1["parse"]["status"], "failed");
+        assert_eq!(ev[0].1["parse"]["reason_label"], "no_total");
+        assert_eq!(ev[1].1["reason_label"], "no_total");
+        assert_eq!(ev[2].1["reason_label"], "not_a_receipt");
+        assert!(
+            ev[2].1["reason"]
+                .as_str()
+                .unwrap()
+                .contains("2 unknown commands")
+        );
+    }
 }

@@ -223,3 +223,28 @@ async fn identical_receipts_without_a_number_are_each_stored() {
     h.shutdown.stop_all();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_held_by_a_driver_cannot_be_opened_twice() {
+    let h = Harness::new();
+    let pty = PtyPair::new(h.dir.path(), "excl").await;
+    let task = tokio::spawn(build_tap(tap_config(&pty.a), h.ctx("first", "escpos_tap")).unwrap());
+    h.wait_status("first", T, |s| s.state == State::Up).await;
+    let second = SerialConfig::new(pty.a.to_string_lossy())
+        .open(edge_drivers::serial::LineSettings::N81_9600);
+    let Err(err) = second else {
+        panic!("a second open of the same port must fail");
+    };
+    assert!(err.to_string().contains(&*pty.a.to_string_lossy()), "{err}");
+    // A second driver on the same port stays down (and says why) instead of stealing bytes.
+    let task2 = tokio::spawn(build_tap(tap_config(&pty.a), h.ctx("second", "escpos_tap")).unwrap());
+    h.wait_status("second", T, |s| s.state == State::Down).await;
+    let mut pos = open_end(&pty.b);
+    pos.write_all(&receipt(5, SALE)).await.unwrap();
+    h.wait_for("pos.transactions", 1, T).await;
+    let txs = h.records("pos.transactions").await;
+    assert_eq!(txs[0].event.source.as_deref(), Some("first"));
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+    task2.await.unwrap().unwrap();
+}
