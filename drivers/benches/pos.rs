@@ -63,6 +63,14 @@ fn throughput() {
         }
         n
     });
+    let (t_seg, segs) = best(&mut || {
+        let mut s = Segmenter::new(SegmenterConfig::default());
+        let mut n = 0;
+        for c in data.chunks(4096) {
+            n += s.push(c).len();
+        }
+        n
+    });
     let template = TemplateConfig::default().compile().unwrap();
     let (t_full, receipts) = best(&mut || {
         let mut s = Segmenter::new(SegmenterConfig::default());
@@ -91,6 +99,12 @@ fn throughput() {
         mb / t_tok,
         receipts as f64 / t_tok,
         t_base / t_tok
+    );
+    println!(
+        "| tokenizer + segmenter (lines, codes, raw kept) | {:.0} | {:.0} | {:.2}x |",
+        mb / t_seg,
+        segs as f64 / t_seg,
+        t_base / t_seg
     );
     println!(
         "| tokenizer + segmenter + `generic` template parse | {:.0} | {:.0} | {:.2}x |",
@@ -326,6 +340,9 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
     throughput();
+    if std::env::var_os("POS_BENCH_THROUGHPUT_ONLY").is_some() {
+        return;
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -6,6 +6,7 @@ pub mod template;
 
 use crate::escpos::Receipt;
 use serde::Serialize;
+use template::Kind;
 pub use template::{LinePosition, Template, TemplateConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -137,40 +138,57 @@ pub fn parse(receipt: &Receipt, t: &Template) -> Result<Parsed, ParseError> {
                 .trim()
                 .to_string()
         };
-        if t.ignore.iter().any(|r| r.is_match(text)) {
+        let m = t.classify(text);
+        if m.ignored() {
             continue;
         }
         if total.is_none() {
-            if let Some(c) = t.void.captures(text) {
+            if let Some(c) = m.is(Kind::Void).then(|| t.void.captures(text)).flatten() {
                 let a = -amount(&c)?.abs();
                 push_line(&mut p, LineKind::Void, desc(&c), 1, None, a, None);
                 continue;
             }
-            if let Some(c) = t.refund.captures(text) {
+            if let Some(c) = m
+                .is(Kind::Refund)
+                .then(|| t.refund.captures(text))
+                .flatten()
+            {
                 let a = -amount(&c)?.abs();
                 push_line(&mut p, LineKind::Refund, desc(&c), 1, None, a, None);
                 continue;
             }
         }
-        if let Some(c) = t.total.captures(text) {
+        if let Some(c) = m.is(Kind::Total).then(|| t.total.captures(text)).flatten() {
             if total.is_none() {
                 total = Some(amount(&c)?);
             }
             continue;
         }
-        if let Some(c) = t.subtotal.captures(text) {
+        if let Some(c) = m
+            .is(Kind::Subtotal)
+            .then(|| t.subtotal.captures(text))
+            .flatten()
+        {
             p.subtotal_minor = Some(amount(&c)?);
             continue;
         }
-        if let Some(c) = t.tax.captures(text) {
+        if let Some(c) = m.is(Kind::Tax).then(|| t.tax.captures(text)).flatten() {
             p.tax_minor += amount(&c)?;
             continue;
         }
-        if let Some(c) = t.change.captures(text) {
+        if let Some(c) = m
+            .is(Kind::Change)
+            .then(|| t.change.captures(text))
+            .flatten()
+        {
             p.change_minor += amount(&c)?;
             continue;
         }
-        if let Some(c) = t.tender.captures(text) {
+        if let Some(c) = m
+            .is(Kind::Tender)
+            .then(|| t.tender.captures(text))
+            .flatten()
+        {
             let label = c.name("type").map_or("", |m| m.as_str()).to_string();
             let cash = t.is_cash(&label);
             p.cash_tendered |= cash;
@@ -181,13 +199,21 @@ pub fn parse(receipt: &Receipt, t: &Template) -> Result<Parsed, ParseError> {
             });
             continue;
         }
-        if let Some(c) = t.receipt_no.captures(text) {
+        if let Some(c) = m
+            .is(Kind::ReceiptNo)
+            .then(|| t.receipt_no.captures(text))
+            .flatten()
+        {
             if p.receipt_no.is_none() {
                 p.receipt_no = c.name("no").map(|m| m.as_str().to_string());
             }
             continue;
         }
-        if let Some(c) = t.timestamp.captures(text) {
+        if let Some(c) = m
+            .is(Kind::Timestamp)
+            .then(|| t.timestamp.captures(text))
+            .flatten()
+        {
             if p.printed_at.is_none() {
                 p.printed_at = c.name("ts").map(|m| m.as_str().to_string());
             }
@@ -196,7 +222,11 @@ pub fn parse(receipt: &Receipt, t: &Template) -> Result<Parsed, ParseError> {
         if total.is_some() {
             continue;
         }
-        if let Some(c) = t.weight.captures(text) {
+        if let Some(c) = m
+            .is(Kind::Weight)
+            .then(|| t.weight.captures(text))
+            .flatten()
+        {
             let w = c
                 .name("weight")
                 .and_then(|m| t.thousandths(m.as_str()))
@@ -224,7 +254,11 @@ pub fn parse(receipt: &Receipt, t: &Template) -> Result<Parsed, ParseError> {
             }
             continue;
         }
-        if let Some(c) = t.quantity.captures(text) {
+        if let Some(c) = m
+            .is(Kind::Quantity)
+            .then(|| t.quantity.captures(text))
+            .flatten()
+        {
             let qty = c
                 .name("qty")
                 .and_then(|m| m.as_str().parse::<i64>().ok())
@@ -247,13 +281,18 @@ pub fn parse(receipt: &Receipt, t: &Template) -> Result<Parsed, ParseError> {
             }
             continue;
         }
-        if let (Some(c), Some(item)) = (t.discount.captures(text), last_item) {
+        if let (Some(c), Some(item)) = (
+            m.is(Kind::Discount)
+                .then(|| t.discount.captures(text))
+                .flatten(),
+            last_item,
+        ) {
             let a = amount(&c)?;
             let n = push_line(&mut p, LineKind::Discount, desc(&c), 1, None, a, None);
             p.lines[n].applies_to = Some(p.lines[item].line);
             continue;
         }
-        if let Some(c) = t.item.captures(text) {
+        if let Some(c) = m.is(Kind::Item).then(|| t.item.captures(text)).flatten() {
             let a = amount(&c)?;
             let flag = c.name("flag").map(|m| m.as_str().to_string());
             let n = match pending.take() {

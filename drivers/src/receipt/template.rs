@@ -178,6 +178,43 @@ pub struct Template {
     pub(crate) change: Regex,
     pub(crate) receipt_no: Regex,
     pub(crate) timestamp: Regex,
+    /// All patterns above in one set (ignore patterns first, then [`Kind`] order): one pass over a
+    /// line finds every pattern that matches, and only the winner runs its captures.
+    pub(crate) set: regex::RegexSet,
+}
+
+/// Index of each line kind in [`Template::set`], after the `ignore` patterns.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    Void,
+    Refund,
+    Total,
+    Subtotal,
+    Tax,
+    Change,
+    Tender,
+    ReceiptNo,
+    Timestamp,
+    Weight,
+    Quantity,
+    Discount,
+    Item,
+}
+
+/// Which patterns matched one line.
+#[derive(Debug)]
+pub(crate) struct LineMatch {
+    set: regex::SetMatches,
+    ignore_count: usize,
+}
+
+impl LineMatch {
+    pub(crate) fn ignored(&self) -> bool {
+        self.set.iter().any(|i| i < self.ignore_count)
+    }
+    pub(crate) fn is(&self, k: Kind) -> bool {
+        self.set.matched(self.ignore_count + k as usize)
+    }
 }
 
 impl TemplateConfig {
@@ -281,34 +318,69 @@ impl TemplateConfig {
                 Some(change),
                 Some(receipt_no),
                 Some(timestamp),
-            ) if errs.is_empty() => Ok(Template {
-                name: self.base.clone(),
-                currency: self.currency.clone(),
-                decimal_comma,
-                quantity_position: self.quantity_position.unwrap_or(base.quantity_position),
-                receipt_no_from_barcode: self.receipt_no_from_barcode,
-                cash_tenders: self.cash_tenders.iter().map(|s| s.to_lowercase()).collect(),
-                ignore,
-                item,
-                quantity,
-                weight,
-                discount,
-                void,
-                refund,
-                subtotal,
-                tax,
-                total,
-                tender,
-                change,
-                receipt_no,
-                timestamp,
-            }),
+            ) if errs.is_empty() => {
+                let mut sources: Vec<String> =
+                    ignore.iter().map(|r| r.as_str().to_string()).collect();
+                for r in [
+                    &void,
+                    &refund,
+                    &total,
+                    &subtotal,
+                    &tax,
+                    &change,
+                    &tender,
+                    &receipt_no,
+                    &timestamp,
+                    &weight,
+                    &quantity,
+                    &discount,
+                    &item,
+                ] {
+                    sources.push(r.as_str().to_string());
+                }
+                let set = regex::RegexSet::new(&sources).map_err(|e| {
+                    vec![(
+                        "base",
+                        format!("the patterns do not combine into one set: {e}"),
+                    )]
+                })?;
+                Ok(Template {
+                    name: self.base.clone(),
+                    currency: self.currency.clone(),
+                    decimal_comma,
+                    quantity_position: self.quantity_position.unwrap_or(base.quantity_position),
+                    receipt_no_from_barcode: self.receipt_no_from_barcode,
+                    cash_tenders: self.cash_tenders.iter().map(|s| s.to_lowercase()).collect(),
+                    ignore,
+                    item,
+                    quantity,
+                    weight,
+                    discount,
+                    void,
+                    refund,
+                    subtotal,
+                    tax,
+                    total,
+                    tender,
+                    change,
+                    receipt_no,
+                    timestamp,
+                    set,
+                })
+            }
             _ => Err(errs),
         }
     }
 }
 
 impl Template {
+    pub(crate) fn classify(&self, line: &str) -> LineMatch {
+        LineMatch {
+            set: self.set.matches(line),
+            ignore_count: self.ignore.len(),
+        }
+    }
+
     /// Whether a tender type (as printed) pays in cash.
     pub fn is_cash(&self, tender_type: &str) -> bool {
         let t = tender_type.trim().to_lowercase();
