@@ -5,6 +5,12 @@
 //! returns a [`Task`] that owns the device: its reconnect loop, its status, and its writes to the
 //! log. A driver never blocks the reactor on device I/O and never drops an event silently: what it
 //! cannot store is counted by reason.
+//!
+//! POS devices: [`printer`] (`escpos_tap`, `printer_proxy`) on top of [`escpos`] (tokenizer, code
+//! pages, receipt segmentation) and [`receipt`] (templates, transactions); [`scanner`]; [`scale`];
+//! [`display`] (customer pole display). [`serial`] is the shared serial transport and [`link`] the
+//! up/down reporting, backoff, backpressure and dead letters every device driver uses. The
+//! configuration reference is `docs/CONFIGURATION-drivers.md`, the payload schemas `docs/schemas/`.
 
 pub mod display;
 pub mod escpos;
