@@ -361,10 +361,16 @@ impl ScanParser {
                     | "other"
             )
         {
-            if self.validate_gtin && !gtin_ok(&text) {
+            // UPC-E carries the check digit of the UPC-A it abbreviates.
+            let full = if scan.symbology == "upc_e" {
+                upce_to_upca(&text).unwrap_or_else(|| text.clone())
+            } else {
+                text.clone()
+            };
+            if self.validate_gtin && !gtin_ok(&full) {
                 return Err(ScanError::CheckDigit(text));
             }
-            scan.gtin = Some(format!("{text:0>14}"));
+            scan.gtin = Some(format!("{full:0>14}"));
             let ean13 = format!("{text:0>13}");
             if text.len() <= 13
                 && let Some(w) = self.weighed.iter().find(|w| ean13.starts_with(&w.prefix))
@@ -382,13 +388,11 @@ fn symbology(aim: Option<&[u8]>, len: usize, digits: bool) -> &'static str {
         Some([_, b'C', b'1']) => "gs1_128",
         Some([_, b'C', _]) => "code128",
         Some([_, b'E', b'4']) => "ean8",
-        Some([_, b'E', _]) => {
-            if len == 12 {
-                "upc_a"
-            } else {
-                "ean13"
-            }
-        }
+        Some([_, b'E', _]) => match len {
+            12 => "upc_a",
+            8 => "upc_e",
+            _ => "ean13",
+        },
         Some([_, b'e', _]) => "gs1_databar",
         Some([_, b'd', b'2']) => "gs1_datamatrix",
         Some([_, b'd', _]) => "datamatrix",
@@ -408,6 +412,24 @@ fn symbology(aim: Option<&[u8]>, len: usize, digits: bool) -> &'static str {
         },
         None => "unknown",
     }
+}
+
+/// Expands an 8-digit UPC-E (number system, 6 digits, check digit) to its 12-digit UPC-A.
+pub fn upce_to_upca(e: &str) -> Option<String> {
+    let d = e.as_bytes();
+    if d.len() != 8 || !d.iter().all(u8::is_ascii_digit) || !matches!(d[0], b'0' | b'1') {
+        return None;
+    }
+    let s = |r: std::ops::Range<usize>| std::str::from_utf8(&d[r]).unwrap_or("");
+    let (n, x, c) = (s(0..1), &d[1..7], s(7..8));
+    let x = |i: usize| (x[i] as char).to_string();
+    let body = match d[6] {
+        b'0'..=b'2' => format!("{}{}{}0000{}{}{}", x(0), x(1), x(5), x(2), x(3), x(4)),
+        b'3' => format!("{}{}{}00000{}{}", x(0), x(1), x(2), x(3), x(4)),
+        b'4' => format!("{}{}{}{}00000{}", x(0), x(1), x(2), x(3), x(4)),
+        _ => format!("{}{}{}{}{}0000{}", x(0), x(1), x(2), x(3), x(4), x(5)),
+    };
+    Some(format!("{n}{body}{c}"))
 }
 
 /// GS1 mod-10 check digit over the whole code (EAN-8, UPC-A, EAN-13, GTIN-14).
@@ -743,6 +765,17 @@ mod tests {
         assert!(gtin_ok("10614141000415"));
         assert!(!gtin_ok("4006381333932"));
         assert!(!gtin_ok("40063813339"));
+        assert_eq!(upce_to_upca("04252614").as_deref(), Some("042100005264"));
+        assert_eq!(upce_to_upca("01234565").as_deref(), Some("012345000065"));
+        assert_eq!(upce_to_upca("21234565"), None);
+        let p = ScanParser::new(&cfg());
+        let s = p.parse(b"]E004252614").unwrap();
+        assert_eq!(
+            (s.symbology, s.gtin.as_deref()),
+            ("upc_e", Some("00042100005264"))
+        );
+        assert_eq!(p.parse(b"]E004252615").unwrap_err().label(), "check_digit");
+        assert_eq!(p.parse(b"]E496385074").unwrap().symbology, "ean8");
     }
 
     #[test]

@@ -293,3 +293,40 @@ async fn proxy_to_a_serial_printer_over_a_pty() {
     h.shutdown.stop_all();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unplugged_serial_printer_is_reported_and_used_again_after_replug() {
+    let h = Harness::new();
+    let pty = PtyPair::new(h.dir.path(), "usbprn").await;
+    let seen = Arc::new(Mutex::new(Printed::default()));
+    let far = open_end(&pty.b);
+    let seen2 = seen.clone();
+    tokio::spawn(async move { printer(far, seen2, None).await });
+    let cfg = proxy_config(PrinterUpstream {
+        tcp: None,
+        serial: Some(SerialConfig::new(pty.a.to_string_lossy())),
+    });
+    let task = tokio::spawn(build_proxy(cfg, h.ctx("proxy", "printer_proxy")).unwrap());
+    let addr = proxy_addr(&h).await;
+    let mut pos = TcpStream::connect(&addr).await.unwrap();
+    pos.write_all(SALE).await.unwrap();
+    assert_eq!(read_exactly(&mut pos, 1).await, vec![0x12]);
+    drop(pos);
+    // Unplugged between jobs: the proxy notices on its idle read of the port.
+    let (a, b) = pty.unplug().await;
+    h.wait_status("proxy", T, |s| s.state == State::Down).await;
+    let pty = PtyPair::at(a, b).await;
+    let seen = Arc::new(Mutex::new(Printed::default()));
+    let far = open_end(&pty.b);
+    let seen2 = seen.clone();
+    tokio::spawn(async move { printer(far, seen2, None).await });
+    // The next job reopens the port.
+    let mut pos = TcpStream::connect(&addr).await.unwrap();
+    pos.write_all(SALE).await.unwrap();
+    assert_eq!(read_exactly(&mut pos, 1).await, vec![0x12]);
+    wait_printed(&seen, SALE.len()).await;
+    h.wait_status("proxy", T, |s| s.state == State::Up).await;
+    drop(pos);
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}

@@ -269,3 +269,36 @@ async fn sma_scale_reads_net_weights_and_survives_an_unplug() {
     h.shutdown.stop_all();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplugged_scanner_is_reported_down_and_resumes_after_replug() {
+    let h = Harness::new();
+    let pty = PtyPair::new(h.dir.path(), "usbscan").await;
+    let task = tokio::spawn(build_scanner(
+        scanner_config(&pty.a),
+        h.ctx("scanner", "scanner"),
+    ));
+    h.wait_status("scanner", T, |s| s.state == State::Up).await;
+    let mut dev = open_end(&pty.b);
+    dev.write_all(b"]E04006381333931\r\n").await.unwrap();
+    h.wait_for("pos.scans", 1, T).await;
+    drop(dev);
+    let (a, b) = pty.unplug().await;
+    h.wait_status("scanner", T, |s| s.state == State::Down)
+        .await;
+    let pty = PtyPair::at(a, b).await;
+    h.wait_status("scanner", T, |s| s.state == State::Up).await;
+    let mut dev = open_end(&pty.b);
+    dev.write_all(b"]E496385074\r\n").await.unwrap();
+    h.wait_for("pos.scans", 2, T).await;
+    assert_eq!(h.payloads("pos.scans").await[1]["symbology"], "ean8");
+    let states: Vec<Value> = h
+        .payloads("agent.health")
+        .await
+        .iter()
+        .map(|v| v["state"].clone())
+        .collect();
+    assert_eq!(states, vec!["up", "down", "up"]);
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
