@@ -12,3 +12,23 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
+
+# --- POS drivers: coverage-guided fuzzing (opt-in) -------------------------------------------
+# The committed seed corpora plus ~13k seeded mutations already run in every `cargo test`
+# (drivers/tests/fuzz_corpus.rs, under a second). With EDGE_FUZZ_SECONDS set and cargo-fuzz
+# installed, each target also runs coverage-guided for that long. Opt-in because the nightly
+# sanitizer build of the drivers crate (it pulls in edge-sync's bundled SQLite) takes ~9 minutes
+# on the 2-core CI machine; later runs reuse it (~2 s).
+if [ -n "${EDGE_FUZZ_SECONDS:-}" ]; then
+  if cargo +nightly fuzz --version >/dev/null 2>&1; then
+    for t in escpos_tokenizer scanner_frame scale_frame; do
+      echo "== cargo fuzz run $t (${EDGE_FUZZ_SECONDS}s)"
+      work="$(mktemp -d)"
+      (cd drivers && cargo +nightly fuzz run -O "$t" "$work" "fuzz/corpus/$t" -- \
+        -max_total_time="$EDGE_FUZZ_SECONDS" -rss_limit_mb=2048 -max_len=65536)
+      rm -rf "$work"
+    done
+  else
+    echo "== fuzz: EDGE_FUZZ_SECONDS is set but 'cargo +nightly fuzz' is missing (cargo install cargo-fuzz); skipped"
+  fi
+fi

@@ -87,7 +87,7 @@ fn transaction(store: &str, lane: &str, n: u64, now_ms: i64) -> (Event, Vec<Even
         let amount = qty * price;
         subtotal += amount;
         lines.push(json!({
-            "line": i + 1, "gtin": gtin, "description": desc, "quantity": qty,
+            "line": i + 1, "kind": "item", "gtin": gtin, "description": desc, "quantity": qty,
             "unit_price_minor": price, "amount_minor": amount,
         }));
         let scan_id = format!("{receipt_no}-scan-{}", i + 1);
@@ -115,6 +115,7 @@ fn transaction(store: &str, lane: &str, n: u64, now_ms: i64) -> (Event, Vec<Even
         "receipt_no": receipt_no, "ts": now_ms, "currency": "USD", "lines": lines,
         "subtotal_minor": subtotal, "tax_minor": tax, "total_minor": total,
         "tenders": [{"type": if fastrand::bool() { "cash" } else { "card" }, "amount_minor": total}],
+        "change_minor": 0, "flags": [], "totals_consistent": true, "source": "simulated",
         "simulated": true,
     });
     let tx = Event::new(

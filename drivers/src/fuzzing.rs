@@ -1,0 +1,127 @@
+//! Properties the fuzz targets (`drivers/fuzz/`) check on arbitrary input, shared with the unit test
+//! that replays the committed seed corpus on every CI run. Each function panics only when a
+//! property is violated; the parsers themselves never panic.
+
+use crate::escpos::{CodePage, EndReason, Segmenter, SegmenterConfig, Token, Tokenizer};
+use crate::receipt::TemplateConfig;
+use crate::scale::{ScaleFramer, ScaleProtocol, parse_sma, parse_toledo};
+use crate::scanner::{Frame, Framer, MeasureValue, ScanParser, ScannerConfig, WeighedPrefix};
+use crate::serial::SerialConfig;
+
+fn merged(tokens: Vec<Token>) -> Vec<Token> {
+    let mut out: Vec<Token> = Vec::new();
+    for t in tokens {
+        if let (Some(Token::Text(a)), Token::Text(b)) = (out.last_mut(), &t) {
+            a.push_str(b);
+            continue;
+        }
+        out.push(t);
+    }
+    out
+}
+
+fn tokens(chunks: &[&[u8]]) -> Vec<Token> {
+    let mut t = Tokenizer::new(CodePage::DEFAULT);
+    let mut out = Vec::new();
+    for c in chunks {
+        t.push(c, |tok, _| out.push(tok));
+    }
+    t.flush(|tok, _| out.push(tok));
+    merged(out)
+}
+
+/// Tokenizer, segmenter and template parser on arbitrary bytes: the same tokens whatever the
+/// split, bounded receipts, no panic.
+pub fn escpos(data: &[u8]) {
+    let split = data.first().map_or(0, |&b| usize::from(b)) % (data.len() + 1);
+    let whole = tokens(&[data]);
+    let parts = tokens(&[&data[..split], &data[split..]]);
+    assert_eq!(
+        whole, parts,
+        "tokens depend on how the stream was split at {split}"
+    );
+    let cfg = SegmenterConfig {
+        max_receipt_bytes: 4096,
+        raw_keep_bytes: 1024,
+        max_lines: 50,
+        max_line_chars: 80,
+        ..SegmenterConfig::default()
+    };
+    let mut seg = Segmenter::new(cfg);
+    let mut receipts = seg.push(&data[..split]);
+    receipts.extend(seg.push(&data[split..]));
+    receipts.extend(seg.idle(EndReason::StreamEnd));
+    static TEMPLATE: std::sync::OnceLock<Option<crate::receipt::Template>> =
+        std::sync::OnceLock::new();
+    let template = TEMPLATE.get_or_init(|| TemplateConfig::default().compile().ok());
+    for r in &receipts {
+        assert!(r.raw.len() <= 1024);
+        assert!(r.lines.len() <= 50);
+        assert!(r.lines.iter().all(|l| l.chars().count() <= 80));
+        if let Some(t) = template {
+            let _ = crate::receipt::parse(r, t);
+        }
+    }
+}
+
+/// Scanner framing and parsing on arbitrary bytes: frames stay bounded, no panic.
+pub fn scanner(data: &[u8]) {
+    let mut framer = Framer::new(b"\r", 64);
+    let mut frames = Vec::new();
+    framer.push(data, &mut frames);
+    frames.extend(framer.take_partial());
+    let cfg = ScannerConfig {
+        name: "fuzz".into(),
+        lane: "1".into(),
+        serial: SerialConfig::new("/dev/null"),
+        prefix: String::new(),
+        suffix: "\r".into(),
+        aim_ids: false,
+        validate_gtin: true,
+        max_frame_bytes: 64,
+        frame_timeout_ms: 1000,
+        weighed_prefixes: vec![
+            WeighedPrefix {
+                prefix: "02".into(),
+                item_digits: 5,
+                price_check_digit: true,
+                value: MeasureValue::Price,
+            },
+            WeighedPrefix {
+                prefix: "2".into(),
+                item_digits: 6,
+                price_check_digit: false,
+                value: MeasureValue::WeightG,
+            },
+        ],
+    };
+    let p = ScanParser::new(&cfg);
+    for f in frames {
+        match f {
+            Frame::Data(d) => {
+                assert!(d.len() <= 64 + 1);
+                let _ = p.parse(&d);
+            }
+            Frame::Overflow { kept, .. } => assert!(kept.len() <= 65),
+        }
+    }
+    // The whole input as one frame, too (long GS1 strings, odd AIM ids).
+    let _ = p.parse(data);
+    let _ = crate::scanner::parse_gs1(data);
+}
+
+/// Scale framing and both protocol parsers on arbitrary bytes.
+pub fn scale(data: &[u8]) {
+    for proto in [ScaleProtocol::Toledo, ScaleProtocol::Sma] {
+        let mut f = ScaleFramer::new(proto);
+        let mut frames = Vec::new();
+        f.push(data, &mut frames);
+        for fr in frames.into_iter().flatten() {
+            assert!(fr.len() <= crate::scale::MAX_SCALE_FRAME);
+            let _ = parse_toledo(&fr, "lb", 2);
+            let _ = parse_sma(&fr);
+        }
+    }
+    let _ = parse_toledo(data, "kg", 3);
+    let _ = parse_sma(data);
+}

@@ -1,0 +1,1065 @@
+//! Receipt-printer drivers: the serial tap (`escpos_tap`) sniffs the POS-to-printer line; the
+//! pass-through proxy (`printer_proxy`) listens where the POS prints (TCP 9100), forwards every byte
+//! unchanged to the real printer (TCP or serial) and relays the printer's replies (DLE EOT, GS r,
+//! ASB) back, so that printing and printer errors work exactly as before.
+//!
+//! Both segment the stream into receipts and write, per receipt: the raw receipt to
+//! `pos.receipts` (always, with the parse outcome and the reason when it failed), the transaction to
+//! `pos.transactions` when the template parsed it, and loss-prevention exceptions to
+//! `pos.exceptions`. Bytes that form no receipt are dead-lettered with a reason.
+//!
+//! Ack after commit (PRODUCT.md guarantee 1) for the proxy: the byte that completes a receipt's cut
+//! command, and everything after it, is forwarded only once the receipt's records are durable, so the
+//! POS sees a finished print only for a stored receipt. If storing fails or takes longer than
+//! `store_timeout_ms`, the bytes are forwarded anyway (printing never depends on the agent's disk),
+//! and the miss is counted and shown in status.
+
+use crate::escpos::{CodePage, EndReason, Receipt, Segmenter, SegmenterConfig};
+use crate::link::{DeviceLink, dead_letter, fnv64};
+use crate::receipt::{self, LineKind, Template, TemplateConfig, TxContext};
+use crate::serial::{LineSettings, SerialConfig};
+use edge_core::component::{ComponentContext, Task};
+use edge_core::config::{Problems, join};
+use edge_core::event::base64_encode;
+use edge_core::{Event, State};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// `[drivers.receipt]`: how the byte stream is cut into receipts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiptOptions {
+    /// Code page in force after `ESC @` (`cp437` is the ESC/POS power-on default).
+    pub code_page: String,
+    /// A receipt in progress ends after this long without bytes (POS that never cut).
+    pub idle_gap_ms: u64,
+    /// `ESC @` ends the receipt in progress (most POS send it before each receipt).
+    pub split_on_init: bool,
+    /// A line matching this starts a new receipt.
+    pub begin_pattern: Option<String>,
+    /// A line matching this ends the receipt.
+    pub end_pattern: Option<String>,
+    /// A receipt is closed (flagged `size_limit`) after this many bytes without an end.
+    pub max_receipt_bytes: u64,
+    /// Raw bytes kept per receipt in `pos.receipts` (`raw_truncated` says when more arrived).
+    pub raw_keep_bytes: usize,
+    /// A drawer kick this soon after a cash sale belongs to that sale (POS that kick after the cut).
+    pub drawer_grace_ms: u64,
+}
+
+impl Default for ReceiptOptions {
+    fn default() -> Self {
+        ReceiptOptions {
+            code_page: "cp437".into(),
+            idle_gap_ms: 2000,
+            split_on_init: true,
+            begin_pattern: None,
+            end_pattern: None,
+            max_receipt_bytes: 1 << 20,
+            raw_keep_bytes: 64 << 10,
+            drawer_grace_ms: 5000,
+        }
+    }
+}
+
+impl ReceiptOptions {
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        if CodePage::from_name(&self.code_page).is_none() {
+            problems.push(
+                join(path, "code_page"),
+                format!("{:?} is not a known code page (cp437, cp850, cp858, windows-1252, iso-8859-15, shift_jis, ...)", self.code_page),
+            );
+        }
+        for (field, p) in [
+            ("begin_pattern", &self.begin_pattern),
+            ("end_pattern", &self.end_pattern),
+        ] {
+            if let Some(p) = p
+                && let Err(e) = Regex::new(p)
+            {
+                problems.push(
+                    join(path, field),
+                    format!("is not a valid regular expression: {e}"),
+                );
+            }
+        }
+        if !(50..=600_000).contains(&self.idle_gap_ms) {
+            problems.push(join(path, "idle_gap_ms"), "must be between 50 and 600000");
+        }
+        if self.max_receipt_bytes < 1024 {
+            problems.push(join(path, "max_receipt_bytes"), "must be at least 1024");
+        }
+        if self.raw_keep_bytes > 1 << 20 {
+            problems.push(
+                join(path, "raw_keep_bytes"),
+                "must be at most 1048576 (records stay small)",
+            );
+        }
+    }
+
+    pub fn segmenter(&self) -> SegmenterConfig {
+        SegmenterConfig {
+            split_on_init: self.split_on_init,
+            begin_pattern: self
+                .begin_pattern
+                .as_deref()
+                .and_then(|p| Regex::new(p).ok()),
+            end_pattern: self.end_pattern.as_deref().and_then(|p| Regex::new(p).ok()),
+            max_receipt_bytes: self.max_receipt_bytes,
+            raw_keep_bytes: self.raw_keep_bytes,
+            code_page: CodePage::from_name(&self.code_page).unwrap_or(CodePage::DEFAULT),
+            ..SegmenterConfig::default()
+        }
+    }
+}
+
+/// `type = "escpos_tap"`: a read-only tap on the serial line between POS and printer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscposTapConfig {
+    pub name: String,
+    /// Lane / terminal id written into every record.
+    pub lane: String,
+    pub serial: SerialConfig,
+    #[serde(default)]
+    pub receipt: ReceiptOptions,
+    #[serde(default)]
+    pub template: TemplateConfig,
+}
+
+/// The real printer behind the proxy: exactly one of `tcp` or `serial`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PrinterUpstream {
+    /// `host:port` of a network printer, e.g. `192.0.2.10:9100`.
+    pub tcp: Option<String>,
+    pub serial: Option<SerialConfig>,
+}
+
+/// `type = "printer_proxy"`: TCP pass-through in front of the real printer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrinterProxyConfig {
+    pub name: String,
+    pub lane: String,
+    /// Where the POS prints to.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    pub printer: PrinterUpstream,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// How long the end of a receipt waits for its records to be durable before it is forwarded
+    /// anyway.
+    #[serde(default = "default_store_timeout")]
+    pub store_timeout_ms: u64,
+    #[serde(default)]
+    pub receipt: ReceiptOptions,
+    #[serde(default)]
+    pub template: TemplateConfig,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:9100".into()
+}
+fn default_connect_timeout() -> u64 {
+    3000
+}
+fn default_store_timeout() -> u64 {
+    1000
+}
+
+fn validate_common(
+    lane: &str,
+    receipt: &ReceiptOptions,
+    template: &TemplateConfig,
+    path: &str,
+    problems: &mut Problems,
+) {
+    if lane.trim().is_empty() {
+        problems.push(
+            join(path, "lane"),
+            "must name the lane or terminal, e.g. \"3\"",
+        );
+    }
+    receipt.validate(&join(path, "receipt"), problems);
+    template.validate(&join(path, "template"), problems);
+}
+
+impl EscposTapConfig {
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        self.serial.validate(&join(path, "serial"), problems);
+        validate_common(&self.lane, &self.receipt, &self.template, path, problems);
+    }
+}
+
+impl PrinterProxyConfig {
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        validate_common(&self.lane, &self.receipt, &self.template, path, problems);
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(
+                join(path, "listen"),
+                format!(
+                    "{:?} is not an address:port such as 0.0.0.0:9100",
+                    self.listen
+                ),
+            );
+        }
+        let p = join(path, "printer");
+        match (&self.printer.tcp, &self.printer.serial) {
+            (Some(_), Some(_)) | (None, None) => problems.push(
+                p,
+                "set exactly one of printer.tcp (host:port) or printer.serial (a serial port)",
+            ),
+            (Some(a), None) => {
+                if !a.contains(':') {
+                    problems.push(
+                        join(&p, "tcp"),
+                        format!("{a:?} must be host:port, e.g. 192.0.2.10:9100"),
+                    );
+                }
+            }
+            (None, Some(s)) => s.validate(&join(&p, "serial"), problems),
+        }
+        if !(100..=60_000).contains(&self.connect_timeout_ms) {
+            problems.push(
+                join(path, "connect_timeout_ms"),
+                "must be between 100 and 60000",
+            );
+        }
+        if !(10..=60_000).contains(&self.store_timeout_ms) {
+            problems.push(
+                join(path, "store_timeout_ms"),
+                "must be between 10 and 60000",
+            );
+        }
+    }
+
+    pub fn exclusive_resources(&self) -> Vec<String> {
+        let mut v = vec![format!("tcp-listen:{}", self.listen)];
+        if let Some(s) = &self.printer.serial {
+            v.push(s.path.clone());
+        }
+        v
+    }
+}
+
+/// Turns segmented receipts into records.
+#[derive(Debug)]
+pub struct ReceiptProcessor {
+    store: String,
+    driver: String,
+    lane: String,
+    template: Template,
+    drawer_grace_ms: i64,
+    /// When the last cash sale ended, for drawer kicks that follow their sale's cut.
+    last_cash_sale_ms: Option<i64>,
+    /// Receipts seen by this processor: part of the receipt id, so that two identical receipts
+    /// in the same millisecond (a reprint) are two records, not one deduplicated.
+    seen: u64,
+    pub parsed: u64,
+    pub failed: u64,
+    pub flagged: u64,
+}
+
+impl ReceiptProcessor {
+    pub fn new(
+        store: &str,
+        driver: &str,
+        lane: &str,
+        template: Template,
+        opts: &ReceiptOptions,
+    ) -> Self {
+        ReceiptProcessor {
+            store: store.into(),
+            driver: driver.into(),
+            lane: lane.into(),
+            template,
+            drawer_grace_ms: opts.drawer_grace_ms as i64,
+            last_cash_sale_ms: None,
+            seen: 0,
+            parsed: 0,
+            failed: 0,
+            flagged: 0,
+        }
+    }
+
+    fn event(
+        &self,
+        stream: &str,
+        schema: &str,
+        id: String,
+        ts: i64,
+        v: serde_json::Value,
+    ) -> Event {
+        Event::new(stream, serde_json::to_vec(&v).unwrap_or_default())
+            .with_event_ts(ts)
+            .with_key(self.lane.clone())
+            .with_source(self.driver.clone())
+            .with_event_id(id)
+            .with_schema(schema)
+    }
+
+    fn exception(
+        &self,
+        rid: &str,
+        ts: i64,
+        kind: &str,
+        n: usize,
+        detail: serde_json::Value,
+    ) -> Event {
+        let id = format!("exc:{rid}:{kind}:{n}");
+        let mut v = json!({
+            "schema": "pos.exception/1", "event_id": id, "store": self.store, "lane": self.lane,
+            "ts": ts, "type": kind, "receipt_event_id": rid,
+        });
+        if let (Some(m), Some(d)) = (v.as_object_mut(), detail.as_object()) {
+            m.extend(d.clone());
+        }
+        self.event("pos.exceptions", "pos.exception/1", id, ts, v)
+    }
+
+    /// The records for one receipt (and the dead letter when it is noise or did not parse).
+    pub fn events(&mut self, r: &Receipt, ctx: &ComponentContext, ts: i64) -> Vec<Event> {
+        let mut out = Vec::new();
+        self.seen += 1;
+        let rid = format!(
+            "rcpt:{}:{ts}:{}:{:016x}",
+            self.driver,
+            self.seen,
+            fnv64(&r.raw)
+        );
+        if r.is_noise() {
+            let reason = format!(
+                "{} bytes on the printer line formed no receipt: {} unknown commands, {} stray control bytes, malformed: {:?} (line noise, a wrong baud rate, or a printer language other than ESC/POS?)",
+                r.raw_len, r.unknown_commands, r.stray_controls, r.malformed
+            );
+            out.push(
+                dead_letter(ctx, "printer", "not_a_receipt", reason, &r.raw)
+                    .with_event_ts(ts)
+                    .with_key(self.lane.clone()),
+            );
+            return out;
+        }
+        if !r.has_text() && r.codes.is_empty() {
+            // Only a drawer kick: a "no sale" drawer open, unless it follows a cash sale.
+            let covered = self
+                .last_cash_sale_ms
+                .is_some_and(|t| ts - t <= self.drawer_grace_ms);
+            self.last_cash_sale_ms = None;
+            if !covered {
+                out.push(self.exception(
+                    &rid,
+                    ts,
+                    "drawer_open_without_tender",
+                    0,
+                    json!({"detail": "the cash drawer was opened with no sale printed (no-sale)"}),
+                ));
+            }
+            return out;
+        }
+        let parsed = receipt::parse(r, &self.template);
+        let tx_id = match &parsed {
+            Ok(p) => Some(match &p.receipt_no {
+                Some(no) => format!("tx:{}:{}:{no}", self.store, self.lane),
+                None => format!("tx:{rid}"),
+            }),
+            Err(_) => None,
+        };
+        let (status, reason, flags) = match &parsed {
+            Ok(p) if p.totals_consistent() => ("parsed", None, p.flags.clone()),
+            Ok(p) => ("flagged", None, p.flags.clone()),
+            Err(e) => ("failed", Some(e), Vec::new()),
+        };
+        let mut parse = json!({"status": status, "template": self.template.name, "flags": flags});
+        if let Some(e) = reason {
+            parse["reason"] = json!(e.to_string());
+            parse["reason_label"] = json!(e.label());
+        }
+        if let Ok(p) = &parsed {
+            parse["unmatched_lines"] = json!(p.unmatched_lines);
+        }
+        if let Some(t) = &tx_id {
+            parse["transaction_event_id"] = json!(t);
+        }
+        let codes: Vec<_> = r
+            .codes
+            .iter()
+            .map(|c| json!({"kind": c.kind(), "data": c.text()}))
+            .collect();
+        let receipt_v = json!({
+            "schema": "pos.receipt/1", "event_id": rid, "store": self.store, "lane": self.lane,
+            "driver": self.driver, "ts": ts, "end": r.end.as_str(), "lines": r.lines,
+            "codes": codes, "drawer_kicks": r.drawer_kicks, "images": r.images, "cuts": r.cuts,
+            "unknown_commands": r.unknown_commands, "stray_controls": r.stray_controls,
+            "malformed": r.malformed, "lines_truncated": r.lines_truncated,
+            "code_page": r.code_page, "raw_bytes": r.raw_len,
+            "raw_truncated": (r.raw.len() as u64) < r.raw_len, "raw_b64": base64_encode(&r.raw),
+            "parse": parse,
+        });
+        out.push(self.event("pos.receipts", "pos.receipt/1", rid.clone(), ts, receipt_v));
+        match parsed {
+            Err(e) => {
+                self.failed += 1;
+                metrics::counter!("edge_pos_receipts_total", "driver" => self.driver.clone(), "outcome" => "failed", "reason" => e.label()).increment(1);
+                out.push(
+                    dead_letter(
+                        ctx,
+                        "printer",
+                        e.label(),
+                        format!("receipt did not parse: {e}; stored raw in pos.receipts"),
+                        &r.raw,
+                    )
+                    .with_event_ts(ts)
+                    .with_key(self.lane.clone()),
+                );
+                if r.drawer_kicks > 0 {
+                    out.push(self.exception(&rid, ts, "drawer_open_without_tender", 0, json!({"detail": "the cash drawer was opened on a receipt that is not a parsed sale"})));
+                }
+            }
+            Ok(p) => {
+                let tx_id = tx_id.unwrap_or_default();
+                if p.totals_consistent() {
+                    self.parsed += 1;
+                } else {
+                    self.flagged += 1;
+                }
+                metrics::counter!("edge_pos_receipts_total", "driver" => self.driver.clone(), "outcome" => if p.totals_consistent() { "parsed" } else { "flagged" }, "reason" => "").increment(1);
+                let c = TxContext {
+                    store: &self.store,
+                    lane: &self.lane,
+                    ts_ms: ts,
+                    event_id: &tx_id,
+                    receipt_event_id: &rid,
+                    template: &self.template.name,
+                    currency: &self.template.currency,
+                    drawer_kicks: r.drawer_kicks,
+                };
+                let tv = receipt::transaction_payload(&p, &c);
+                out.push(self.event(
+                    "pos.transactions",
+                    "pos.transaction/1",
+                    tx_id.clone(),
+                    ts,
+                    tv,
+                ));
+                let no = p.receipt_no.clone();
+                for l in &p.lines {
+                    let kind = match l.kind {
+                        LineKind::Void => "void_line",
+                        LineKind::Refund => "refund_line",
+                        LineKind::Item if l.amount_minor < 0 => "negative_line",
+                        _ => continue,
+                    };
+                    out.push(self.exception(
+                        &rid,
+                        ts,
+                        kind,
+                        l.line,
+                        json!({
+                            "receipt_no": no, "transaction_event_id": tx_id, "line": l.line,
+                            "description": l.description, "amount_minor": l.amount_minor,
+                        }),
+                    ));
+                }
+                if !p.totals_consistent() {
+                    out.push(self.exception(
+                        &rid,
+                        ts,
+                        "totals_do_not_add_up",
+                        0,
+                        json!({
+                            "receipt_no": no, "transaction_event_id": tx_id, "flags": p.flags,
+                            "total_minor": p.total_minor,
+                        }),
+                    ));
+                }
+                if r.drawer_kicks > 0 && !p.cash_tendered {
+                    out.push(self.exception(
+                        &rid,
+                        ts,
+                        "drawer_open_without_tender",
+                        0,
+                        json!({
+                            "receipt_no": no, "transaction_event_id": tx_id,
+                            "detail": "the cash drawer was opened on a sale without a cash tender",
+                        }),
+                    ));
+                }
+                self.last_cash_sale_ms = (p.cash_tendered && r.drawer_kicks == 0).then_some(ts);
+            }
+        }
+        out
+    }
+}
+
+/// One batch of records for the writer; `ack` hears whether it became durable.
+struct Batch {
+    events: Vec<Event>,
+    ack: Option<oneshot::Sender<bool>>,
+}
+
+/// Stores batches in order with backpressure. Ends when every sender is gone.
+async fn writer(ctx: ComponentContext, mut rx: mpsc::Receiver<Batch>) {
+    while let Some(b) = rx.recv().await {
+        let ok = match crate::link::store(&ctx, b.events).await {
+            Ok(Some(_)) => true,
+            Ok(None) => false,
+            Err(e) => {
+                ctx.status.set(
+                    State::Degraded,
+                    format!("receipts could not be stored: {e}; they are counted as dropped"),
+                );
+                metrics::counter!("edge_pos_receipts_dropped_total", "driver" => ctx.status.name().to_string(), "reason" => "log_error").increment(1);
+                false
+            }
+        };
+        if let Some(a) = b.ack {
+            // The connection may be gone already; then nobody waits for this answer.
+            a.send(ok).ok();
+        }
+    }
+}
+
+/// Queues a batch without waiting; a full queue is counted as a drop (the tap keeps reading).
+fn enqueue(ctx: &ComponentContext, tx: &mpsc::Sender<Batch>, events: Vec<Event>) {
+    if events.is_empty() {
+        return;
+    }
+    if tx.try_send(Batch { events, ack: None }).is_err() {
+        metrics::counter!("edge_pos_receipts_dropped_total", "driver" => ctx.status.name().to_string(), "reason" => "queue_full").increment(1);
+        ctx.status.set(
+            State::Degraded,
+            "receipts arrive faster than the local log stores them; a receipt was dropped (counted)",
+        );
+    }
+}
+
+const WRITER_QUEUE: usize = 64;
+
+pub fn build_tap(cfg: EscposTapConfig, ctx: ComponentContext) -> Result<Task, String> {
+    let template = cfg.template.compile().map_err(|e| {
+        format!(
+            "template: {}",
+            e.into_iter()
+                .map(|(f, m)| format!("{f} {m}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    Ok(Box::pin(async move {
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let w = tokio::spawn(writer(ctx.clone(), rx));
+        tap_loop(&cfg, template, &ctx, tx).await;
+        w.await.ok();
+        ctx.status.set(State::Stopped, "stopped");
+        Ok(())
+    }))
+}
+
+async fn tap_loop(
+    cfg: &EscposTapConfig,
+    template: Template,
+    ctx: &ComponentContext,
+    tx: mpsc::Sender<Batch>,
+) {
+    let mut link = DeviceLink::new(ctx.clone(), "receipt_printer_tap", cfg.serial.path.clone());
+    let mut proc = ReceiptProcessor::new(
+        &ctx.store_id,
+        ctx.status.name(),
+        &cfg.lane,
+        template,
+        &cfg.receipt,
+    );
+    let idle_gap = Duration::from_millis(cfg.receipt.idle_gap_ms);
+    let settings = cfg.serial.settings(LineSettings::N81_9600);
+    while !ctx.shutdown.intake().is_cancelled() {
+        let mut port = match cfg.serial.open(LineSettings::N81_9600) {
+            Ok(p) => p,
+            Err(e) => {
+                if !link.down_and_wait(e).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        link.up(format!("tapping {} ({settings})", cfg.serial.path))
+            .await;
+        let mut seg = Segmenter::new(cfg.receipt.segmenter());
+        let mut buf = vec![0u8; 4096];
+        let mut last_byte = Instant::now();
+        let reason = loop {
+            let idle_at = last_byte + idle_gap;
+            tokio::select! {
+                _ = ctx.shutdown.intake().cancelled() => break None,
+                r = port.read(&mut buf) => match r {
+                    Ok(0) => break Some("the serial port reported end of file (device unplugged?)".to_string()),
+                    Ok(n) => {
+                        last_byte = Instant::now();
+                        let now = edge_core::time::now_ms();
+                        for r in seg.push(&buf[..n]) {
+                            enqueue(ctx, &tx, proc.events(&r, ctx, now));
+                        }
+                        report(ctx, &proc, &seg);
+                    }
+                    Err(e) => break Some(format!("reading {} failed: {e} (device unplugged?)", cfg.serial.path)),
+                },
+                _ = tokio::time::sleep_until(idle_at), if seg.in_progress() => {
+                    let now = edge_core::time::now_ms();
+                    for r in seg.idle(EndReason::IdleGap) {
+                        enqueue(ctx, &tx, proc.events(&r, ctx, now));
+                    }
+                    report(ctx, &proc, &seg);
+                }
+            }
+        };
+        let now = edge_core::time::now_ms();
+        for r in seg.idle(EndReason::StreamEnd) {
+            enqueue(ctx, &tx, proc.events(&r, ctx, now));
+        }
+        drop(port);
+        match reason {
+            None => break,
+            Some(why) => {
+                if !link.down_and_wait(why).await {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn report(ctx: &ComponentContext, proc: &ReceiptProcessor, seg: &Segmenter) {
+    ctx.status.field("receipts_parsed", proc.parsed);
+    ctx.status.field("receipts_flagged", proc.flagged);
+    ctx.status.field("receipts_failed", proc.failed);
+    let s = seg.stats();
+    ctx.status.field("bytes", s.bytes);
+    ctx.status.field("unknown_commands", s.unknown_commands);
+}
+
+/// The printer end of the proxy.
+enum Upstream {
+    Tcp(TcpStream),
+    Serial(tokio_serial::SerialStream),
+}
+
+impl Upstream {
+    fn split(
+        &mut self,
+    ) -> (
+        Box<dyn AsyncRead + Unpin + Send + '_>,
+        Box<dyn AsyncWrite + Unpin + Send + '_>,
+    ) {
+        match self {
+            Upstream::Tcp(s) => {
+                let (r, w) = s.split();
+                (Box::new(r), Box::new(w))
+            }
+            Upstream::Serial(s) => {
+                let (r, w) = tokio::io::split(s);
+                (Box::new(r), Box::new(w))
+            }
+        }
+    }
+}
+
+pub fn build_proxy(cfg: PrinterProxyConfig, ctx: ComponentContext) -> Result<Task, String> {
+    let template = cfg.template.compile().map_err(|e| {
+        format!(
+            "template: {}",
+            e.into_iter()
+                .map(|(f, m)| format!("{f} {m}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    Ok(Box::pin(async move {
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let w = tokio::spawn(writer(ctx.clone(), rx));
+        proxy_loop(&cfg, template, &ctx, tx).await;
+        w.await.ok();
+        ctx.status.set(State::Stopped, "stopped");
+        Ok(())
+    }))
+}
+
+async fn proxy_loop(
+    cfg: &PrinterProxyConfig,
+    template: Template,
+    ctx: &ComponentContext,
+    tx: mpsc::Sender<Batch>,
+) {
+    let printer_name = cfg
+        .printer
+        .tcp
+        .clone()
+        .or_else(|| cfg.printer.serial.as_ref().map(|s| s.path.clone()))
+        .unwrap_or_default();
+    let mut link = DeviceLink::new(ctx.clone(), "receipt_printer", printer_name.clone());
+    let mut proc = ReceiptProcessor::new(
+        &ctx.store_id,
+        ctx.status.name(),
+        &cfg.lane,
+        template,
+        &cfg.receipt,
+    );
+    // Bind (retrying: the address may be taken by a process that is still stopping).
+    let listener = loop {
+        match TcpListener::bind(&cfg.listen).await {
+            Ok(l) => break l,
+            Err(e) => {
+                if !link
+                    .down_and_wait(format!("cannot listen on {}: {e}", cfg.listen))
+                    .await
+                {
+                    return;
+                }
+            }
+        }
+    };
+    if let Ok(a) = listener.local_addr() {
+        ctx.status.field("listen", a.to_string());
+    }
+    ctx.status.set(
+        State::Up,
+        format!(
+            "listening on {} for the POS, printer {printer_name}",
+            cfg.listen
+        ),
+    );
+    let mut serial: Option<tokio_serial::SerialStream> = None;
+    let mut stray = vec![0u8; 256];
+    let mut forwarded_unstored = 0u64;
+    loop {
+        // Between jobs a serial printer may still talk (ASB); read and count it so its buffer
+        // never fills, and notice an unplug early.
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.intake().cancelled() => return,
+            a = listener.accept() => a,
+            r = async { match serial.as_mut() { Some(s) => s.read(&mut stray).await, None => std::future::pending().await } } => {
+                match r {
+                    Ok(n) if n > 0 => { metrics::counter!("edge_printer_unsolicited_bytes_total", "driver" => ctx.status.name().to_string()).increment(n as u64); }
+                    other => {
+                        serial = None;
+                        link.down_and_wait(format!("the printer's serial port closed: {other:?}")).await;
+                    }
+                }
+                continue;
+            }
+        };
+        let (pos, peer) = match accepted {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(component = ctx.status.name(), error = %e, "accepting a POS connection failed");
+                continue;
+            }
+        };
+        pos.set_nodelay(true).ok();
+        // Connect (or reuse) the printer.
+        let mut upstream = if let Some(addr) = &cfg.printer.tcp {
+            match tokio::time::timeout(
+                Duration::from_millis(cfg.connect_timeout_ms),
+                TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(Ok(s)) => {
+                    s.set_nodelay(true).ok();
+                    Upstream::Tcp(s)
+                }
+                Ok(Err(e)) => {
+                    printer_down(&mut link, format!("printer {addr} refused the connection: {e}; the POS connection from {peer} is closed so the POS reports the printer offline")).await;
+                    continue;
+                }
+                Err(_) => {
+                    printer_down(&mut link, format!("printer {addr} did not answer within {} ms; the POS connection from {peer} is closed", cfg.connect_timeout_ms)).await;
+                    continue;
+                }
+            }
+        } else {
+            let Some(sc) = &cfg.printer.serial else {
+                return;
+            };
+            let port = match serial.take() {
+                Some(p) => p,
+                None => match sc.open(LineSettings::N81_9600) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        printer_down(
+                            &mut link,
+                            format!("{e}; the POS connection from {peer} is closed"),
+                        )
+                        .await;
+                        continue;
+                    }
+                },
+            };
+            Upstream::Serial(port)
+        };
+        link.up(format!("forwarding POS {peer} to printer {printer_name}"))
+            .await;
+        let outcome = relay(
+            cfg,
+            ctx,
+            &mut proc,
+            &tx,
+            pos,
+            &mut upstream,
+            &mut forwarded_unstored,
+        )
+        .await;
+        ctx.status.field("forwarded_unstored", forwarded_unstored);
+        match outcome {
+            Ok(()) => {
+                if let Upstream::Serial(p) = upstream {
+                    serial = Some(p);
+                }
+            }
+            Err(RelayEnd::Printer(why)) => {
+                printer_down(&mut link, why).await;
+            }
+            Err(RelayEnd::Shutdown) => return,
+        }
+    }
+}
+
+/// Reports the printer down without sleeping: the next POS connection retries at once (the POS
+/// paces its retries; the proxy must not add its own delay to a print job).
+async fn printer_down(link: &mut DeviceLink, why: String) {
+    link.backoff = crate::link::Backoff::new(Duration::ZERO, Duration::ZERO);
+    link.down_and_wait(why).await;
+}
+
+enum RelayEnd {
+    Printer(String),
+    Shutdown,
+}
+
+async fn relay(
+    cfg: &PrinterProxyConfig,
+    ctx: &ComponentContext,
+    proc: &mut ReceiptProcessor,
+    tx: &mpsc::Sender<Batch>,
+    mut pos: TcpStream,
+    upstream: &mut Upstream,
+    forwarded_unstored: &mut u64,
+) -> Result<(), RelayEnd> {
+    let (mut pos_r, mut pos_w) = pos.split();
+    let (mut up_r, mut up_w) = upstream.split();
+    let mut seg = Segmenter::new(cfg.receipt.segmenter());
+    let idle_gap = Duration::from_millis(cfg.receipt.idle_gap_ms);
+    let store_timeout = Duration::from_millis(cfg.store_timeout_ms);
+    let mut buf = vec![0u8; 8192];
+    let mut rbuf = vec![0u8; 1024];
+    let mut last_byte = Instant::now();
+    let end = 'relay: loop {
+        tokio::select! {
+            _ = ctx.shutdown.intake().cancelled() => break Err(RelayEnd::Shutdown),
+            r = pos_r.read(&mut buf) => {
+                let n = match r {
+                    Ok(0) | Err(_) => break Ok(()),
+                    Ok(n) => n,
+                };
+                last_byte = Instant::now();
+                let chunk = &buf[..n];
+                let mut sent = 0;
+                let now = edge_core::time::now_ms();
+                for r in seg.push(chunk) {
+                    let events = proc.events(&r, ctx, now);
+                    match r.end_offset {
+                        Some(e) if r.end == EndReason::Cut && e > sent => {
+                            // Forward up to the last byte of the cut; the cut completes only once
+                            // the receipt is durable.
+                            let hold = e - 1;
+                            if let Err(e) = up_w.write_all(&chunk[sent..hold]).await {
+                                break 'relay Err(RelayEnd::Printer(format!("writing to the printer failed: {e}")));
+                            }
+                            sent = hold;
+                            if !store_and_wait(ctx, tx, events, store_timeout).await {
+                                *forwarded_unstored += 1;
+                                ctx.status.set(State::Degraded, "a receipt was forwarded to the printer before it could be stored (local log slow or full)");
+                            }
+                        }
+                        _ => enqueue(ctx, tx, events),
+                    }
+                }
+                if let Err(e) = up_w.write_all(&chunk[sent..]).await {
+                    break 'relay Err(RelayEnd::Printer(format!("writing to the printer failed: {e}")));
+                }
+                report(ctx, proc, &seg);
+            }
+            r = up_r.read(&mut rbuf) => {
+                match r {
+                    Ok(0) => break Err(RelayEnd::Printer("the printer closed the connection".into())),
+                    Err(e) => break Err(RelayEnd::Printer(format!("reading from the printer failed: {e}"))),
+                    Ok(m) => {
+                        // Status replies (DLE EOT, GS r) and ASB go back to the POS unchanged.
+                        if pos_w.write_all(&rbuf[..m]).await.is_err() {
+                            break Ok(());
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(last_byte + idle_gap), if seg.in_progress() => {
+                let now = edge_core::time::now_ms();
+                for r in seg.idle(EndReason::IdleGap) {
+                    enqueue(ctx, tx, proc.events(&r, ctx, now));
+                }
+            }
+        }
+    };
+    up_w.flush().await.ok();
+    let now = edge_core::time::now_ms();
+    for r in seg.idle(EndReason::StreamEnd) {
+        enqueue(ctx, tx, proc.events(&r, ctx, now));
+    }
+    report(ctx, proc, &seg);
+    end
+}
+
+/// Hands a receipt's records to the writer and waits until they are durable, at most `timeout`.
+async fn store_and_wait(
+    ctx: &ComponentContext,
+    tx: &mpsc::Sender<Batch>,
+    events: Vec<Event>,
+    timeout: Duration,
+) -> bool {
+    let (ack, done) = oneshot::channel();
+    let deadline = Instant::now() + timeout;
+    let sent = tokio::time::timeout_at(
+        deadline,
+        tx.send(Batch {
+            events,
+            ack: Some(ack),
+        }),
+    )
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
+        metrics::counter!("edge_pos_receipts_dropped_total", "driver" => ctx.status.name().to_string(), "reason" => "queue_full").increment(1);
+        return false;
+    }
+    matches!(tokio::time::timeout_at(deadline, done).await, Ok(Ok(true)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::escpos::{EndReason, Segmenter};
+    use edge_core::{Shutdown, Status};
+    use serde_json::Value;
+    use std::sync::Arc;
+
+    fn receipts(bytes: &[u8]) -> Vec<Receipt> {
+        let mut s = Segmenter::new(ReceiptOptions::default().segmenter());
+        let mut r = s.push(bytes);
+        r.extend(s.idle(EndReason::StreamEnd));
+        r
+    }
+
+    fn events_of(bytes: &[u8], start_ms: i64) -> Vec<(String, Value)> {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(
+            edge_sync::log::SqliteLog::open(dir.path(), edge_sync::log::LogConfig::default())
+                .unwrap(),
+        );
+        let ctx = ComponentContext {
+            store_id: Arc::from("s1"),
+            log,
+            shutdown: Shutdown::new(),
+            status: Status::new().register("p", "escpos_tap"),
+            data_dir: dir.path().to_path_buf(),
+        };
+        let opts = ReceiptOptions::default();
+        let mut proc = ReceiptProcessor::new(
+            "s1",
+            "p",
+            "7",
+            TemplateConfig::default().compile().unwrap(),
+            &opts,
+        );
+        let mut out = Vec::new();
+        for (i, r) in receipts(bytes).iter().enumerate() {
+            for e in proc.events(r, &ctx, start_ms + 1000 * i as i64) {
+                out.push((
+                    e.stream.to_string(),
+                    serde_json::from_slice(&e.payload).unwrap(),
+                ));
+            }
+        }
+        out
+    }
+
+    fn exceptions(ev: &[(String, Value)]) -> Vec<String> {
+        ev.iter()
+            .filter(|(s, _)| s == "pos.exceptions")
+            .map(|(_, v)| v["type"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    const CARD: &str =
+        "\x1b@A                    1.00\nTOTAL                1.00\nVISA                 1.00\n";
+    const CASH: &str = "\x1b@A                    1.00\nTOTAL                1.00\nCASH                 5.00\nCHANGE               4.00\n";
+
+    #[test]
+    fn drawer_kicks_without_a_cash_tender_are_exceptions() {
+        // Card sale with a drawer kick: exception.
+        let ev = events_of(format!("{CARD}\x1bp\x00\x19\x7a\x1dV\x00").as_bytes(), 0);
+        assert_eq!(exceptions(&ev), vec!["drawer_open_without_tender"]);
+        // Cash sale kicking before its cut: fine.
+        let ev = events_of(format!("{CASH}\x1bp\x00\x19\x7a\x1dV\x00").as_bytes(), 0);
+        assert!(exceptions(&ev).is_empty());
+        // Cash sale, then the kick after the cut (within the grace): fine.
+        let ev = events_of(
+            format!("{CASH}\x1dV\x00\x1bp\x00\x19\x7a\x1dV\x00").as_bytes(),
+            0,
+        );
+        assert!(exceptions(&ev).is_empty(), "{ev:?}");
+        // A kick alone ("no sale"): exception, and no receipt record.
+        let ev = events_of(b"\x1b@\x1bp\x00\x19\xfa\x1dV\x00", 0);
+        assert_eq!(exceptions(&ev), vec!["drawer_open_without_tender"]);
+        assert!(ev.iter().all(|(s, _)| s != "pos.receipts"));
+    }
+
+    #[test]
+    fn voids_refunds_and_bad_totals_are_exceptions_and_flagged() {
+        let ev = events_of(
+            b"\x1b@A                    1.00\nVOID A               1.00-\nREFUND B             2.00\nB                    3.00\nSUBTOTAL             9.99\nTOTAL                9.99\nCASH                 9.99\n\x1dV\x00",
+            0,
+        );
+        assert_eq!(
+            exceptions(&ev),
+            vec!["void_line", "refund_line", "totals_do_not_add_up"]
+        );
+        let tx = &ev.iter().find(|(s, _)| s == "pos.transactions").unwrap().1;
+        assert_eq!(tx["totals_consistent"], false);
+        assert_eq!(tx["flags"][0], "lines_do_not_add_up_to_subtotal");
+        let receipt = &ev.iter().find(|(s, _)| s == "pos.receipts").unwrap().1;
+        assert_eq!(receipt["parse"]["status"], "flagged");
+    }
+
+    #[test]
+    fn unparsed_receipts_are_stored_raw_and_dead_lettered_noise_only_dead_lettered() {
+        let ev = events_of(
+            b"\x1b@HELLO\nWORLD\n\x1dV\x00\x1b\x01\x1b\x02\x07\x07\x1dV\x00",
+            0,
+        );
+        let streams: Vec<&str> = ev.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(streams, vec!["pos.receipts", "deadletter", "deadletter"]);
+        assert_eq!(ev[0].1["parse"]["status"], "failed");
+        assert_eq!(ev[0].1["parse"]["reason_label"], "no_total");
+        assert_eq!(ev[1].1["reason_label"], "no_total");
+        assert_eq!(ev[2].1["reason_label"], "not_a_receipt");
+        assert!(
+            ev[2].1["reason"]
+                .as_str()
+                .unwrap()
+                .contains("2 unknown commands")
+        );
+    }
+}

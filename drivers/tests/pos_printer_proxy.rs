@@ -1,0 +1,332 @@
+//! The TCP 9100 pass-through proxy with real sockets (and a serial printer on a socat PTY): every
+//! byte reaches the printer unchanged, status replies and ASB reach the POS, a receipt's cut is
+//! forwarded only after its records are durable, and printing goes on when storing cannot.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+mod common;
+
+use common::{Harness, PtyPair, open_end};
+use edge_core::State;
+use edge_core::log::Log;
+use edge_drivers::escpos::{CodePage, Token, Tokenizer, tokenizer::RealTime};
+use edge_drivers::printer::{PrinterProxyConfig, PrinterUpstream, ReceiptOptions, build_proxy};
+use edge_drivers::receipt::TemplateConfig;
+use edge_drivers::serial::SerialConfig;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const T: Duration = Duration::from_secs(20);
+const ASB: [u8; 4] = [0x14, 0x00, 0x00, 0x0F];
+
+/// What the fake printer saw.
+#[derive(Default)]
+struct Printed {
+    bytes: Vec<u8>,
+    cuts: usize,
+    /// Cuts that arrived before the receipt they end was in the local log.
+    cuts_before_commit: usize,
+}
+
+/// Plays an ESC/POS printer: answers DLE EOT and GS r with a status byte, sends an ASB message when
+/// ASB is enabled (GS a), and checks at every cut that the proxy already stored the receipt.
+async fn printer<S: AsyncRead + AsyncWrite + Unpin>(
+    mut io: S,
+    seen: Arc<Mutex<Printed>>,
+    log: Option<Arc<edge_sync::log::SqliteLog>>,
+) {
+    let mut tok = Tokenizer::new(CodePage::DEFAULT);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = match io.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut replies = Vec::new();
+        let mut cuts = 0;
+        tok.push(&buf[..n], |t, _| match t {
+            Token::RealTime(RealTime::StatusRequest(_)) => replies.push(0x12),
+            Token::StatusRequest { command: b'r', .. } => replies.push(0x00),
+            Token::Setting => {}
+            Token::Cut { .. } => cuts += 1,
+            _ => {}
+        });
+        if buf[..n].windows(2).any(|w| w == b"\x1da") {
+            replies.extend_from_slice(&ASB);
+        }
+        {
+            let mut s = seen.lock().unwrap();
+            s.bytes.extend_from_slice(&buf[..n]);
+            s.cuts += cuts;
+            if let Some(log) = &log {
+                let stored = log.next_seq("pos.receipts").unwrap_or(1) - 1;
+                if cuts > 0 && (stored as usize) < s.cuts {
+                    s.cuts_before_commit += 1;
+                }
+            }
+        }
+        if !replies.is_empty() && io.write_all(&replies).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn proxy_config(upstream: PrinterUpstream) -> PrinterProxyConfig {
+    PrinterProxyConfig {
+        name: "proxy".into(),
+        lane: "3".into(),
+        listen: "127.0.0.1:0".into(),
+        printer: upstream,
+        connect_timeout_ms: 2000,
+        store_timeout_ms: 2000,
+        receipt: ReceiptOptions::default(),
+        template: TemplateConfig::default(),
+    }
+}
+
+async fn proxy_addr(h: &Harness) -> String {
+    h.wait_status("proxy", T, |s| s.fields.contains_key("listen"))
+        .await;
+    h.status.get("proxy").unwrap().fields["listen"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn wait_printed(seen: &Arc<Mutex<Printed>>, n: usize) {
+    let deadline = tokio::time::Instant::now() + T;
+    while seen.lock().unwrap().bytes.len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "printer got {} of {n} bytes",
+            seen.lock().unwrap().bytes.len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn read_exactly(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut got = vec![0u8; n];
+    tokio::time::timeout(T, s.read_exact(&mut got))
+        .await
+        .expect("replies within the deadline")
+        .expect("replies");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_forwards_every_byte_relays_status_and_stores_baskets() {
+    let h = Harness::new();
+    let printer_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let printer_addr = printer_l.local_addr().unwrap().to_string();
+    let seen = Arc::new(Mutex::new(Printed::default()));
+    let (seen2, log2) = (seen.clone(), h.log.clone());
+    tokio::spawn(async move {
+        let (s, _) = printer_l.accept().await.unwrap();
+        printer(s, seen2, Some(log2)).await;
+    });
+    let cfg = proxy_config(PrinterUpstream {
+        tcp: Some(printer_addr),
+        serial: None,
+    });
+    let task = tokio::spawn(build_proxy(cfg, h.ctx("proxy", "printer_proxy")).unwrap());
+    let addr = proxy_addr(&h).await;
+    let (bytes, baskets) = common::cj_fixture();
+    let mut pos = TcpStream::connect(&addr).await.unwrap();
+    // Enable ASB, ask for the status the way a POS does before printing.
+    pos.write_all(b"\x1da\xff\x10\x04\x01").await.unwrap();
+    let first = read_exactly(&mut pos, 5).await;
+    assert!(
+        first.contains(&0x12) && first.windows(4).any(|w| w == ASB),
+        "{first:?}"
+    );
+    let mut sent = b"\x1da\xff\x10\x04\x01".to_vec();
+    for chunk in bytes.chunks(1000) {
+        pos.write_all(chunk).await.unwrap();
+        sent.extend_from_slice(chunk);
+    }
+    pos.write_all(b"\x1dr\x01").await.unwrap();
+    sent.extend_from_slice(b"\x1dr\x01");
+    // One DLE EOT per fixture receipt plus the GS r: every reply reaches the POS.
+    let replies = read_exactly(&mut pos, baskets.len() + 1).await;
+    assert_eq!(
+        replies.iter().filter(|&&b| b == 0x12).count(),
+        baskets.len()
+    );
+    assert_eq!(*replies.last().unwrap(), 0x00, "GS r answer");
+    wait_printed(&seen, sent.len()).await;
+    drop(pos);
+    {
+        let s = seen.lock().unwrap();
+        assert!(s.bytes == sent, "the printer got every byte unchanged");
+        assert_eq!(s.cuts, baskets.len());
+        assert_eq!(
+            s.cuts_before_commit, 0,
+            "a cut reached the printer before its receipt was durable"
+        );
+    }
+    h.wait_for("pos.transactions", baskets.len() as u64, T)
+        .await;
+    let txs = h.payloads("pos.transactions").await;
+    for (tx, b) in txs.iter().zip(&baskets) {
+        common::assert_transaction_matches(tx, b);
+    }
+    assert_eq!(h.status.get("proxy").unwrap().state, State::Up);
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
+
+const SALE: &[u8] = b"\x1b@BREAD                      2.49\nTOTAL                      2.49\nVISA                       2.49\nTRANS# 77\n\x10\x04\x01\x1dV\x00";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_still_prints_when_the_log_cannot_store() {
+    let h = Harness::new();
+    let printer_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let printer_addr = printer_l.local_addr().unwrap().to_string();
+    let seen = Arc::new(Mutex::new(Printed::default()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        let (s, _) = printer_l.accept().await.unwrap();
+        printer(s, seen2, None).await;
+    });
+    let cfg = proxy_config(PrinterUpstream {
+        tcp: Some(printer_addr),
+        serial: None,
+    });
+    let task = tokio::spawn(build_proxy(cfg, h.ctx("proxy", "printer_proxy")).unwrap());
+    let addr = proxy_addr(&h).await;
+    h.log.close().await.unwrap();
+    let mut pos = TcpStream::connect(&addr).await.unwrap();
+    pos.write_all(SALE).await.unwrap();
+    assert_eq!(read_exactly(&mut pos, 1).await, vec![0x12]);
+    wait_printed(&seen, SALE.len()).await;
+    assert_eq!(seen.lock().unwrap().bytes, SALE);
+    h.wait_status("proxy", T, |s| {
+        s.fields.get("forwarded_unstored").and_then(|v| v.as_u64()) >= Some(1)
+            || s.state == State::Degraded
+    })
+    .await;
+    drop(pos);
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_printer_is_reported_and_printing_resumes() {
+    let h = Harness::new();
+    // A port with nothing listening (yet).
+    let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let printer_addr = probe.local_addr().unwrap();
+    drop(probe);
+    let cfg = proxy_config(PrinterUpstream {
+        tcp: Some(printer_addr.to_string()),
+        serial: None,
+    });
+    let task = tokio::spawn(build_proxy(cfg, h.ctx("proxy", "printer_proxy")).unwrap());
+    let addr = proxy_addr(&h).await;
+    let mut pos = TcpStream::connect(&addr).await.unwrap();
+    pos.write_all(SALE).await.unwrap();
+    // The POS sees the printer offline: its connection is closed.
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(T, pos.read(&mut b)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    h.wait_status("proxy", T, |s| s.state == State::Down).await;
+    assert!(
+        h.status
+            .get("proxy")
+            .unwrap()
+            .detail
+            .contains(&printer_addr.to_string())
+    );
+    // The printer comes back.
+    let printer_l = TcpListener::bind(printer_addr).await.unwrap();
+    let seen = Arc::new(Mutex::new(Printed::default()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        let (s, _) = printer_l.accept().await.unwrap();
+        printer(s, seen2, None).await;
+    });
+    let mut pos = TcpStream::connect(&addr).await.unwrap();
+    pos.write_all(SALE).await.unwrap();
+    assert_eq!(read_exactly(&mut pos, 1).await, vec![0x12]);
+    wait_printed(&seen, SALE.len()).await;
+    h.wait_status("proxy", T, |s| s.state == State::Up).await;
+    h.wait_for("pos.transactions", 1, T).await;
+    let health = h.payloads("agent.health").await;
+    let states: Vec<&str> = health
+        .iter()
+        .map(|v| v["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, vec!["down", "up"]);
+    drop(pos);
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_to_a_serial_printer_over_a_pty() {
+    let h = Harness::new();
+    let pty = PtyPair::new(h.dir.path(), "lpt").await;
+    let seen = Arc::new(Mutex::new(Printed::default()));
+    let far = open_end(&pty.b);
+    let (seen2, log2) = (seen.clone(), h.log.clone());
+    tokio::spawn(async move { printer(far, seen2, Some(log2)).await });
+    let cfg = proxy_config(PrinterUpstream {
+        tcp: None,
+        serial: Some(SerialConfig::new(pty.a.to_string_lossy())),
+    });
+    let task = tokio::spawn(build_proxy(cfg, h.ctx("proxy", "printer_proxy")).unwrap());
+    let addr = proxy_addr(&h).await;
+    for round in 0..2 {
+        // Two POS connections in turn share the one serial port.
+        let mut pos = TcpStream::connect(&addr).await.unwrap();
+        pos.write_all(SALE).await.unwrap();
+        assert_eq!(read_exactly(&mut pos, 1).await, vec![0x12], "round {round}");
+        wait_printed(&seen, SALE.len() * (round + 1)).await;
+    }
+    h.wait_for("pos.transactions", 1, T).await;
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!(s.bytes, [SALE, SALE].concat());
+        assert_eq!(s.cuts_before_commit, 0);
+    }
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unplugged_serial_printer_is_reported_and_used_again_after_replug() {
+    let h = Harness::new();
+    let pty = PtyPair::new(h.dir.path(), "usbprn").await;
+    let seen = Arc::new(Mutex::new(Printed::default()));
+    let far = open_end(&pty.b);
+    let seen2 = seen.clone();
+    tokio::spawn(async move { printer(far, seen2, None).await });
+    let cfg = proxy_config(PrinterUpstream {
+        tcp: None,
+        serial: Some(SerialConfig::new(pty.a.to_string_lossy())),
+    });
+    let task = tokio::spawn(build_proxy(cfg, h.ctx("proxy", "printer_proxy")).unwrap());
+    let addr = proxy_addr(&h).await;
+    let mut pos = TcpStream::connect(&addr).await.unwrap();
+    pos.write_all(SALE).await.unwrap();
+    assert_eq!(read_exactly(&mut pos, 1).await, vec![0x12]);
+    drop(pos);
+    // Unplugged between jobs: the proxy notices on its idle read of the port.
+    let (a, b) = pty.unplug().await;
+    h.wait_status("proxy", T, |s| s.state == State::Down).await;
+    let pty = PtyPair::at(a, b).await;
+    let seen = Arc::new(Mutex::new(Printed::default()));
+    let far = open_end(&pty.b);
+    let seen2 = seen.clone();
+    tokio::spawn(async move { printer(far, seen2, None).await });
+    // The next job reopens the port.
+    let mut pos = TcpStream::connect(&addr).await.unwrap();
+    pos.write_all(SALE).await.unwrap();
+    assert_eq!(read_exactly(&mut pos, 1).await, vec![0x12]);
+    wait_printed(&seen, SALE.len()).await;
+    h.wait_status("proxy", T, |s| s.state == State::Up).await;
+    drop(pos);
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
