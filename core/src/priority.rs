@@ -47,9 +47,8 @@ impl Priority {
         match stream {
             "pos.receipts" | "pos.transactions" | "hq.prices" | "hq.campaigns" | "hq.models"
             | "hq.commands" => Priority::Protected,
-            "pos.scans" | "scale.weights" | "presence.events" | "offers.decisions" => {
-                Priority::High
-            }
+            "pos.scans" | "pos.exceptions" | "scale.weights" | "presence.events"
+            | "offers.decisions" => Priority::High,
             "beacon.sightings" => Priority::Low,
             _ => Priority::Normal,
         }
