@@ -13,6 +13,7 @@
 
 pub mod component;
 pub mod config;
+pub mod deadletter;
 pub mod event;
 pub mod log;
 pub mod priority;

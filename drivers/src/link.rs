@@ -3,9 +3,9 @@
 //! between attempts, store events with backpressure, and dead-letter what it cannot parse.
 
 use edge_core::component::ComponentContext;
+use edge_core::deadletter::DeadLetter;
 use edge_core::log::{AppendOutcome, AppendRequest, LogError};
 use edge_core::{Event, State};
-use edge_sync::deadletter::DeadLetter;
 use serde_json::json;
 use std::time::Duration;
 

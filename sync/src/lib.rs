@@ -3,8 +3,8 @@
 //!
 //! Nothing moves between components except through the [`log`] or a bounded channel in front of it.
 
-pub mod deadletter;
 pub mod log;
 pub mod mqtt;
 
+pub use edge_core::deadletter;
 pub use log::{Log, LogError};

@@ -2,9 +2,9 @@
 //! bytes (truncated), in the `deadletter` stream. Schema `deadletter/1`, documented in
 //! `docs/schemas/deadletter.md`.
 
+use crate::Event;
+use crate::event::base64_encode;
 use crate::log::DEADLETTER_STREAM;
-use edge_core::Event;
-use edge_core::event::base64_encode;
 use serde_json::{Map, Value, json};
 
 /// Original bytes kept in a dead letter by default.
