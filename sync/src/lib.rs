@@ -4,6 +4,8 @@
 //! Nothing moves between components except through the [`log`] or a bounded channel in front of it.
 
 pub mod deadletter;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod log;
 pub mod mqtt;
 
