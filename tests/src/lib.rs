@@ -1,1 +1,3 @@
-//! placeholder
+//! Harnesses for end-to-end tests against real peers.
+
+pub mod kafka;
