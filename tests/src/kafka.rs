@@ -6,10 +6,11 @@
 //! Missing Java, kcat or the broker jars is a test failure with the command that fixes it, never a
 //! skip (`scripts/install-deps.sh`, `scripts/kafka.sh fetch`).
 
+use edge_core::Event;
 use edge_core::component::{ComponentContext, ComponentError};
-use edge_core::log::Log;
+use edge_core::log::{AppendRequest, Log};
 use edge_core::{Shutdown, Status};
-use edge_sync::kafka::{Downlink, KafkaConfig, Uplink};
+use edge_sync::kafka::{DeliveryMode, Downlink, KafkaConfig, Uplink};
 use edge_sync::log::{LogConfig, SqliteLog};
 use rdkafka::ClientConfig;
 use rdkafka::Message;
@@ -584,6 +585,7 @@ impl Store {
             t.abort();
         }
         self.shutdown = Shutdown::new();
+        self.status = Status::new();
     }
 
     /// Stops the components and closes the log; returns what [`Store::reopen`] needs.
@@ -592,5 +594,41 @@ impl Store {
         self.log.close().await.expect("close log");
         let Store { id, dir, .. } = self;
         (id, dir)
+    }
+}
+
+/// A config whose topics are private to one test (random prefix).
+pub fn private_config(b: &KafkaBroker, mode: DeliveryMode) -> KafkaConfig {
+    let prefix = unique("t");
+    KafkaConfig {
+        mode,
+        topic_template: format!("{prefix}.{{stream}}"),
+        checkpoint_topic: format!("{prefix}.__checkpoints"),
+        heartbeat_topic: format!("{prefix}.heartbeats"),
+        gap_topic: format!("{prefix}.gaps"),
+        ..b.kafka_config()
+    }
+}
+
+/// The `i`-th test event of a stream (event time 1_700_000_000_000 + i, three devices).
+pub fn event(stream: &str, i: u64) -> Event {
+    Event::new(
+        stream,
+        format!("{{\"schema\":\"pos.transaction/1\",\"i\":{i}}}"),
+    )
+    .with_event_ts(1_700_000_000_000 + i as i64)
+    .with_key(format!("lane-{}", i % 3))
+    .with_source(format!("pos-{}", i % 3))
+    .with_event_id(format!("tx-{i}"))
+    .with_schema("pos.transaction/1")
+}
+
+/// Appends events `range` of `stream` in requests of 500.
+pub async fn append(log: &dyn Log, stream: &str, range: std::ops::Range<u64>) {
+    let events: Vec<Event> = range.map(|i| event(stream, i)).collect();
+    for chunk in events.chunks(500) {
+        log.append(AppendRequest::events(chunk.to_vec()))
+            .await
+            .expect("append");
     }
 }

@@ -2,62 +2,25 @@
 //! documented key, timestamp and headers; checkpoints, heartbeats and gaps follow the topic
 //! contract; the local cursor moves only after HQ has the records.
 
-use edge_core::Event;
-use edge_core::log::{AppendRequest, Log};
-use edge_sync::kafka::{DeliveryMode, KafkaConfig};
+use edge_core::log::Log;
+use edge_sync::kafka::DeliveryMode;
 use edge_tests::kafka::{
-    HqConsumer, KafkaBroker, Store, check_exactly_once, kcat_read, shared_broker, unique,
+    HqConsumer, Store, append, check_exactly_once, kcat_read, private_config, shared_broker,
     wait_until_async,
 };
 use std::time::Duration;
-
-/// A config whose topics are private to this test.
-fn private_config(b: &KafkaBroker, mode: DeliveryMode) -> KafkaConfig {
-    let prefix = unique("t");
-    KafkaConfig {
-        mode,
-        topic_template: format!("{prefix}.{{stream}}"),
-        checkpoint_topic: format!("{prefix}.__checkpoints"),
-        heartbeat_topic: format!("{prefix}.heartbeats"),
-        gap_topic: format!("{prefix}.gaps"),
-        ..b.kafka_config()
-    }
-}
-
-fn event(stream: &str, i: u64) -> Event {
-    Event::new(
-        stream,
-        format!("{{\"schema\":\"pos.transaction/1\",\"i\":{i}}}"),
-    )
-    .with_event_ts(1_700_000_000_000 + i as i64)
-    .with_key(format!("lane-{}", i % 3))
-    .with_source(format!("pos-{}", i % 3))
-    .with_event_id(format!("tx-{i}"))
-    .with_schema("pos.transaction/1")
-}
-
-async fn append(store: &Store, stream: &str, range: std::ops::Range<u64>) {
-    let events: Vec<Event> = range.map(|i| event(stream, i)).collect();
-    for chunk in events.chunks(500) {
-        store
-            .log
-            .append(AppendRequest::events(chunk.to_vec()))
-            .await
-            .expect("append");
-    }
-}
 
 async fn mirrors_every_record_once(mode: DeliveryMode) {
     let b = shared_broker();
     let cfg = private_config(b, mode);
     let mut store = Store::open();
     let (s1, s2) = ("pos.transactions", "pos.scans");
-    append(&store, s1, 0..3000).await;
-    append(&store, s2, 0..1000).await;
+    append(&*store.log, s1, 0..3000).await;
+    append(&*store.log, s2, 0..1000).await;
     store.start_uplink(cfg.clone());
     // Live records while the backlog drains.
-    append(&store, s1, 3000..4000).await;
-    append(&store, s2, 1000..1500).await;
+    append(&*store.log, s1, 3000..4000).await;
+    append(&*store.log, s2, 1000..1500).await;
 
     let t1 = cfg.topic(&store.id, s1);
     let t2 = cfg.topic(&store.id, s2);
