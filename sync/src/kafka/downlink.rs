@@ -146,7 +146,7 @@ async fn run(
                 ctx.status.set(State::Down, detail);
                 let d = backoff.next_delay();
                 tokio::select! {
-                    _ = ctx.shutdown.all().cancelled() => break,
+                    _ = ctx.shutdown.intake().cancelled() => break,
                     _ = tokio::time::sleep(d) => {}
                 }
             }
@@ -217,7 +217,8 @@ async fn session(
     let refresh = Duration::from_millis(cfg.downlink.metadata_refresh_ms);
     let mut next_refresh = Instant::now();
     let max_wait = Duration::from_millis(cfg.downlink.batch_max_wait_ms);
-    let cancel = ctx.shutdown.all().clone();
+    // The downlink is a source: it stops with intake (what it applied is committed already).
+    let cancel = ctx.shutdown.intake().clone();
     let mut batch: Vec<Consumed> = Vec::new();
     let mut batch_deadline: Option<Instant> = None;
     loop {
