@@ -579,11 +579,18 @@ impl Store {
     }
 
     /// Aborts every component without a clean stop (like a crash of the tasks; the log stays
-    /// open).
-    pub fn abort_components(&mut self) {
+    /// open). Then waits until every request the aborted tasks had submitted is durable or failed,
+    /// as after a process crash, where the next start sees the log only after the old writer
+    /// is gone.
+    pub async fn abort_components(&mut self) {
         for (_, t) in self.tasks.drain(..) {
             t.abort();
         }
+        // Requests apply in submission order: once this one is durable, so is everything before.
+        self.log
+            .append(AppendRequest::default())
+            .await
+            .expect("log barrier");
         self.shutdown = Shutdown::new();
         self.status = Status::new();
     }

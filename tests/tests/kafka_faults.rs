@@ -88,7 +88,7 @@ async fn uplink_crashes_during_a_drain_lose_and_repeat_nothing() {
             })
             .await;
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..150))).await;
-        store.abort_components();
+        store.abort_components().await;
         crashes += 1;
         last = reached;
         if reached == n + 1 {
