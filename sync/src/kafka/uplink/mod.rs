@@ -333,6 +333,7 @@ impl Runner {
                     tokio::select! {
                         _ = stop.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            this.track_unseen_streams().await;
                             let f = this.progress.figures(this.log()).await;
                             this.progress.publish(&this.ctx.status, &f);
                         }
@@ -383,6 +384,24 @@ impl Runner {
             this.ctx.status.set(State::Stopped, "stopped");
         }
         result
+    }
+
+    /// Counts streams no session has seen yet (the link never came up) in the backlog, from their
+    /// local cursors.
+    async fn track_unseen_streams(&self) {
+        let Ok(streams) = self.log().streams().await else {
+            return;
+        };
+        let known = self.progress.committed();
+        for s in streams {
+            if !s.mirrored || self.excluded(&s.name) || known.contains_key(&s.name) {
+                continue;
+            }
+            if let Ok(c) = self.log().cursor(&self.cursor, &s.name).await {
+                self.progress
+                    .set_committed_if_absent(&s.name, c.unwrap_or(1).max(1));
+            }
+        }
     }
 
     /// The link's state and a status sentence from the client's most recent error.

@@ -129,6 +129,14 @@ impl Progress {
         self.lock().committed.insert(stream.to_string(), next_seq);
     }
 
+    /// Like [`Progress::set_committed`] unless a session already tracks the stream.
+    pub fn set_committed_if_absent(&self, stream: &str, next_seq: u64) {
+        self.lock()
+            .committed
+            .entry(stream.to_string())
+            .or_insert(next_seq);
+    }
+
     pub fn committed(&self) -> BTreeMap<String, u64> {
         self.lock().committed.clone()
     }
