@@ -487,8 +487,13 @@ pub fn test_log_config() -> LogConfig {
 impl Store {
     /// Opens a new log for a store with a random id.
     pub fn open() -> Store {
+        Self::open_with(test_log_config())
+    }
+
+    /// Like [`Store::open`] with a log config of the test's own.
+    pub fn open_with(cfg: LogConfig) -> Store {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = Arc::new(SqliteLog::open(dir.path(), test_log_config()).expect("open log"));
+        let log = Arc::new(SqliteLog::open(dir.path(), cfg).expect("open log"));
         Store {
             id: unique("store"),
             dir,

@@ -110,3 +110,168 @@ async fn exactly_once_mirrors_every_record_once_in_order() {
 async fn at_least_once_mirrors_every_record() {
     mirrors_every_record_once(DeliveryMode::AtLeastOnce).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_records_are_reported_as_gaps_once_and_everything_else_arrives() {
+    use edge_core::Event;
+    use edge_core::log::AppendRequest;
+    let b = shared_broker();
+    let cfg = private_config(b, DeliveryMode::ExactlyOnce);
+    let mut store = Store::open_with(edge_sync::log::LogConfig {
+        disk_budget: edge_core::config::ByteSize::mib(2),
+        ..edge_tests::kafka::test_log_config()
+    });
+    // Raw beacon sightings (low priority) while HQ is unreachable: the budget evicts the oldest.
+    let s = "beacon.sightings";
+    let n = 6000u64;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
+        let evs = chunk
+            .iter()
+            .map(|i| Event::new(s, format!("{{\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(900))))
+            .collect();
+        store.log.append(AppendRequest::events(evs)).await.unwrap();
+    }
+    store.log.maintain().await.unwrap();
+    let gaps = store.log.gaps(0, 1000).await.unwrap();
+    assert!(!gaps.is_empty(), "the budget evicted unmirrored records");
+    store.start_uplink(cfg.clone());
+    let topic = cfg.topic(&store.id, s);
+    let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic, &cfg.gap_topic], true);
+    let evicted: u64 = gaps.iter().map(|g| g.count).sum();
+    let expect_data = (n - evicted) as usize;
+    assert_eq!(
+        hq.wait_for_count(&topic, expect_data, Duration::from_secs(60)),
+        expect_data
+    );
+    hq.wait_for_count(&cfg.gap_topic, gaps.len(), Duration::from_secs(30));
+    // A restart reports nothing twice.
+    store.stop_components().await;
+    store.start_uplink(cfg.clone());
+    hq.poll_for(Duration::from_secs(4));
+    let reported: Vec<serde_json::Value> = hq
+        .on(&cfg.gap_topic)
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .filter(|v: &serde_json::Value| v["store"] == store.id.as_str())
+        .collect();
+    let ids: Vec<u64> = reported
+        .iter()
+        .map(|v| v["gap_id"].as_u64().unwrap())
+        .collect();
+    let want: Vec<u64> = gaps.iter().map(|g| g.id).collect();
+    assert_eq!(ids, want, "every gap reported once, in order");
+    assert_eq!(reported[0]["schema"], "edge.gap/1");
+    assert_eq!(reported[0]["stream"], s);
+    // Every seq is either at HQ or inside a reported gap.
+    let mut covered = vec![false; n as usize + 1];
+    for m in hq.on(&topic) {
+        let seq: usize = m.header("edge.seq").parse().unwrap();
+        assert!(!covered[seq], "seq {seq} twice");
+        covered[seq] = true;
+    }
+    for g in &reported {
+        for seq in g["first_seq"].as_u64().unwrap()..=g["last_seq"].as_u64().unwrap() {
+            assert!(
+                !covered[seq as usize],
+                "seq {seq} both mirrored and in a gap"
+            );
+            covered[seq as usize] = true;
+        }
+    }
+    assert!(covered[1..].iter().all(|c| *c), "no seq unaccounted for");
+    store.stop_components().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_records_are_not_starved_by_a_backlog() {
+    let b = shared_broker();
+    let mut cfg = private_config(b, DeliveryMode::ExactlyOnce);
+    cfg.heartbeat_interval_ms = 0;
+    let mut store = Store::open();
+    let (backlog, live) = ("presence.events", "pos.transactions");
+    let n = 300_000;
+    append(&*store.log, backlog, 0..n).await;
+    store.start_uplink(cfg.clone());
+    let t_live = cfg.topic(&store.id, live);
+    let mut hq = HqConsumer::new(&b.bootstrap(), &[&t_live], true);
+    // Live records one at a time while the backlog drains; only samples taken while the backlog
+    // was still draining count.
+    let mut lat = Vec::new();
+    let mut i = 0u64;
+    while lat.len() < 30 {
+        append(&*store.log, live, i..i + 1).await;
+        i += 1;
+        let sent = std::time::Instant::now();
+        let got = hq.wait_for_count(&t_live, i as usize, Duration::from_secs(30));
+        assert_eq!(got, i as usize);
+        let waited = sent.elapsed();
+        if store.cursor(backlog).await > n {
+            break;
+        }
+        lat.push(waited);
+    }
+    assert!(
+        lat.len() >= 5,
+        "only {} samples during the drain",
+        lat.len()
+    );
+    let backlog_left = n + 1 - store.cursor(backlog).await;
+    lat.sort();
+    let p90 = lat[lat.len() * 9 / 10 - 1];
+    assert!(
+        p90 < Duration::from_secs(2),
+        "live records waited {p90:?} (p90) behind a backlog of {n}"
+    );
+    eprintln!("live latency p90 {p90:?} with {backlog_left} backlog records left");
+    store.stop_components().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_cap_is_kept() {
+    let b = shared_broker();
+    let mut cfg = private_config(b, DeliveryMode::ExactlyOnce);
+    cfg.heartbeat_interval_ms = 0;
+    cfg.max_bytes_per_sec = edge_core::config::ByteSize::kib(200);
+    let mut store = Store::open();
+    let s = "pos.transactions";
+    append(&*store.log, s, 0..3000).await;
+    let bytes: usize = {
+        let rb = store
+            .log
+            .read(
+                s,
+                1,
+                edge_core::log::ReadLimits {
+                    max_records: 5000,
+                    max_bytes: 1 << 30,
+                },
+            )
+            .await
+            .unwrap();
+        rb.records
+            .iter()
+            .map(edge_sync::kafka::record::wire_size)
+            .sum()
+    };
+    let t0 = std::time::Instant::now();
+    store.start_uplink(cfg.clone());
+    let log = store.log.clone();
+    wait_until_async("the capped drain", Duration::from_secs(60), || {
+        let log = log.clone();
+        async move { (log.cursor("uplink", s).await.ok()?? == 3001).then_some(()) }
+    })
+    .await;
+    let took = t0.elapsed().as_secs_f64();
+    let cap = 200.0 * 1024.0;
+    // The first second's worth may go at once (the bucket starts full).
+    let min = (bytes as f64 - cap) / cap;
+    assert!(
+        took >= min * 0.9,
+        "{bytes} bytes took {took:.1}s; the cap allows no less than {min:.1}s"
+    );
+    assert!(
+        took <= min + 8.0,
+        "{bytes} bytes took {took:.1}s at a cap allowing {min:.1}s"
+    );
+    store.stop_components().await;
+}

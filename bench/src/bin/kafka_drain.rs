@@ -93,13 +93,34 @@ fn baseline(a: &Args, topic: &str, store: &str, epoch: &str) -> anyhow::Result<R
         let seq = (i + 1).to_string();
         let ts = (1_700_000_000_000 + i as i64).to_string();
         let h = OwnedHeaders::new_with_capacity(8)
-            .insert(Header { key: "edge.store", value: Some(store) })
-            .insert(Header { key: "edge.stream", value: Some(STREAM) })
-            .insert(Header { key: "edge.epoch", value: Some(epoch) })
-            .insert(Header { key: "edge.seq", value: Some(seq.as_str()) })
-            .insert(Header { key: "edge.ingest_ts", value: Some(ts.as_str()) })
-            .insert(Header { key: "edge.src", value: Some("pos-1") })
-            .insert(Header { key: "edge.schema", value: Some("pos.transaction/1") });
+            .insert(Header {
+                key: "edge.store",
+                value: Some(store),
+            })
+            .insert(Header {
+                key: "edge.stream",
+                value: Some(STREAM),
+            })
+            .insert(Header {
+                key: "edge.epoch",
+                value: Some(epoch),
+            })
+            .insert(Header {
+                key: "edge.seq",
+                value: Some(seq.as_str()),
+            })
+            .insert(Header {
+                key: "edge.ingest_ts",
+                value: Some(ts.as_str()),
+            })
+            .insert(Header {
+                key: "edge.src",
+                value: Some("pos-1"),
+            })
+            .insert(Header {
+                key: "edge.schema",
+                value: Some("pos.transaction/1"),
+            });
         let mut rec = BaseRecord::to(topic)
             .key(store)
             .payload(&body)
@@ -133,7 +154,8 @@ async fn uplink(
     prefix: &str,
 ) -> anyhow::Result<Run> {
     // Start from the beginning of the backlog again.
-    log.append(AppendRequest::cursor("uplink", STREAM, 1)).await?;
+    log.append(AppendRequest::cursor("uplink", STREAM, 1))
+        .await?;
     let cfg = KafkaConfig {
         brokers: vec![a.bootstrap.clone()],
         mode,
@@ -177,7 +199,9 @@ async fn uplink(
     stop.store(true, Ordering::Relaxed);
     let peak_rss = sampler.join().unwrap_or(0);
     shutdown.stop_all();
-    handle.await?.map_err(|e| anyhow::anyhow!("uplink failed: {e}"))?;
+    handle
+        .await?
+        .map_err(|e| anyhow::anyhow!("uplink failed: {e}"))?;
     Ok(Run {
         mode: mode.as_str(),
         seconds,
