@@ -14,8 +14,14 @@
 //! * the **egress** task publishes configured streams from their cursors and moves a cursor only
 //!   after the broker acknowledged every message before it.
 //!
-//! The ingest queue holds `receive_maximum` messages: the broker never has more unacked messages in
-//! flight to us, so the poller never blocks on it.
+//! Flow control: poller -> ingest queue (`2 x receive_maximum`) -> processor -> pending queue
+//! (same) -> acker -> rumqttc request channel -> poller. Mosquitto 2.0.11 (Debian 12) can exceed our
+//! `receive_maximum` after a session resume (its `db__message_delete_outgoing` moves up to a whole
+//! window of queued messages into flight per PUBACK), so the design does not rely on the broker
+//! honouring it: the poller *waits* when the ingest queue is full (TCP backpressure on the broker,
+//! nothing dropped), and the acker never blocks: acks that do not fit into the request channel wait
+//! in a local FIFO of packet ids (at most 65,535 tiny entries, the MQTT packet-id space), flushed in
+//! order as the poller drains the channel. No cycle of blocking waits can form.
 
 pub mod config;
 mod egress;
@@ -139,9 +145,9 @@ async fn run(
         filters.iter().map(|f| f.path.clone()).collect::<Vec<_>>(),
     );
 
-    let (client, eventloop) = AsyncClient::new(options, 1024);
+    let queue = 2 * cfg.receive_maximum as usize + 16;
+    let (client, eventloop) = AsyncClient::new(options, queue + 512);
     let link = Arc::new(Link::new());
-    let queue = cfg.receive_maximum as usize + 16;
     let (ingest_tx, ingest_rx) = mpsc::channel(queue);
     let (pending_tx, pending_rx) = mpsc::channel(queue);
     let stop_poller = CancellationToken::new();
@@ -255,12 +261,16 @@ async fn poll_loop(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let generation = link.generation();
-                if let Err(e) = ingest_tx.try_send((generation, p)) {
-                    // Cannot happen while the broker honours receive_maximum; the message stays
-                    // unacked and the broker redelivers it on the next connection.
-                    metrics::counter!("edge_mqtt_ingest_queue_full_total").increment(1);
-                    if matches!(e, mpsc::error::TrySendError::Closed(_)) {
-                        // Intake has stopped; unacked messages wait in the broker for next time.
+                match ingest_tx.try_send((generation, p)) {
+                    Ok(()) => {}
+                    // Intake has stopped: the message stays unacked and the broker keeps it.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(mpsc::error::TrySendError::Full(m)) => {
+                        metrics::counter!("edge_mqtt_ingest_queue_waits_total").increment(1);
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = ingest_tx.send(m) => {}
+                        }
                     }
                 }
             }
@@ -302,12 +312,19 @@ async fn poll_loop(
                     break;
                 }
                 let jittered = backoff.mul_f64(0.5 + fastrand::f64());
+                let what = match &e {
+                    rumqttc::v5::ConnectionError::ConnectionRefused(code) => format!(
+                        "the MQTT broker {broker} refused the connection ({code:?}): check mqtt.username, mqtt.password_file and the broker's ACL"
+                    ),
+                    rumqttc::v5::ConnectionError::Tls(t) => format!(
+                        "TLS with the MQTT broker {broker} failed ({t}): check mqtt.tls.ca_file and that the broker certificate names {}",
+                        cfg.host
+                    ),
+                    other => format!("cannot reach the MQTT broker {broker}: {other}"),
+                };
                 ctx.status.set(
                     State::Down,
-                    format!(
-                        "cannot reach MQTT broker {broker}: {e}; retrying (backoff up to {:?})",
-                        cfg.reconnect_max
-                    ),
+                    format!("{what}; retrying (backoff up to {:?})", cfg.reconnect_max),
                 );
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -395,7 +412,24 @@ async fn ack_loop(
     _guard: tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
     let mut degraded = false;
-    while let Some(mut p) = pending_rx.recv().await {
+    // Acks in receive order, waiting for room in rumqttc's request channel: (generation, packet).
+    let mut unsent: std::collections::VecDeque<(u64, Publish)> = std::collections::VecDeque::new();
+    loop {
+        let next = if unsent.is_empty() {
+            pending_rx.recv().await
+        } else {
+            // Retry the waiting acks soon even if no new message arrives.
+            tokio::select! {
+                m = pending_rx.recv() => m,
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {
+                    if !flush_acks(&client, &link, &mut unsent) {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        };
+        let Some(mut p) = next else { break };
         let mut delay = Duration::from_millis(100);
         let outcome = loop {
             match (&mut p.ticket).await {
@@ -462,13 +496,48 @@ async fn ack_loop(
         if p.publish.qos == QoS::AtMostOnce {
             continue;
         }
-        if link.generation() != p.generation {
-            // The connection it came on is gone; the broker redelivers it and dedup handles it.
-            metrics::counter!("edge_mqtt_acks_skipped_total").increment(1);
-            continue;
-        }
-        if client.ack(&p.publish).await.is_err() {
+        // Keep only what the ack needs (packet id and QoS), not the payload.
+        let mut ack = p.publish;
+        ack.payload = bytes::Bytes::new();
+        ack.topic = bytes::Bytes::new();
+        ack.properties = None;
+        unsent.push_back((p.generation, ack));
+        if !flush_acks(&client, &link, &mut unsent) {
             return;
         }
     }
+    // Intake stopped: give the poller a moment to take the last acks.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while !unsent.is_empty() && tokio::time::Instant::now() < deadline {
+        if !flush_acks(&client, &link, &mut unsent) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sends waiting acks in order until rumqttc's request channel is full. An ack whose message came
+/// on an earlier connection is dropped: the broker redelivers that message, and the log stores it
+/// once (event id) or again (no event id: at least once). Returns false when the client is gone.
+fn flush_acks(
+    client: &AsyncClient,
+    link: &Link,
+    unsent: &mut std::collections::VecDeque<(u64, Publish)>,
+) -> bool {
+    let current = link.generation();
+    while let Some((generation, ack)) = unsent.front() {
+        if *generation != current {
+            metrics::counter!("edge_mqtt_acks_skipped_total").increment(1);
+            unsent.pop_front();
+            continue;
+        }
+        match client.try_ack(ack) {
+            Ok(()) => {
+                unsent.pop_front();
+            }
+            Err(rumqttc::v5::ClientError::TryRequest(_)) => return true,
+            Err(_) => return false,
+        }
+    }
+    true
 }
