@@ -293,8 +293,8 @@ impl HqConsumer {
     pub fn poll_for(&mut self, d: Duration) {
         let deadline = Instant::now() + d;
         while Instant::now() < deadline {
-            match self.consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
+                {
                     let headers = m
                         .headers()
                         .map(|h| {
@@ -319,7 +319,6 @@ impl HqConsumer {
                         headers,
                     });
                 }
-                Some(Err(_)) | None => {}
             }
         }
     }

@@ -2,6 +2,8 @@
 //! local streams exactly once, with their offsets in the same SQLite transaction; aborted HQ
 //! transactions never arrive; an `hq.commands` remirror makes the uplink send a stream again.
 
+#![allow(clippy::unwrap_used)] // test code: a failed set-up step should fail the test loudly
+
 use edge_core::Record;
 use edge_core::log::{Log, ReadLimits};
 use edge_sync::kafka::{DeliveryMode, DownlinkTopic, KafkaConfig};

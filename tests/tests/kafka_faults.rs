@@ -3,6 +3,8 @@
 //! of a transaction, and a broker stopped for a minute under load. HQ (an independent
 //! `read_committed` consumer) must see every record exactly once, in order.
 
+#![allow(clippy::unwrap_used)] // test code: a failed set-up step should fail the test loudly
+
 use edge_core::log::{AppendRequest, Log};
 use edge_sync::kafka::DeliveryMode;
 use edge_tests::kafka::{

@@ -2,6 +2,8 @@
 //! mirroring works over SCRAM + TLS and over mTLS; wrong credentials show up as one clear status
 //! and a handful of log lines, while records keep buffering in the local log.
 
+#![allow(clippy::unwrap_used)] // test code: a failed set-up step should fail the test loudly
+
 use edge_sync::kafka::{DeliveryMode, SaslMechanism, SecurityConfig, SecurityProtocol};
 use edge_tests::kafka::{
     HqConsumer, KafkaBroker, Store, append, check_exactly_once, private_config, wait_until_async,

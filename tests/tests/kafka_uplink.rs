@@ -2,6 +2,8 @@
 //! documented key, timestamp and headers; checkpoints, heartbeats and gaps follow the topic
 //! contract; the local cursor moves only after HQ has the records.
 
+#![allow(clippy::unwrap_used)] // test code: a failed set-up step should fail the test loudly
+
 use edge_core::log::Log;
 use edge_sync::kafka::DeliveryMode;
 use edge_tests::kafka::{
