@@ -3,7 +3,9 @@
 //! headers, same compression) in the same run. Prints one JSON line per run and a summary line
 //! with the ratios and the peak resident memory of this process during each drain.
 //!
-//! Run it with `scripts/bench-kafka.sh` (starts and stops the broker).
+//! Each drain runs in its own child process (this binary with `--child MODE`), so the peak resident
+//! memory reported is that drain's alone. Run it with `scripts/bench-kafka.sh` (starts and stops
+//! the broker).
 
 use clap::Parser;
 use edge_core::component::ComponentContext;
@@ -15,7 +17,7 @@ use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -33,6 +35,22 @@ struct Args {
     /// Directory for the log (default: a temp dir in the current directory).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// Uplink batch size (default: the config default).
+    #[arg(long, default_value_t = KafkaConfig::default().batch_max_records)]
+    batch_max_records: usize,
+    #[arg(long, default_value_t = KafkaConfig::default().batch_max_bytes.as_u64() >> 20)]
+    batch_max_mib: u64,
+    /// Unmeasured drains of the bare producer first, so the broker's JIT is warm.
+    #[arg(long, default_value_t = 1)]
+    warmup: u32,
+    /// Internal: run one drain (`bare_librdkafka`, `exactly_once`, `at_least_once`) on the log in
+    /// `--log-dir` and print its JSON line.
+    #[arg(long, hide = true)]
+    child: Option<String>,
+    #[arg(long, hide = true)]
+    log_dir: Option<std::path::PathBuf>,
+    #[arg(long, hide = true, default_value = "x")]
+    tag: String,
 }
 
 const STREAM: &str = "pos.transactions";
@@ -159,6 +177,11 @@ async fn uplink(
     let cfg = KafkaConfig {
         brokers: vec![a.bootstrap.clone()],
         mode,
+        batch_max_records: a.batch_max_records,
+        batch_max_bytes: edge_core::config::ByteSize::mib(a.batch_max_mib),
+        producer_queue_bytes: edge_core::config::ByteSize::mib(
+            (a.batch_max_mib * 2).max(KafkaConfig::default().producer_queue_bytes.as_u64() >> 20),
+        ),
         topic_template: format!("{prefix}.{{stream}}"),
         checkpoint_topic: format!("{prefix}.__checkpoints"),
         heartbeat_topic: format!("{prefix}.heartbeats"),
@@ -209,22 +232,70 @@ async fn uplink(
     })
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
-    let tmp = match &a.dir {
-        Some(d) => tempfile::tempdir_in(d)?,
-        None => tempfile::tempdir_in(".")?,
-    };
-    let cfg = LogConfig {
+fn log_config() -> LogConfig {
+    LogConfig {
         synchronous: Synchronous::Normal,
         disk_budget: edge_core::config::ByteSize::gib(50),
         min_free_disk: edge_core::config::ByteSize::b(0),
         integrity_check: IntegrityCheck::Off,
         retention: None,
         ..LogConfig::default()
+    }
+}
+
+/// One drain in this (child) process.
+async fn child(a: &Args, mode: &str) -> anyhow::Result<()> {
+    let dir = a
+        .log_dir
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--child needs --log-dir"))?;
+    let log = Arc::new(SqliteLog::open(&dir, log_config())?);
+    let epoch = log.epoch().to_string();
+    let r = match mode {
+        "bare_librdkafka" => {
+            let topic = format!("{}-bare.{STREAM}", a.tag);
+            let store = format!("{}-bare-store", a.tag);
+            tokio::task::block_in_place(|| baseline(a, &topic, &store, &epoch))?
+        }
+        "exactly_once" => uplink(a, log.clone(), DeliveryMode::ExactlyOnce, &a.tag).await?,
+        "at_least_once" => uplink(a, log.clone(), DeliveryMode::AtLeastOnce, &a.tag).await?,
+        other => anyhow::bail!("unknown mode {other}"),
     };
-    let log = Arc::new(SqliteLog::open(tmp.path(), cfg)?);
+    log.close().await?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "kafka_drain",
+            "mode": r.mode,
+            "records": a.records,
+            "payload_bytes": a.payload_bytes,
+            "batch_max_records": a.batch_max_records,
+            "batch_max_mib": a.batch_max_mib,
+            "seconds": (r.seconds * 1000.0).round() / 1000.0,
+            "records_per_sec": (a.records as f64 / r.seconds).round(),
+            "peak_rss_mib": r.peak_rss >> 20,
+        })
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    if let Some(mode) = a.child.clone() {
+        return child(&a, &mode).await;
+    }
+    let tmp = match &a.dir {
+        Some(d) => tempfile::tempdir_in(d)?,
+        None => tempfile::tempdir_in(".")?,
+    };
+    let log = SqliteLog::open(tmp.path(), log_config())?;
     let fill = Instant::now();
     let mut batch = Vec::with_capacity(10_000);
     for i in 0..a.records {
@@ -243,48 +314,65 @@ async fn main() -> anyhow::Result<()> {
     if !batch.is_empty() {
         log.append(AppendRequest::events(batch)).await?;
     }
+    log.close().await?;
+    drop(log);
     eprintln!(
-        "filled the log with {} records in {:.1}s; rss {} MiB",
+        "filled the log with {} records in {:.1}s",
         a.records,
-        fill.elapsed().as_secs_f64(),
-        rss_bytes() >> 20
+        fill.elapsed().as_secs_f64()
     );
-    let epoch = log.epoch().to_string();
-    let run_id = AtomicU64::new(0);
-    let mut best: std::collections::BTreeMap<&'static str, Run> = Default::default();
-    for round in 0..a.rounds {
-        let tag = format!("bench{:x}r{round}", std::process::id());
-        let mut runs = Vec::new();
-        let (b_args, b_topic, b_epoch) = (&a, format!("{tag}-bare.{STREAM}"), epoch.clone());
-        let store = format!("{tag}-bare-store");
-        runs.push(tokio::task::block_in_place(|| {
-            baseline(b_args, &b_topic, &store, &b_epoch)
-        })?);
-        for mode in [DeliveryMode::ExactlyOnce, DeliveryMode::AtLeastOnce] {
-            let n = run_id.fetch_add(1, Ordering::Relaxed);
-            runs.push(uplink(&a, log.clone(), mode, &format!("{tag}-{n}")).await?);
-        }
-        for r in runs {
-            println!(
-                "{}",
-                serde_json::json!({
-                    "bench": "kafka_drain",
-                    "round": round,
-                    "mode": r.mode,
-                    "records": a.records,
-                    "payload_bytes": a.payload_bytes,
-                    "seconds": (r.seconds * 1000.0).round() / 1000.0,
-                    "records_per_sec": (a.records as f64 / r.seconds).round(),
-                    "peak_rss_mib": r.peak_rss >> 20,
-                })
+    let exe = std::env::current_exe()?;
+    let mut best: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
+    let schedule = (0..a.warmup)
+        .map(|_| (None, "bare_librdkafka"))
+        .chain((0..a.rounds).flat_map(|r| {
+            ["bare_librdkafka", "exactly_once", "at_least_once"]
+                .into_iter()
+                .map(move |m| (Some(r), m))
+        }));
+    for (round, mode) in schedule {
+        {
+            let tag = format!(
+                "bench{:x}r{}{}",
+                std::process::id(),
+                round.map_or("w".into(), |r| r.to_string()),
+                &mode[..3]
             );
-            let keep = best.get(r.mode).is_none_or(|b| r.seconds < b.seconds);
-            if keep {
-                best.insert(r.mode, r);
+            let out = std::process::Command::new(&exe)
+                .args(["--bootstrap", &a.bootstrap])
+                .args(["--records", &a.records.to_string()])
+                .args(["--payload-bytes", &a.payload_bytes.to_string()])
+                .args(["--batch-max-records", &a.batch_max_records.to_string()])
+                .args(["--batch-max-mib", &a.batch_max_mib.to_string()])
+                .args(["--child", mode, "--tag", &tag])
+                .arg("--log-dir")
+                .arg(tmp.path())
+                .stderr(std::process::Stdio::inherit())
+                .output()?;
+            anyhow::ensure!(out.status.success(), "the {mode} drain failed");
+            let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let Some(round) = round else {
+                eprintln!("warm-up: {line}");
+                continue;
+            };
+            eprintln!("round {round}");
+            println!("{line}");
+            let v: serde_json::Value = serde_json::from_str(&line)?;
+            let faster = best.get(mode).is_none_or(|b| {
+                v["seconds"].as_f64().unwrap_or(f64::MAX)
+                    < b["seconds"].as_f64().unwrap_or(f64::MAX)
+            });
+            if faster {
+                best.insert(mode.to_string(), v);
             }
         }
     }
-    let rate = |m: &str| best.get(m).map_or(0.0, |r| a.records as f64 / r.seconds);
+    let rate = |m: &str| {
+        best.get(m)
+            .and_then(|v| v["records_per_sec"].as_f64())
+            .unwrap_or(0.0)
+    };
+    let rss = |m: &str| best.get(m).map(|v| v["peak_rss_mib"].clone());
     let base = rate("bare_librdkafka");
     println!(
         "{}",
@@ -292,16 +380,20 @@ async fn main() -> anyhow::Result<()> {
             "bench": "kafka_drain_summary",
             "records": a.records,
             "payload_bytes": a.payload_bytes,
+            "rounds": a.rounds,
             "best_records_per_sec": {
-                "bare_librdkafka": base.round(),
-                "exactly_once": rate("exactly_once").round(),
-                "at_least_once": rate("at_least_once").round(),
+                "bare_librdkafka": base,
+                "exactly_once": rate("exactly_once"),
+                "at_least_once": rate("at_least_once"),
             },
             "ratio_exactly_once": ((rate("exactly_once") / base) * 100.0).round() / 100.0,
             "ratio_at_least_once": ((rate("at_least_once") / base) * 100.0).round() / 100.0,
-            "peak_rss_mib": best.iter().map(|(k, r)| (k.to_string(), serde_json::json!(r.peak_rss >> 20))).collect::<serde_json::Map<_, _>>(),
+            "peak_rss_mib": {
+                "bare_librdkafka": rss("bare_librdkafka"),
+                "exactly_once": rss("exactly_once"),
+                "at_least_once": rss("at_least_once"),
+            },
         })
     );
-    log.close().await?;
     Ok(())
 }

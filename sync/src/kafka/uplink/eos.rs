@@ -388,6 +388,7 @@ fn execute(
     runner: &Runner,
     cancel: &CancellationToken,
 ) -> Result<(), TxnFailure> {
+    let started = std::time::Instant::now();
     if let Err(e) = p.begin_transaction() {
         return Err(fatal(&e));
     }
@@ -434,9 +435,28 @@ fn execute(
             return Err(abort(p, &e, runner, cancel));
         }
     }
+    let sent = started.elapsed();
+    // Wait for the deliveries here: rdkafka's commit_transaction flushes by polling in 100 ms
+    // slices, which would add up to 100 ms to every transaction; the producer's own polling
+    // thread serves the delivery reports meanwhile.
+    let flush_until = std::time::Instant::now() + CALL_SLICE;
+    while p.in_flight_count() > 0
+        && std::time::Instant::now() < flush_until
+        && !cancel.is_cancelled()
+    {
+        std::thread::sleep(Duration::from_micros(500));
+    }
     loop {
         match p.commit_transaction(CALL_SLICE) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                tracing::trace!(
+                    component = "uplink",
+                    send_ms = sent.as_millis() as u64,
+                    commit_ms = (started.elapsed() - sent).as_millis() as u64,
+                    "transaction committed"
+                );
+                return Ok(());
+            }
             Err(e) => {
                 let (is_fatal, requires_abort, retriable) = txn_flags(&e);
                 if is_fatal {
