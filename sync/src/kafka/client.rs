@@ -145,6 +145,17 @@ impl LinkContext {
         });
     }
 
+    /// Logs a warning of the component, at most once per kind per [`LOG_REPEAT`].
+    pub fn warn_once(&self, message: &str) {
+        if let Some(repeats) = self.gate(message) {
+            tracing::warn!(
+                component = self.component,
+                repeats_suppressed = repeats,
+                "{message}"
+            );
+        }
+    }
+
     /// Whether a message of this kind should be logged now; returns the repeats suppressed since
     /// the last time it was logged.
     fn gate(&self, message: &str) -> Option<u64> {

@@ -221,7 +221,27 @@ async fn session(
     let cancel = ctx.shutdown.intake().clone();
     let mut batch: Vec<Consumed> = Vec::new();
     let mut batch_deadline: Option<Instant> = None;
+    let mut next_health = Instant::now() + Duration::from_secs(1);
+    let mut troubled = false;
     loop {
+        if Instant::now() >= next_health {
+            next_health = Instant::now() + Duration::from_secs(1);
+            // librdkafka reconnects by itself; the status tells the truth meanwhile.
+            match link.recent_error(Duration::from_secs(3)) {
+                Some(_) => {
+                    troubled = true;
+                    ctx.status.set(
+                        State::Down,
+                        trouble_detail(link, "consuming HQ topics", cfg),
+                    );
+                }
+                None if troubled => {
+                    troubled = false;
+                    next_refresh = Instant::now();
+                }
+                None => {}
+            }
+        }
         if Instant::now() >= next_refresh {
             next_refresh = Instant::now() + refresh;
             match discover(cfg, ctx, &consumer, &mut assigned).await {
@@ -253,7 +273,8 @@ async fn session(
         let wake = match batch_deadline {
             Some(d) => d.min(next_refresh),
             None => next_refresh,
-        };
+        }
+        .min(next_health);
         tokio::select! {
             _ = cancel.cancelled() => {
                 // What was consumed but not applied is consumed again after the restart.
@@ -266,7 +287,7 @@ async fn session(
                     batch_deadline.get_or_insert_with(|| Instant::now() + max_wait);
                 }
                 Err(e) => {
-                    tracing::warn!(component = "downlink", error = %e, "consuming from HQ failed; retrying");
+                    link.warn_once(&format!("consuming from HQ failed: {e}; retrying"));
                     link.record_error(e.rdkafka_error_code(), &e.to_string());
                     if e.rdkafka_error_code().is_some_and(|c| matches!(c, RDKafkaErrorCode::Fatal)) {
                         return Stop::Retry(trouble_detail(link, "consuming", cfg));

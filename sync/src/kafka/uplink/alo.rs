@@ -179,6 +179,11 @@ impl Runner {
                 Batch::default()
             };
             if batch.is_empty() && extras.is_empty() {
+                if self.progress.link() == Link::Up
+                    && let Some(e) = self.link.recent_error(Duration::from_secs(3))
+                {
+                    self.report_trouble("keeping the connection", &e.message);
+                }
                 let wake = next_hb.min(Instant::now() + REFRESH_EVERY);
                 let notify = self.deliveries.1.notified();
                 let wake = if dirty.is_empty() && !gap_dirty {

@@ -203,6 +203,12 @@ impl Runner {
                 None => self.read_batch(&mut lanes, max_records, max_bytes).await?,
             };
             if batch.is_empty() && gaps.is_empty() && !hb_due {
+                // Idle: the client still notices a broker going away; say so in status.
+                if self.progress.link() == Link::Up
+                    && let Some(e) = self.link.recent_error(Duration::from_secs(3))
+                {
+                    self.report_trouble("keeping the connection", &e.message);
+                }
                 let wake = next_hb.min(Instant::now() + REFRESH_EVERY);
                 tokio::select! {
                     _ = cancel.cancelled() => break,
