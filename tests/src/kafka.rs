@@ -484,13 +484,20 @@ pub fn test_log_config() -> LogConfig {
 }
 
 impl Store {
-    /// Opens a new log for a store with a random id.
+    /// Opens a new log for a store with a random id. Set `EDGE_TEST_LOG=debug` (a tracing filter)
+    /// to see the components' logs on stderr.
     pub fn open() -> Store {
         Self::open_with(test_log_config())
     }
 
     /// Like [`Store::open`] with a log config of the test's own.
     pub fn open_with(cfg: LogConfig) -> Store {
+        if let Ok(filter) = std::env::var("EDGE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
         let dir = tempfile::tempdir().expect("temp dir");
         let log = Arc::new(SqliteLog::open(dir.path(), cfg).expect("open log"));
         Store {

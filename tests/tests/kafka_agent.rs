@@ -291,3 +291,85 @@ fn kill_9_during_downlink_apply_leaves_no_half_batch_and_no_duplicate() {
         );
     }
 }
+
+#[test]
+fn hq_prices_reach_kiosks_as_retained_mqtt_messages() {
+    let b = shared_broker();
+    let mosq = Mosquitto::start();
+    let store = unique("store");
+    let prefix = unique("t");
+    let prices = unique("hq.prices");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(create_topic(&b.bootstrap(), &prices));
+    let downlink = format!("topics = [{{ topic = \"{prices}\", stream = \"hq.prices\" }}]");
+    let cfg = config(b, &store, &prefix, "exactly_once", Some(mosq.port), &downlink).replace(
+        "[http]",
+        "[[mqtt.egress]]\nstream = \"hq.prices\"\ntopic = \"store/{store}/prices/{key}\"\nretain = true\nstart_at = \"earliest\"\n\n[http]",
+    );
+    let agent = Agent::start(agent_bin!(), &cfg);
+    let p = hq_producer(&b.bootstrap());
+    let all = [("edge.store", "*")];
+    edge_tests::kafka::hq_send(
+        &p,
+        &prices,
+        Some("sku-1"),
+        "{\"sku\":\"sku-1\",\"price\":100}",
+        &all,
+    );
+    edge_tests::kafka::hq_send(
+        &p,
+        &prices,
+        Some("sku-2"),
+        "{\"sku\":\"sku-2\",\"price\":250}",
+        &all,
+    );
+    edge_tests::kafka::hq_send(
+        &p,
+        &prices,
+        Some("sku-1"),
+        "{\"sku\":\"sku-1\",\"price\":90}",
+        &all,
+    );
+    edge_tests::kafka::hq_send(
+        &p,
+        &prices,
+        Some("sku-3"),
+        "{\"sku\":\"sku-3\",\"price\":1}",
+        &[("edge.store", "another-store")],
+    );
+    wait_records(&agent, "hq.prices", 3, Duration::from_secs(60));
+    // A kiosk that subscribes now gets the latest price of every SKU at once (retained).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = std::process::Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &mosq.port.to_string()])
+            .args([
+                "-t",
+                &format!("store/{store}/prices/#"),
+                "-v",
+                "-W",
+                "2",
+                "-C",
+                "2",
+            ])
+            .output()
+            .expect("run mosquitto_sub");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.sort_unstable();
+        if lines
+            == [
+                format!("store/{store}/prices/sku-1 {{\"sku\":\"sku-1\",\"price\":90}}").as_str(),
+                format!("store/{store}/prices/sku-2 {{\"sku\":\"sku-2\",\"price\":250}}").as_str(),
+            ]
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retained prices on MQTT: {lines:?}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -102,7 +102,11 @@ pub fn read_checkpoint(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("allow.auto.create.topics", "false");
+        .set("allow.auto.create.topics", "false")
+        // The reader is on the drain's critical path after a restart: never let the broker hold a
+        // fetch at the end of a partition.
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.error.backoff.ms", "50");
     let consumer: BaseConsumer<ArcContext> = cfg
         .create_with_context(ArcContext(context))
         .map_err(kafka_err(topic))?;

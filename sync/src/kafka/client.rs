@@ -159,8 +159,12 @@ impl LinkContext {
     /// Whether a message of this kind should be logged now; returns the repeats suppressed since
     /// the last time it was logged.
     fn gate(&self, message: &str) -> Option<u64> {
-        // Digits vary between repeats (ports, timings, counters); the rest is the kind.
+        // librdkafka appends "(after 3ms in state CONNECT, 2 identical error(s) suppressed)";
+        // digits vary between repeats (ports, timings, counters). The rest is the kind.
         let kind: String = message
+            .split(" (after ")
+            .next()
+            .unwrap_or(message)
             .chars()
             .filter(|c| !c.is_ascii_digit())
             .take(120)
@@ -217,6 +221,12 @@ impl ClientContext for LinkContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // End of a partition is progress, not trouble (the checkpoint reader asks for it).
+        if matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
+        {
+            return;
+        }
         self.record_error(error.rdkafka_error_code(), reason);
         if let Some(repeats) = self.gate(reason) {
             tracing::warn!(

@@ -232,8 +232,8 @@ pub struct KafkaConfig {
     pub topic_partitions: i32,
     /// Replication factor of topics this agent creates; -1 = the broker's default.
     pub topic_replication_factor: i32,
-    /// Longest pause between reconnection attempts. Keep it <= 1000 so that a drain starts within
-    /// 2 s of the broker coming back.
+    /// Longest pause between reconnection attempts (librdkafka adds up to +50 % jitter). Keep it
+    /// <= 1000 so that a drain starts within 2 s of the broker coming back.
     pub reconnect_backoff_max_ms: u64,
     /// Extra librdkafka properties for tuning (see librdkafka's CONFIGURATION.md). Properties that
     /// the delivery guarantees depend on cannot be overridden here.
@@ -267,7 +267,7 @@ impl Default for KafkaConfig {
             create_topics: true,
             topic_partitions: 3,
             topic_replication_factor: -1,
-            reconnect_backoff_max_ms: 1000,
+            reconnect_backoff_max_ms: 500,
             client_properties: BTreeMap::new(),
             security: SecurityConfig::default(),
             downlink: DownlinkConfig::default(),
@@ -663,11 +663,10 @@ impl KafkaConfig {
                 "reconnect.backoff.max.ms",
                 self.reconnect_backoff_max_ms.to_string(),
             )
-            .set("retry.backoff.ms", "100")
-            .set(
-                "retry.backoff.max.ms",
-                self.reconnect_backoff_max_ms.to_string(),
-            )
+            // Retries of requests (e.g. InitProducerId while the coordinator still aborts the
+            // previous transaction) stay fast, so a restart resumes quickly.
+            .set("retry.backoff.ms", "50")
+            .set("retry.backoff.max.ms", "250")
             .set("socket.keepalive.enable", "true")
             .set("message.max.bytes", self.message_max_bytes().to_string());
         let s = &self.security;

@@ -61,9 +61,12 @@ fn is_fenced(e: &KafkaError) -> bool {
     )
 }
 
+/// (fatal, requires abort, retriable) of an error of a transactional call.
 fn txn_flags(e: &KafkaError) -> (bool, bool, bool) {
     match e {
         KafkaError::Transaction(t) => (t.is_fatal(), t.txn_requires_abort(), t.is_retriable()),
+        // rdkafka flushes before committing; a flush that timed out (broker away) is retried.
+        KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut) => (false, false, true),
         _ => (true, false, false),
     }
 }
