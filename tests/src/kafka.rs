@@ -232,6 +232,8 @@ pub struct Seen {
     pub payload: Vec<u8>,
     pub timestamp: Option<i64>,
     pub headers: BTreeMap<String, String>,
+    /// When this consumer received it.
+    pub arrived: Instant,
 }
 
 impl Seen {
@@ -273,6 +275,8 @@ impl HqConsumer {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("topic.metadata.refresh.interval.ms", "500")
+            // Latency measurements should not include the broker holding an idle fetch.
+            .set("fetch.wait.max.ms", "20")
             .create()
             .expect("create HQ consumer");
         let mut tpl = TopicPartitionList::new();
@@ -317,6 +321,7 @@ impl HqConsumer {
                         payload: m.payload().unwrap_or_default().to_vec(),
                         timestamp: m.timestamp().to_millis(),
                         headers,
+                        arrived: Instant::now(),
                     });
                 }
             }

@@ -202,7 +202,10 @@ impl Runner {
             let hb_due = hb_every.is_some() && Instant::now() >= next_hb;
             let (max_records, max_bytes) = self.batch_limits().await;
             let batch = match prefetched.take() {
-                Some(b) => b,
+                Some(mut b) => {
+                    self.top_up(&mut lanes, &mut b).await?;
+                    b
+                }
                 None => self.read_batch(&mut lanes, max_records, max_bytes).await?,
             };
             if batch.is_empty() && gaps.is_empty() && !hb_due {

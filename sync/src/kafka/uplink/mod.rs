@@ -757,6 +757,42 @@ impl Runner {
         Ok(batch)
     }
 
+    /// Adds the lanes that had nothing pending when `batch` was read (it was read ahead, during the
+    /// previous commit) and have records now: a live record then waits for one transaction, not
+    /// two. Each such lane gets a small share.
+    pub async fn top_up(&self, lanes: &mut Lanes, batch: &mut Batch) -> Result<(), LogError> {
+        let missing: Vec<Arc<str>> = lanes
+            .map
+            .values()
+            .filter(|l| !batch.parts.iter().any(|p| p.lane == l.id))
+            .filter(|l| self.log().next_seq(&l.stream).is_some_and(|h| h > l.next))
+            .map(|l| l.stream.clone())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut sub = Lanes {
+            map: missing
+                .iter()
+                .filter_map(|s| lanes.map.get(s).map(|l| (s.clone(), l.clone())))
+                .collect(),
+            rr: lanes.rr,
+            refreshed: lanes.refreshed,
+        };
+        let share = (self.cfg.batch_max_records / 10).max(100);
+        let bytes = (self.cfg.batch_max_bytes.as_u64() as usize / 10).max(64 * 1024);
+        let extra = self.read_batch(&mut sub, share, bytes).await?;
+        for (s, l) in sub.map {
+            if let Some(orig) = lanes.map.get_mut(&s) {
+                orig.next = l.next;
+            }
+        }
+        batch.records += extra.records;
+        batch.bytes += extra.bytes;
+        batch.parts.extend(extra.parts);
+        Ok(())
+    }
+
     /// A gap record for `edge.gaps`.
     pub fn gap_extra(&self, g: &Gap) -> Extra {
         let payload = json!({
