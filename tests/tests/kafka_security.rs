@@ -75,12 +75,16 @@ async fn mirrors_over(security: SecurityConfig, bootstrap: String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scram_over_tls_mirrors() {
+async fn scram_and_plain_over_tls_mirror() {
     captured_logs();
     let b = broker();
     let dir = tempfile::tempdir().unwrap();
     let pw = write_secret(dir.path(), "pw", b.var("SASL_PASSWORD"));
-    for mech in [SaslMechanism::ScramSha512, SaslMechanism::ScramSha256] {
+    for mech in [
+        SaslMechanism::ScramSha512,
+        SaslMechanism::ScramSha256,
+        SaslMechanism::Plain,
+    ] {
         mirrors_over(
             SecurityConfig {
                 protocol: SecurityProtocol::SaslSsl,

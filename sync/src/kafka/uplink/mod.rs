@@ -103,7 +103,8 @@ pub(crate) struct Token {
 /// Delivery outcomes, shared with the producer's polling thread.
 #[derive(Debug, Default)]
 pub(crate) struct Deliveries {
-    /// (lane, seq) of records the broker refused as too large (sent as gaps next time).
+    /// (lane, seq) of records the broker refused as too large (sent as gaps next time). Only
+    /// such records are kept, and each one once.
     pub oversize: HashSet<(u32, u64)>,
     /// at_least_once: in-flight records per lane, in send order.
     pub lanes: HashMap<u32, std::collections::VecDeque<Inflight>>,
@@ -154,6 +155,8 @@ impl ProducerContext for UplinkContext {
                 d.oversize.insert((token.lane, token.seq));
             }
         }
+        // Only at_least_once tracks records in flight (exactly_once learns the outcome from the
+        // commit); nothing here grows while the broker is away.
         if let Some(q) = d.lanes.get_mut(&token.lane)
             && let Ok(i) = q.binary_search_by_key(&token.seq, |f| f.seq)
             && !q[i].done
@@ -165,9 +168,11 @@ impl ProducerContext for UplinkContext {
             }
             d.inflight_records = d.inflight_records.saturating_sub(1);
             d.inflight_bytes = d.inflight_bytes.saturating_sub(u64::from(token.bytes));
-        }
-        if let Some(e) = &err {
-            d.failed.push((token.lane, e.to_string()));
+            if let Some(e) = &err
+                && d.failed.len() < 100
+            {
+                d.failed.push((token.lane, e.to_string()));
+            }
         }
         if err.is_none() {
             d.delivered += 1;
