@@ -59,6 +59,7 @@ pub async fn publish_all(
     window: usize,
     timeout: Duration,
     progress: Progress,
+    rate_per_sec: Option<f64>,
 ) -> PublishReport {
     let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
     o.set_clean_start(false);
@@ -83,7 +84,11 @@ pub async fn publish_all(
             t0.elapsed() < timeout,
             "publisher: only {acked_count} of {n} messages acknowledged after {timeout:?}"
         );
-        while requested.len() + on_wire.len() < window {
+        // With a rate cap, only as many messages as the elapsed time allows.
+        let allowed = rate_per_sec.map_or(usize::MAX, |r| {
+            (t0.elapsed().as_secs_f64() * r) as usize + 1
+        });
+        while requested.len() + on_wire.len() < window && n - to_send.len() < allowed {
             let Some(i) = to_send.pop_front() else { break };
             let m = &messages[i];
             if client
@@ -95,7 +100,12 @@ pub async fn publish_all(
             }
             requested.push_back(i);
         }
-        let ev = tokio::time::timeout(Duration::from_secs(5), el.poll()).await;
+        let wait = if rate_per_sec.is_some() && !to_send.is_empty() {
+            Duration::from_millis(2)
+        } else {
+            Duration::from_secs(5)
+        };
+        let ev = tokio::time::timeout(wait, el.poll()).await;
         match ev {
             Err(_) => continue,
             Ok(Ok(Event::Incoming(Packet::ConnAck(ca)))) => {
@@ -152,6 +162,18 @@ pub fn spawn_publisher(
     window: usize,
     timeout: Duration,
 ) -> (std::thread::JoinHandle<PublishReport>, Progress) {
+    spawn_paced_publisher(port, client_id, messages, window, timeout, None)
+}
+
+/// [`spawn_publisher`] with at most `rate_per_sec` messages per second.
+pub fn spawn_paced_publisher(
+    port: u16,
+    client_id: &str,
+    messages: Vec<Message>,
+    window: usize,
+    timeout: Duration,
+    rate_per_sec: Option<f64>,
+) -> (std::thread::JoinHandle<PublishReport>, Progress) {
     let progress = Progress::default();
     let p = progress.clone();
     let id = client_id.to_string();
@@ -160,7 +182,15 @@ pub fn spawn_publisher(
             .enable_all()
             .build()
             .expect("runtime")
-            .block_on(publish_all(port, &id, messages, window, timeout, p))
+            .block_on(publish_all(
+                port,
+                &id,
+                messages,
+                window,
+                timeout,
+                p,
+                rate_per_sec,
+            ))
     });
     (h, progress)
 }

@@ -5,7 +5,7 @@
 
 use edge_tests::agent::{Agent, event_id_counts, wait_records};
 use edge_tests::mosquitto::Mosquitto;
-use edge_tests::publisher::{json_message, spawn_publisher};
+use edge_tests::publisher::{json_message, spawn_paced_publisher, spawn_publisher};
 use edge_tests::{agent_bin, wait_for};
 use std::process::Command;
 use std::time::Duration;
@@ -64,12 +64,14 @@ fn kill_9_during_ingest_loses_nothing_and_stores_each_message_once() {
     let broker = Mosquitto::start();
     let mut agent = Agent::start_with(agent_bin!(), broker.port, INGRESS);
     let n = 20_000;
-    let (publisher, _progress) = spawn_publisher(
+    // 4,000 messages/s: ingest lasts ~5 s, so every kill lands in live traffic.
+    let (publisher, _progress) = spawn_paced_publisher(
         broker.port,
         "pos-lane-publisher",
         messages(n, "k9"),
         500,
         Duration::from_secs(300),
+        Some(4000.0),
     );
     // Kill the agent at random points of its own ingest progress (so every kill hits live
     // traffic), sometimes leaving it down for a while (the broker queues for its session).

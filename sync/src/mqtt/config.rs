@@ -88,6 +88,9 @@ pub struct IngressRule {
     /// Payload must be a JSON object (else dead-lettered). Default true.
     #[serde(default = "yes")]
     pub require_json: bool,
+    /// Store the MQTT topic as the record header `mqtt.topic` (costs ~50 bytes per record).
+    #[serde(default)]
+    pub topic_header: bool,
     /// Placeholder whose value becomes the record key (and source); default: `device` if the
     /// topic has it, else the first placeholder.
     pub key: Option<String>,
@@ -324,6 +327,7 @@ mod tests {
                     topic: "a/#/b".into(),
                     stream: "Bad Stream".into(),
                     require_json: true,
+                    topic_header: false,
                     key: None,
                     schema: None,
                     event_id_field: "event_id".into(),
@@ -333,6 +337,7 @@ mod tests {
                     topic: "store/{device}/x".into(),
                     stream: "pos.transactions".into(),
                     require_json: true,
+                    topic_header: false,
                     key: Some("lane".into()),
                     schema: None,
                     event_id_field: "event_id".into(),

@@ -5,6 +5,7 @@
 use super::config::IngressRule;
 use super::topic::TopicPattern;
 use crate::deadletter::DeadLetter;
+use bytes::Bytes;
 use edge_core::Event;
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ pub(crate) struct CompiledRule {
     pattern: TopicPattern,
     stream: Arc<str>,
     require_json: bool,
+    topic_header: bool,
     key: Option<String>,
     schema: Option<String>,
     event_id_field: String,
@@ -32,6 +34,7 @@ impl CompiledRule {
         Ok(CompiledRule {
             stream: Arc::from(rule.stream.as_str()),
             require_json: rule.require_json,
+            topic_header: rule.topic_header,
             key,
             schema: rule.schema.clone(),
             event_id_field: rule.event_id_field.clone(),
@@ -70,12 +73,13 @@ impl Rejection {
     }
 }
 
-/// Converts one publish. `Err` holds the dead letter to store instead (and ack).
+/// Converts one publish (the payload is shared, not copied). `Err` holds the dead letter to store
+/// instead (and ack).
 pub(crate) fn to_event(
     rules: &[CompiledRule],
     limits: &Limits,
     topic: &str,
-    payload: &[u8],
+    payload: &Bytes,
     user_properties: &[(String, String)],
     now_ms: i64,
 ) -> Result<Event, (Rejection, Box<Event>)> {
@@ -109,7 +113,7 @@ pub(crate) fn to_event(
             Some(&rule.stream),
         ));
     }
-    let mut event = Event::new(rule.stream.clone(), payload.to_vec()).with_event_ts(now_ms);
+    let mut event = Event::new(rule.stream.clone(), payload.clone()).with_event_ts(now_ms);
     let key = rule.key.as_ref().and_then(|k| vars.get(k)).cloned();
     event.source = key.clone();
     event.key = key;
@@ -118,9 +122,16 @@ pub(crate) fn to_event(
         event.event_id = Some(id.clone());
     }
     if rule.require_json {
-        let value: serde_json::Value = match serde_json::from_slice(payload) {
-            Ok(v) => v,
-            Err(e) => {
+        let probe = match probe_json(payload, &rule.event_id_field, &rule.event_ts_field) {
+            Ok(p) => p,
+            Err(ProbeError::NotObject) => {
+                return Err(dead(
+                    Rejection::NotObject,
+                    "payload is JSON but not an object".into(),
+                    Some(&rule.stream),
+                ));
+            }
+            Err(ProbeError::Invalid(e)) => {
                 return Err(dead(
                     Rejection::NotJson,
                     format!("payload is not valid JSON: {e}"),
@@ -128,60 +139,171 @@ pub(crate) fn to_event(
                 ));
             }
         };
-        let Some(obj) = value.as_object() else {
-            return Err(dead(
-                Rejection::NotObject,
-                "payload is JSON but not an object".into(),
-                Some(&rule.stream),
-            ));
-        };
         if event.event_id.is_none() {
-            event.event_id = match obj.get(&rule.event_id_field) {
-                Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s.clone()),
-                Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-                _ => None,
-            };
+            event.event_id = probe.event_id;
         }
-        if let Some(ts) = obj.get(&rule.event_ts_field).and_then(|v| v.as_i64()) {
+        if let Some(ts) = probe.ts {
             event.event_ts_ms = ts;
         }
-        if let Some(s) = obj.get("schema").and_then(|v| v.as_str()) {
-            event.schema = Some(s.to_string());
+        if probe.schema.is_some() {
+            event.schema = probe.schema;
         }
     }
-    event.headers.push(edge_core::Header {
-        key: "mqtt.topic".into(),
-        value: topic.to_string(),
-    });
+    if rule.topic_header {
+        event.headers.push(edge_core::Header {
+            key: "mqtt.topic".into(),
+            value: topic.to_string(),
+        });
+    }
     Ok(event)
+}
+
+/// The few fields ingest needs from a JSON object payload.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Probe {
+    pub event_id: Option<String>,
+    pub ts: Option<i64>,
+    pub schema: Option<String>,
+}
+
+#[derive(Debug)]
+pub(crate) enum ProbeError {
+    NotObject,
+    Invalid(String),
+}
+
+/// Validates that `payload` is exactly one JSON object and extracts the id, time and schema fields
+/// in one streaming pass, without building a document tree: every other value is checked and
+/// skipped as it is read.
+pub(crate) fn probe_json(
+    payload: &[u8],
+    id_field: &str,
+    ts_field: &str,
+) -> Result<Probe, ProbeError> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    struct ObjectVisitor<'f> {
+        id: &'f str,
+        ts: &'f str,
+    }
+
+    /// Accepts any JSON value; keeps strings and numbers (for ids), skips the rest.
+    struct Scalar(Option<String>, Option<i64>);
+
+    impl<'de> serde::Deserialize<'de> for Scalar {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct SV;
+            impl<'de> Visitor<'de> for SV {
+                type Value = Scalar;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+                    Ok(Scalar(Some(v.to_string()), None))
+                }
+                fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+                    Ok(Scalar(Some(v.to_string()), Some(v)))
+                }
+                fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+                    Ok(Scalar(Some(v.to_string()), i64::try_from(v).ok()))
+                }
+                fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+                    Ok(Scalar(Some(v.to_string()), None))
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+                    Ok(Scalar(None, None))
+                }
+                fn visit_unit<E>(self) -> Result<Scalar, E> {
+                    Ok(Scalar(None, None))
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut a: A,
+                ) -> Result<Scalar, A::Error> {
+                    while a.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(Scalar(None, None))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+                    while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(Scalar(None, None))
+                }
+            }
+            d.deserialize_any(SV)
+        }
+    }
+
+    impl<'de> Visitor<'de> for ObjectVisitor<'_> {
+        type Value = Probe;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Probe, A::Error> {
+            let mut p = Probe::default();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if key == self.id {
+                    let Scalar(s, _) = map.next_value()?;
+                    p.event_id = s.filter(|s| !s.is_empty());
+                } else if key == self.ts {
+                    let Scalar(_, i) = map.next_value()?;
+                    p.ts = i;
+                } else if key == "schema" {
+                    let v: Scalar = map.next_value()?;
+                    // Only a string is a schema name (a number's text is not).
+                    p.schema = v.0.filter(|_| v.1.is_none());
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(p)
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    match de.deserialize_any(ObjectVisitor {
+        id: id_field,
+        ts: ts_field,
+    }) {
+        Ok(p) => de
+            .end()
+            .map(|_| p)
+            .map_err(|e| ProbeError::Invalid(e.to_string())),
+        // A well-formed value of another type (array, string, number).
+        Err(e) if e.is_data() => Err(ProbeError::NotObject),
+        Err(e) => Err(ProbeError::Invalid(e.to_string())),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn rule(topic: &str, stream: &str, json: bool, topic_header: bool) -> CompiledRule {
+        CompiledRule::compile(&IngressRule {
+            topic: topic.into(),
+            stream: stream.into(),
+            require_json: json,
+            topic_header,
+            key: None,
+            schema: if json {
+                Some("pos.transaction/1".into())
+            } else {
+                None
+            },
+            event_id_field: "event_id".into(),
+            event_ts_field: "ts".into(),
+        })
+        .unwrap()
+    }
+
     fn rules() -> Vec<CompiledRule> {
         vec![
-            CompiledRule::compile(&IngressRule {
-                topic: "store/+/pos/{device}/transactions".into(),
-                stream: "pos.transactions".into(),
-                require_json: true,
-                key: None,
-                schema: Some("pos.transaction/1".into()),
-                event_id_field: "event_id".into(),
-                event_ts_field: "ts".into(),
-            })
-            .unwrap(),
-            CompiledRule::compile(&IngressRule {
-                topic: "raw/{sensor}".into(),
-                stream: "raw.bytes".into(),
-                require_json: false,
-                key: None,
-                schema: None,
-                event_id_field: "event_id".into(),
-                event_ts_field: "ts".into(),
-            })
-            .unwrap(),
+            rule(
+                "store/+/pos/{device}/transactions",
+                "pos.transactions",
+                true,
+                true,
+            ),
+            rule("raw/{sensor}", "raw.bytes", false, false),
         ]
     }
 
@@ -190,6 +312,10 @@ mod tests {
         deadletter_keep: 16,
     };
 
+    fn b(x: &'static [u8]) -> Bytes {
+        Bytes::from_static(x)
+    }
+
     #[test]
     fn json_message_becomes_event_with_identity() {
         let p = br#"{"event_id":"tx-9","ts":1700000000123,"total_minor":500}"#;
@@ -197,7 +323,7 @@ mod tests {
             &rules(),
             &LIMITS,
             "store/1/pos/lane-4/transactions",
-            p,
+            &b(p),
             &[],
             5,
         )
@@ -209,6 +335,10 @@ mod tests {
         assert_eq!(e.event_ts_ms, 1_700_000_000_123);
         assert_eq!(e.schema.as_deref(), Some("pos.transaction/1"));
         assert_eq!(&e.payload[..], &p[..]);
+        assert_eq!(
+            e.headers[0].value, "store/1/pos/lane-4/transactions",
+            "topic header when asked"
+        );
     }
 
     #[test]
@@ -219,7 +349,7 @@ mod tests {
             &rules(),
             &LIMITS,
             "store/1/pos/a/transactions",
-            p,
+            &b(p),
             &props,
             5,
         )
@@ -232,7 +362,8 @@ mod tests {
     #[test]
     fn bad_payloads_become_dead_letters_with_reasons() {
         let topic = "store/1/pos/a/transactions";
-        let (r, dl) = to_event(&rules(), &LIMITS, topic, b"not json at all", &[], 5).unwrap_err();
+        let (r, dl) =
+            to_event(&rules(), &LIMITS, topic, &b(b"not json at all"), &[], 5).unwrap_err();
         assert_eq!(r, Rejection::NotJson);
         let v: serde_json::Value = serde_json::from_slice(&dl.payload).unwrap();
         assert!(v["reason"].as_str().unwrap().contains("not valid JSON"));
@@ -240,25 +371,68 @@ mod tests {
         assert_eq!(v["stream"], "pos.transactions");
         assert_eq!(&*dl.stream, "deadletter");
 
-        let (r, _) = to_event(&rules(), &LIMITS, topic, b"[1,2]", &[], 5).unwrap_err();
+        let (r, _) = to_event(&rules(), &LIMITS, topic, &b(b"[1,2]"), &[], 5).unwrap_err();
         assert_eq!(r, Rejection::NotObject);
+        let (r, _) = to_event(&rules(), &LIMITS, topic, &b(b"{\"a\":1} {}"), &[], 5).unwrap_err();
+        assert_eq!(r, Rejection::NotJson, "trailing data is not one object");
 
-        let big = vec![b' '; 2000];
+        let big = Bytes::from(vec![b' '; 2000]);
         let (r, dl) = to_event(&rules(), &LIMITS, topic, &big, &[], 5).unwrap_err();
         assert_eq!(r, Rejection::Oversized);
         let v: serde_json::Value = serde_json::from_slice(&dl.payload).unwrap();
         assert_eq!(v["original_bytes"], 2000);
         assert_eq!(v["truncated"], true);
 
-        let (r, _) = to_event(&rules(), &LIMITS, "elsewhere/x", b"{}", &[], 5).unwrap_err();
+        let (r, _) = to_event(&rules(), &LIMITS, "elsewhere/x", &b(b"{}"), &[], 5).unwrap_err();
         assert_eq!(r, Rejection::NoRule);
     }
 
     #[test]
     fn non_json_streams_accept_bytes() {
-        let e = to_event(&rules(), &LIMITS, "raw/s1", b"\x00\x01binary", &[], 5).unwrap();
+        let e = to_event(&rules(), &LIMITS, "raw/s1", &b(b"\x00\x01binary"), &[], 5).unwrap();
         assert_eq!(&*e.stream, "raw.bytes");
         assert_eq!(e.key.as_deref(), Some("s1"));
         assert!(e.event_id.is_none());
+        assert!(e.headers.is_empty());
+    }
+
+    #[test]
+    fn probe_reads_only_what_it_needs_and_validates_everything() {
+        let p = probe_json(
+            br#"{"a":{"b":[1,2,{"c":null}]},"event_id":7,"ts":5,"schema":"x/1"}"#,
+            "event_id",
+            "ts",
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            Probe {
+                event_id: Some("7".into()),
+                ts: Some(5),
+                schema: Some("x/1".into())
+            }
+        );
+        assert!(matches!(
+            probe_json(br#"{"a":1"#, "event_id", "ts"),
+            Err(ProbeError::Invalid(_))
+        ));
+        assert!(matches!(
+            probe_json(br#"{"a":[1,}"#, "event_id", "ts"),
+            Err(ProbeError::Invalid(_))
+        ));
+        assert!(matches!(
+            probe_json(br#""just a string""#, "event_id", "ts"),
+            Err(ProbeError::NotObject)
+        ));
+        let p = probe_json(
+            br#"{"ts":"yesterday","schema":3,"event_id":""}"#,
+            "event_id",
+            "ts",
+        )
+        .unwrap();
+        assert_eq!(p, Probe::default(), "wrong types are ignored, not trusted");
+        // The field names are configurable.
+        let p = probe_json(br#"{"id":"x","time":9}"#, "id", "time").unwrap();
+        assert_eq!((p.event_id.as_deref(), p.ts), (Some("x"), Some(9)));
     }
 }

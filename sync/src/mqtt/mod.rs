@@ -338,14 +338,16 @@ async fn poll_loop(
     metrics::gauge!("edge_mqtt_connected").set(0.0);
 }
 
+/// One log request covering a run of publishes, in arrival order.
 struct Pending {
-    generation: u64,
-    publish: Publish,
+    /// (connection generation, publish, dead-letter reason) per message, in request order.
+    messages: Vec<(u64, Publish, Option<Rejection>)>,
     request: AppendRequest,
     ticket: AppendTicket,
-    rejected: Option<Rejection>,
-    stream: Arc<str>,
 }
+
+/// Messages turned into one log request at most (the rest of the queue waits for the next one).
+const MAX_BATCH: usize = 512;
 
 async fn process_loop(
     rules: Vec<CompiledRule>,
@@ -356,7 +358,7 @@ async fn process_loop(
     _guard: tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
     loop {
-        let (generation, publish) = tokio::select! {
+        let first = tokio::select! {
             biased;
             _ = ctx.shutdown.intake().cancelled() => break,
             m = ingest_rx.recv() => match m {
@@ -364,39 +366,51 @@ async fn process_loop(
                 None => break,
             },
         };
-        let topic = String::from_utf8_lossy(&publish.topic);
-        let props: &[(String, String)] = publish
-            .properties
-            .as_ref()
-            .map(|p| &p.user_properties[..])
-            .unwrap_or(&[]);
-        let (event, rejected) = match ingress::to_event(
-            &rules,
-            &limits,
-            &topic,
-            &publish.payload,
-            props,
-            edge_core::time::now_ms(),
-        ) {
-            Ok(e) => (e, None),
-            Err((why, dead_letter)) => {
-                tracing::debug!(topic = %topic, reason = why.label(), "MQTT message dead-lettered");
-                (*dead_letter, Some(why))
+        // Everything already queued goes into the same request: one submission and one durable
+        // ticket per run of messages instead of per message.
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match ingest_rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
             }
-        };
-        let stream = event.stream.clone();
-        let request = AppendRequest::one(event);
+        }
+        let now = edge_core::time::now_ms();
+        let mut events = Vec::with_capacity(batch.len());
+        let mut messages = Vec::with_capacity(batch.len());
+        for (generation, publish) in batch {
+            let topic = String::from_utf8_lossy(&publish.topic);
+            let props: &[(String, String)] = publish
+                .properties
+                .as_ref()
+                .map(|p| &p.user_properties[..])
+                .unwrap_or(&[]);
+            let (event, rejected) = match ingress::to_event(
+                &rules,
+                &limits,
+                &topic,
+                &publish.payload,
+                props,
+                now,
+            ) {
+                Ok(e) => (e, None),
+                Err((why, dead_letter)) => {
+                    tracing::debug!(topic = %topic, reason = why.label(), "MQTT message dead-lettered");
+                    (*dead_letter, Some(why))
+                }
+            };
+            events.push(event);
+            messages.push((generation, publish, rejected));
+        }
+        let request = AppendRequest::events(events);
         let ticket = match ctx.log.submit(request.clone()).await {
             Ok(t) => t,
-            Err(_) => break, // the log is closed: shutting down; the message stays unacked
+            Err(_) => break, // the log is closed: shutting down; the messages stay unacked
         };
         let p = Pending {
-            generation,
-            publish,
+            messages,
             request,
             ticket,
-            rejected,
-            stream,
         };
         if pending_tx.send(p).await.is_err() {
             break;
@@ -456,17 +470,23 @@ async fn ack_loop(
                     }
                 }
                 Err(e) => {
-                    // The log refused this record itself: keep it as a dead letter instead.
-                    let topic = String::from_utf8_lossy(&p.publish.topic).to_string();
-                    let dl = crate::deadletter::DeadLetter::new(
-                        "mqtt",
-                        format!("the local log refused the record: {e}"),
-                    )
-                    .field("topic", topic)
-                    .original(&p.publish.payload, crate::deadletter::DEFAULT_KEEP_BYTES)
-                    .into_event();
-                    p.rejected = Some(Rejection::NoRule);
-                    p.request = AppendRequest::one(dl);
+                    // The log refused the request itself (a record it cannot take): keep every
+                    // message of it as a dead letter instead, so none is lost or retried forever.
+                    let events = p
+                        .messages
+                        .iter_mut()
+                        .map(|(_, publish, rejected)| {
+                            *rejected = Some(Rejection::NoRule);
+                            crate::deadletter::DeadLetter::new(
+                                "mqtt",
+                                format!("the local log refused the record: {e}"),
+                            )
+                            .field("topic", String::from_utf8_lossy(&publish.topic).to_string())
+                            .original(&publish.payload, crate::deadletter::DEFAULT_KEEP_BYTES)
+                            .into_event()
+                        })
+                        .collect();
+                    p.request = AppendRequest::events(events);
                     match ctx.log.submit(p.request.clone()).await {
                         Ok(t) => p.ticket = t,
                         Err(_) => return,
@@ -481,27 +501,34 @@ async fn ack_loop(
                     .set(State::Up, "connected; the local log accepts writes again");
             }
         }
-        if let Some(o) = outcome {
-            match p.rejected {
+        let Some(outcome) = outcome else { continue };
+        for (i, (generation, publish, rejected)) in p.messages.into_iter().enumerate() {
+            let stream = p
+                .request
+                .events
+                .get(i)
+                .map(|e| e.stream.to_string())
+                .unwrap_or_default();
+            match rejected {
                 Some(r) => metrics::counter!("edge_mqtt_deadletters_total", "reason" => r.label())
                     .increment(1),
-                None if o.appended.first().is_some_and(|a| a.is_duplicate()) => {
-                    metrics::counter!("edge_mqtt_duplicates_total", "stream" => p.stream.to_string())
-                        .increment(1)
+                None if outcome.appended.get(i).is_some_and(|a| a.is_duplicate()) => {
+                    metrics::counter!("edge_mqtt_duplicates_total", "stream" => stream).increment(1)
                 }
-                None => metrics::counter!("edge_mqtt_ingested_total", "stream" => p.stream.to_string())
-                    .increment(1),
+                None => {
+                    metrics::counter!("edge_mqtt_ingested_total", "stream" => stream).increment(1)
+                }
             }
+            if publish.qos == QoS::AtMostOnce {
+                continue;
+            }
+            // Keep only what the ack needs (packet id and QoS), not the payload.
+            let mut ack = publish;
+            ack.payload = bytes::Bytes::new();
+            ack.topic = bytes::Bytes::new();
+            ack.properties = None;
+            unsent.push_back((generation, ack));
         }
-        if p.publish.qos == QoS::AtMostOnce {
-            continue;
-        }
-        // Keep only what the ack needs (packet id and QoS), not the payload.
-        let mut ack = p.publish;
-        ack.payload = bytes::Bytes::new();
-        ack.topic = bytes::Bytes::new();
-        ack.properties = None;
-        unsent.push_back((p.generation, ack));
         if !flush_acks(&client, &link, &mut unsent) {
             return;
         }

@@ -276,43 +276,49 @@ impl Writer {
 
     fn apply(
         &mut self,
-        accepted: &[(
-            AppendRequest,
-            oneshot::Sender<Result<AppendOutcome, LogError>>,
-        )],
+        accepted: &[(AppendRequest, Reply)],
         quarantines: &[(String, u64, String)],
     ) -> Result<Vec<AppendOutcome>, LogError> {
         self.conn
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(storage("beginning a commit"))?;
         let now = edge_core::time::now_ms();
-        let mut touched: Vec<String> = Vec::new();
+        let mut touched: Vec<i64> = Vec::new();
         let mut outcomes = Vec::with_capacity(accepted.len());
-        for (req, _) in accepted {
-            let mut appended = Vec::with_capacity(req.events.len());
-            for ev in &req.events {
-                appended.push(self.insert(ev, now, &mut touched)?);
-            }
-            for c in &req.cursors {
-                let sid = self.ensure_stream(&c.stream, now, &mut touched)?;
-                self.conn
-                    .prepare_cached(
+        {
+            // Disjoint borrows: statements borrow the connection, inserts update the stream table.
+            let Writer {
+                conn,
+                streams,
+                max_stream_id,
+                ..
+            } = self;
+            let mut ins = Inserter::new(conn)?;
+            for (req, _) in accepted {
+                let mut appended = Vec::with_capacity(req.events.len());
+                for ev in &req.events {
+                    appended.push(ins.insert(streams, max_stream_id, ev, now, &mut touched)?);
+                }
+                for c in &req.cursors {
+                    let sid =
+                        ensure_stream(conn, streams, max_stream_id, &c.stream, now, &mut touched)?;
+                    conn.prepare_cached(
                         "INSERT INTO cursors (name, stream_id, next_seq, updated_ts) VALUES (?1, ?2, ?3, ?4)
                          ON CONFLICT (name, stream_id) DO UPDATE SET next_seq = excluded.next_seq, updated_ts = excluded.updated_ts",
                     )
                     .and_then(|mut s| s.execute(params![c.cursor, sid, c.next_seq as i64, now]))
                     .map_err(storage("moving a cursor"))?;
-            }
-            for (k, v) in &req.kv {
-                self.conn
-                    .prepare_cached(
+                }
+                for (k, v) in &req.kv {
+                    conn.prepare_cached(
                         "INSERT INTO kv (key, value) VALUES (?1, ?2)
                          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     )
                     .and_then(|mut s| s.execute(params![k, v]))
                     .map_err(storage("writing a key"))?;
+                }
+                outcomes.push(AppendOutcome { appended });
             }
-            outcomes.push(AppendOutcome { appended });
         }
         for (stream, seq, reason) in quarantines {
             self.quarantine(stream, *seq, reason, now, &mut touched)?;
@@ -324,134 +330,30 @@ impl Writer {
         Ok(outcomes)
     }
 
-    fn ensure_stream(
-        &mut self,
-        name: &str,
-        now: i64,
-        touched: &mut Vec<String>,
-    ) -> Result<i64, LogError> {
-        if let Some(st) = self.streams.get(name) {
-            return Ok(st.id);
-        }
-        if self.max_stream_id >= queries::MAX_STREAM_ID {
-            return Err(LogError::Invalid(format!(
-                "cannot create stream {name:?}: the log already holds the maximum number of streams"
-            )));
-        }
-        let id = self.max_stream_id + 1;
-        self.conn
-            .execute(
-                "INSERT INTO streams (id, name, next_seq, created_ts) VALUES (?1, ?2, 1, ?3)",
-                params![id, name, now],
-            )
-            .map_err(storage("creating a stream"))?;
-        self.max_stream_id = id;
-        self.streams.insert(
-            name.to_string(),
-            StreamState {
-                id,
-                next_seq: 1,
-                count: 0,
-                bytes: 0,
-            },
-        );
-        touched.push(name.to_string());
-        Ok(id)
-    }
-
+    /// Inserts one event outside the batch path (dead letters of quarantined rows).
     fn insert(
         &mut self,
         ev: &Event,
         now: i64,
-        touched: &mut Vec<String>,
+        touched: &mut Vec<i64>,
     ) -> Result<Appended, LogError> {
-        let sid = self.ensure_stream(&ev.stream, now, touched)?;
-        if let Some(eid) = &ev.event_id {
-            let dup: Option<i64> = self
-                .conn
-                .prepare_cached("SELECT seq FROM dedup WHERE stream_id = ?1 AND event_id = ?2")
-                .and_then(|mut s| s.query_row(params![sid, eid], |r| r.get(0)).optional())
-                .map_err(storage("checking the dedup window"))?;
-            if let Some(seq) = dup {
-                metrics::counter!("edge_log_duplicates_total").increment(1);
-                return Ok(Appended::Duplicate { seq: seq as u64 });
-            }
-        }
-        let st = self
-            .streams
-            .get_mut(&*ev.stream)
-            .ok_or_else(|| LogError::Invalid("stream vanished".into()))?;
-        let seq = st.next_seq;
-        if seq > queries::MAX_SEQ {
-            return Err(LogError::Invalid(format!(
-                "stream {} has used every seq of this epoch",
-                ev.stream
-            )));
-        }
-        let headers = queries::encode_headers(&ev.headers);
-        let crc = queries::record_crc(
-            &ev.stream,
-            seq,
-            ev.event_ts_ms,
-            now,
-            ev.key.as_deref(),
-            ev.source.as_deref(),
-            ev.event_id.as_deref(),
-            ev.schema.as_deref(),
-            headers.as_deref(),
-            &ev.payload,
-        );
-        self.conn
-            .prepare_cached(
-                "INSERT INTO records (id, event_ts, ingest_ts, key, source, event_id, schema, headers, payload, crc)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    row_id(sid, seq),
-                    ev.event_ts_ms,
-                    now,
-                    ev.key,
-                    ev.source,
-                    ev.event_id,
-                    ev.schema,
-                    headers,
-                    &ev.payload[..],
-                    i64::from(crc)
-                ])
-            })
-            .map_err(storage("inserting a record"))?;
-        if let Some(eid) = &ev.event_id {
-            self.conn
-                .prepare_cached("INSERT INTO dedup (stream_id, event_id, seq) VALUES (?1, ?2, ?3)")
-                .and_then(|mut s| s.execute(params![sid, eid, seq as i64]))
-                .map_err(storage("remembering an event id"))?;
-        }
-        st.next_seq += 1;
-        st.count += 1;
-        st.bytes += ev.payload.len() as i64;
-        if touched.last().map(String::as_str) != Some(&*ev.stream) {
-            touched.push(ev.stream.to_string());
-        }
-        Ok(Appended::New { seq })
+        let Writer {
+            conn,
+            streams,
+            max_stream_id,
+            ..
+        } = self;
+        Inserter::new(conn)?.insert(streams, max_stream_id, ev, now, touched)
     }
 
-    fn flush_stream_rows(&mut self, touched: &[String]) -> Result<(), LogError> {
-        let mut seen = std::collections::HashSet::new();
-        for name in touched {
-            if !seen.insert(name) {
-                continue;
-            }
-            if let Some(st) = self.streams.get(name) {
-                self.conn
-                    .prepare_cached(
-                        "UPDATE streams SET next_seq = ?1, record_count = ?2, payload_bytes = ?3 WHERE id = ?4",
-                    )
-                    .and_then(|mut s| {
-                        s.execute(params![st.next_seq as i64, st.count, st.bytes, st.id])
-                    })
-                    .map_err(storage("updating stream counters"))?;
-            }
+    fn flush_stream_rows(&mut self, touched: &[i64]) -> Result<(), LogError> {
+        for st in self.streams.values().filter(|s| touched.contains(&s.id)) {
+            self.conn
+                .prepare_cached(
+                    "UPDATE streams SET next_seq = ?1, record_count = ?2, payload_bytes = ?3 WHERE id = ?4",
+                )
+                .and_then(|mut s| s.execute(params![st.next_seq as i64, st.count, st.bytes, st.id]))
+                .map_err(storage("updating stream counters"))?;
         }
         Ok(())
     }
@@ -462,7 +364,7 @@ impl Writer {
         seq: u64,
         reason: &str,
         now: i64,
-        touched: &mut Vec<String>,
+        touched: &mut Vec<i64>,
     ) -> Result<(), LogError> {
         let Some(st) = self.streams.get(stream).copied() else {
             return Ok(());
@@ -492,7 +394,9 @@ impl Writer {
             s.count -= 1;
             s.bytes -= payload.len() as i64;
         }
-        touched.push(stream.to_string());
+        if !touched.contains(&st.id) {
+            touched.push(st.id);
+        }
         self.record_gap(st.id, seq, seq, 1, &format!("corrupt: {reason}"), now)?;
         let dl = deadletter::from_log(stream, seq, reason, &payload);
         self.insert(&dl, now, touched)?;
@@ -660,9 +564,12 @@ impl Writer {
         let (count, bytes, min_id, max_id): (i64, i64, Option<i64>, Option<i64>) = self
             .conn
             .prepare_cached(
+                // The oldest `limit` rows by position first, then the age filter: filtering
+                // inside the LIMIT would scan the whole range when nothing is old enough.
                 "SELECT count(*), coalesce(sum(length(payload)), 0), min(id), max(id) FROM
-                   (SELECT id, payload FROM records WHERE id >= ?1 AND id < ?2
-                    AND (?4 IS NULL OR ingest_ts < ?4) ORDER BY id LIMIT ?3)",
+                   (SELECT id, payload, ingest_ts FROM records WHERE id >= ?1 AND id < ?2
+                    ORDER BY id LIMIT ?3)
+                 WHERE ?4 IS NULL OR ingest_ts < ?4",
             )
             .and_then(|mut s| {
                 s.query_row(
@@ -866,6 +773,159 @@ impl Writer {
             self.shared.generation.send_modify(|g| *g += 1);
         }
         Ok(report)
+    }
+}
+
+const INSERT_RECORD: &str = "INSERT INTO records (id, event_ts, ingest_ts, key, source, event_id, schema, headers, payload, crc)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+
+/// The stream's id, creating the stream (in the current transaction) if it is new.
+fn ensure_stream(
+    conn: &Connection,
+    streams: &mut HashMap<String, StreamState>,
+    max_stream_id: &mut i64,
+    name: &str,
+    now: i64,
+    touched: &mut Vec<i64>,
+) -> Result<i64, LogError> {
+    if let Some(st) = streams.get(name) {
+        return Ok(st.id);
+    }
+    if *max_stream_id >= queries::MAX_STREAM_ID {
+        return Err(LogError::Invalid(format!(
+            "cannot create stream {name:?}: the log already holds the maximum number of streams"
+        )));
+    }
+    let id = *max_stream_id + 1;
+    conn.execute(
+        "INSERT INTO streams (id, name, next_seq, created_ts) VALUES (?1, ?2, 1, ?3)",
+        params![id, name, now],
+    )
+    .map_err(storage("creating a stream"))?;
+    *max_stream_id = id;
+    streams.insert(
+        name.to_string(),
+        StreamState {
+            id,
+            next_seq: 1,
+            count: 0,
+            bytes: 0,
+        },
+    );
+    touched.push(id);
+    Ok(id)
+}
+
+/// Prepared statements for one batch: looked up once, not once per record.
+struct Inserter<'c> {
+    conn: &'c Connection,
+    record: rusqlite::CachedStatement<'c>,
+    dedup_check: Option<rusqlite::CachedStatement<'c>>,
+    dedup_add: Option<rusqlite::CachedStatement<'c>>,
+}
+
+impl<'c> Inserter<'c> {
+    fn new(conn: &'c Connection) -> Result<Self, LogError> {
+        Ok(Inserter {
+            conn,
+            record: conn
+                .prepare_cached(INSERT_RECORD)
+                .map_err(storage("preparing inserts"))?,
+            dedup_check: None,
+            dedup_add: None,
+        })
+    }
+
+    fn insert(
+        &mut self,
+        streams: &mut HashMap<String, StreamState>,
+        max_stream_id: &mut i64,
+        ev: &Event,
+        now: i64,
+        touched: &mut Vec<i64>,
+    ) -> Result<Appended, LogError> {
+        let sid = ensure_stream(self.conn, streams, max_stream_id, &ev.stream, now, touched)?;
+        if let Some(eid) = &ev.event_id {
+            if self.dedup_check.is_none() {
+                self.dedup_check = Some(
+                    self.conn
+                        .prepare_cached(
+                            "SELECT seq FROM dedup WHERE stream_id = ?1 AND event_id = ?2",
+                        )
+                        .map_err(storage("checking the dedup window"))?,
+                );
+            }
+            let dup: Option<i64> = self
+                .dedup_check
+                .as_mut()
+                .map(|s| s.query_row(params![sid, eid], |r| r.get(0)).optional())
+                .transpose()
+                .map_err(storage("checking the dedup window"))?
+                .flatten();
+            if let Some(seq) = dup {
+                metrics::counter!("edge_log_duplicates_total").increment(1);
+                return Ok(Appended::Duplicate { seq: seq as u64 });
+            }
+        }
+        let st = streams
+            .get_mut(&*ev.stream)
+            .ok_or_else(|| LogError::Invalid("stream vanished".into()))?;
+        let seq = st.next_seq;
+        if seq > queries::MAX_SEQ {
+            return Err(LogError::Invalid(format!(
+                "stream {} has used every seq of this epoch",
+                ev.stream
+            )));
+        }
+        let headers = queries::encode_headers(&ev.headers);
+        let crc = queries::record_crc(
+            &ev.stream,
+            seq,
+            ev.event_ts_ms,
+            now,
+            ev.key.as_deref(),
+            ev.source.as_deref(),
+            ev.event_id.as_deref(),
+            ev.schema.as_deref(),
+            headers.as_deref(),
+            &ev.payload,
+        );
+        self.record
+            .execute(params![
+                row_id(sid, seq),
+                ev.event_ts_ms,
+                now,
+                ev.key,
+                ev.source,
+                ev.event_id,
+                ev.schema,
+                headers,
+                &ev.payload[..],
+                i64::from(crc)
+            ])
+            .map_err(storage("inserting a record"))?;
+        if let Some(eid) = &ev.event_id {
+            if self.dedup_add.is_none() {
+                self.dedup_add = Some(
+                    self.conn
+                        .prepare_cached(
+                            "INSERT INTO dedup (stream_id, event_id, seq) VALUES (?1, ?2, ?3)",
+                        )
+                        .map_err(storage("remembering an event id"))?,
+                );
+            }
+            if let Some(s) = self.dedup_add.as_mut() {
+                s.execute(params![sid, eid, seq as i64])
+                    .map_err(storage("remembering an event id"))?;
+            }
+        }
+        st.next_seq += 1;
+        st.count += 1;
+        st.bytes += ev.payload.len() as i64;
+        if !touched.contains(&sid) {
+            touched.push(sid);
+        }
+        Ok(Appended::New { seq })
     }
 }
 
