@@ -601,6 +601,9 @@ impl Store {
     pub async fn abort_components(&mut self) {
         for (_, t) in self.tasks.drain(..) {
             t.abort();
+            // abort() takes effect at the task's next await; wait until it really stopped, so it
+            // cannot submit anything after the barrier below.
+            let _ = t.await;
         }
         // Requests apply in submission order: once this one is durable, so is everything before.
         self.log
