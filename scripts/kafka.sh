@@ -169,15 +169,18 @@ EOF
       echo "CLIENT_KEY_PEM=$dir/tls/client.key"
     fi
   } > "$dir/broker.env"
-  local cluster_id
-  cluster_id="$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
+  local cluster_id="-"
+  # A Kafka UUID: 16 random bytes, URL-safe base64. One starting with '-' would read as an option.
+  while [ "${cluster_id#-}" != "$cluster_id" ]; do
+    cluster_id="$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
+  done
   local scram=()
   if [ "$secure" = 1 ]; then
     scram=(--add-scram "SCRAM-SHA-256=[name=$SASL_USER,password=$SASL_PASSWORD]"
            --add-scram "SCRAM-SHA-512=[name=$SASL_USER,password=$SASL_PASSWORD]")
   fi
   "$JAVA" -Xmx256m -cp "$LIBS/*" -Dlog4j2.configurationFile="$dir/log4j2.properties" \
-    kafka.tools.StorageTool format --cluster-id "$cluster_id" --config "$dir/server.properties" \
+    kafka.tools.StorageTool format --cluster-id="$cluster_id" --config "$dir/server.properties" \
     "${scram[@]}" > "$dir/format.log" 2>&1 \
     || { cat "$dir/format.log" >&2; die "formatting the broker storage in $dir failed"; }
 }
