@@ -25,6 +25,27 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# --- Apache Kafka for the Kafka tests and benchmarks (scripts/kafka.sh) -------------------------
+# Java 17 runs the broker, Maven resolves its jars into a cache outside the clone, kcat is the
+# independent client the tests check with, openssl makes the TLS certificates.
+KAFKA_APT_PACKAGES=(default-jre-headless maven kcat openssl)
+missing=()
+for p in "${KAFKA_APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]} (Kafka tests)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+java_major="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')"
+if [ "${java_major%%.*}" -lt 17 ] 2>/dev/null; then
+  echo "install-deps: Kafka 4 needs Java 17 or newer, found ${java_major:-none}" >&2
+  exit 1
+fi
+bash scripts/kafka.sh fetch
+# ------------------------------------------------------------------------------------------------
+
 # The packaged Mosquitto service is not used: tests start their own brokers on free ports.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
   true

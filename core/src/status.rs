@@ -102,6 +102,11 @@ impl StatusHandle {
         &self.name
     }
 
+    /// The registry this handle reports to (the uplink's heartbeats carry every component's state).
+    pub fn registry(&self) -> &Status {
+        &self.registry
+    }
+
     /// Sets the state. Logs only when the state or the detail changes.
     pub fn set(&self, state: State, detail: impl Into<String>) {
         let detail = detail.into();

@@ -3,6 +3,7 @@
 
 use edge_core::config::{Problems, join};
 use edge_drivers::DriverConfig;
+use edge_sync::kafka::KafkaConfig;
 use edge_sync::log::LogConfig;
 use edge_sync::mqtt::MqttConfig;
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,8 @@ pub struct AgentConfig {
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
     pub drivers: Vec<DriverConfig>,
+    /// HQ's Kafka: uplink (mirror) and downlink. Absent = the store runs offline-only.
+    pub kafka: Option<KafkaConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -146,6 +149,9 @@ impl AgentConfig {
         self.log.validate("log", &mut p);
         self.mqtt.validate("mqtt", &mut p);
         edge_drivers::validate_drivers(&self.drivers, "drivers", &mut p);
+        if let Some(k) = &self.kafka {
+            k.validate("kafka", &mut p);
+        }
         if self.http.enabled && self.http.listen.port() == 0 {
             p.push(
                 join("http", "listen"),
@@ -220,6 +226,26 @@ beacons = 0
             "mqtt.ingress[0].topic:",
             "drivers[1].name:",
             "drivers[1].beacons:",
+        ] {
+            assert!(p.contains(path), "missing {path} in\n{p}");
+        }
+    }
+
+    #[test]
+    fn kafka_is_one_line_away_and_validated_with_paths() {
+        let cfg = AgentConfig::parse("kafka = { brokers = [\"127.0.0.1:9092\"] }\n", "t").unwrap();
+        assert!(cfg.validate().is_empty(), "{}", cfg.validate());
+        let cfg = AgentConfig::parse(
+            "[kafka]\nbrokers = []\ntopic_template = \"edge\"\n[kafka.security]\nprotocol = \"sasl_ssl\"\n",
+            "t",
+        )
+        .unwrap();
+        let p = cfg.validate().to_string();
+        for path in [
+            "kafka.brokers:",
+            "kafka.topic_template:",
+            "kafka.security.sasl_mechanism:",
+            "kafka.security.password_file:",
         ] {
             assert!(p.contains(path), "missing {path} in\n{p}");
         }

@@ -82,6 +82,26 @@ fn build_components(state: &DaemonState, shutdown: &Shutdown) -> anyhow::Result<
             task,
         });
     }
+    if let Some(k) = &cfg.kafka {
+        let ctx = context(state, shutdown, "uplink", "kafka");
+        let task = edge_sync::kafka::Uplink::new(k.clone(), cfg.log.mirror_cursor.clone())
+            .build(ctx)
+            .context("cannot start the Kafka uplink")?;
+        out.push(Component {
+            name: "uplink".into(),
+            task,
+        });
+        if k.downlink.enabled {
+            let ctx = context(state, shutdown, "downlink", "kafka");
+            let task = edge_sync::kafka::Downlink::new(k.clone())
+                .build(ctx)
+                .context("cannot start the Kafka downlink")?;
+            out.push(Component {
+                name: "downlink".into(),
+                task,
+            });
+        }
+    }
     for d in &cfg.drivers {
         let ctx = context(state, shutdown, d.name(), d.kind());
         let task = d

@@ -1,8 +1,10 @@
 //! The data spine of edge-agent: the durable local log every source writes into and every consumer
-//! reads from, and the bridges that move records between the log and the store's MQTT broker.
+//! reads from, the bridge to the store's MQTT broker, and the Kafka uplink/downlink to HQ.
 //!
 //! Nothing moves between components except through the [`log`] or a bounded channel in front of it.
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod log;
 pub mod mqtt;
 

@@ -4,6 +4,7 @@
 //! Tests poll for conditions with deadlines ([`wait_for`]); nothing sleeps to synchronise.
 
 pub mod agent;
+pub mod kafka;
 pub mod mosquitto;
 pub mod publisher;
 

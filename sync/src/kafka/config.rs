@@ -1,0 +1,874 @@
+//! The `[kafka]` section of the agent config: where HQ's Kafka is, how records are mirrored to it and
+//! what the downlink consumes. Every option is documented with an example in `docs/KAFKA.md`.
+//!
+//! Secrets (SASL password, TLS key password) are never in the config file itself: the config names
+//! files that hold them, read when the component starts, and nothing here prints their contents.
+
+use edge_core::config::{ByteSize, Problems, check_stream_name, join};
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// How records are delivered to Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMode {
+    /// Transactional producer: each batch commits together with its checkpoint; HQ consumers reading
+    /// `read_committed` see every record once.
+    #[default]
+    ExactlyOnce,
+    /// Idempotent producer, acks=all, the cursor moves on delivery reports. A crash can resend the
+    /// records of the last moments; the identity headers make them removable downstream. For brokers
+    /// without transactions.
+    AtLeastOnce,
+}
+
+impl DeliveryMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryMode::ExactlyOnce => "exactly_once",
+            DeliveryMode::AtLeastOnce => "at_least_once",
+        }
+    }
+}
+
+/// What the Kafka message key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyMode {
+    /// The store id: all of a store's records of a stream land in one partition, in seq order.
+    #[default]
+    Store,
+    /// `store/device` (the event's key, else its source): spreads a store over partitions; order is
+    /// then kept per device only.
+    StoreDevice,
+}
+
+/// Compression of produced batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    Zstd,
+    Lz4,
+    None,
+}
+
+impl Compression {
+    fn librdkafka(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Lz4 => "lz4",
+            Compression::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    fn librdkafka(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+    fn uses_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+    fn uses_sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    fn librdkafka(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// `[kafka.security]`: TLS, mTLS and SASL. Secrets are read from files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    pub protocol: SecurityProtocol,
+    /// CA certificate(s) (PEM) that signed the brokers' certificates. Default: the system store.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS; needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    pub key_file: Option<PathBuf>,
+    /// File holding the password of an encrypted `key_file`.
+    pub key_password_file: Option<PathBuf>,
+    /// Check that the broker certificate matches its host name (default true).
+    pub verify_hostname: Option<bool>,
+    pub sasl_mechanism: Option<SaslMechanism>,
+    pub username: Option<String>,
+    /// File holding the SASL password (a trailing newline is ignored).
+    pub password_file: Option<PathBuf>,
+}
+
+/// One HQ topic the downlink consumes and the local stream it writes into.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownlinkTopic {
+    pub topic: String,
+    pub stream: String,
+}
+
+/// Where the downlink starts on a partition it has no stored offset for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    /// Everything HQ still has (compacted price and campaign topics hold the current set).
+    #[default]
+    Earliest,
+    Latest,
+}
+
+/// `[kafka.downlink]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownlinkConfig {
+    pub enabled: bool,
+    pub topics: Vec<DownlinkTopic>,
+    pub start_from: StartFrom,
+    /// Records applied per local transaction at most.
+    pub batch_max_records: usize,
+    /// How long a batch waits for more records before it is applied.
+    pub batch_max_wait_ms: u64,
+    /// Interval of partition discovery (new topics and partitions at HQ).
+    pub metadata_refresh_ms: u64,
+}
+
+impl Default for DownlinkConfig {
+    fn default() -> Self {
+        DownlinkConfig {
+            enabled: true,
+            topics: ["hq.prices", "hq.campaigns", "hq.models", "hq.commands"]
+                .into_iter()
+                .map(|t| DownlinkTopic {
+                    topic: t.into(),
+                    stream: t.into(),
+                })
+                .collect(),
+            start_from: StartFrom::Earliest,
+            batch_max_records: 1000,
+            batch_max_wait_ms: 20,
+            metadata_refresh_ms: 30_000,
+        }
+    }
+}
+
+/// `[kafka]` section of the agent config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port`.
+    pub brokers: Vec<String>,
+    pub mode: DeliveryMode,
+    /// Cloud topic of a local stream: `{stream}` and `{store}` are replaced. `edge.{stream}` (one
+    /// aggregated topic per stream for all stores) or `{store}.{stream}` (MirrorMaker-2 style).
+    pub topic_template: String,
+    pub key: KeyMode,
+    /// `transactional.id` is `<prefix>.<store id>`: one transactional producer per store.
+    pub transactional_id_prefix: String,
+    /// Compacted topic holding the last committed seq per store, stream and epoch.
+    pub checkpoint_topic: String,
+    pub heartbeat_topic: String,
+    pub gap_topic: String,
+    /// Interval of `edge.heartbeats` records; 0 turns heartbeats off.
+    pub heartbeat_interval_ms: u64,
+    /// Local streams that are never mirrored (besides streams with `mirror = false` in `[log]`).
+    pub exclude_streams: Vec<String>,
+    /// Local stream the uplink reads HQ's commands from (the downlink writes `hq.commands` there).
+    pub commands_stream: String,
+    pub compression: Compression,
+    /// Records per transaction (exactly_once) or read from the log at once (at_least_once).
+    pub batch_max_records: usize,
+    pub batch_max_bytes: ByteSize,
+    /// librdkafka's `linger.ms`: how long it waits to fill a network batch.
+    pub linger_ms: u64,
+    /// Bound of librdkafka's in-memory queue. The local log is the real buffer; this only keeps
+    /// the network busy.
+    pub producer_queue_bytes: ByteSize,
+    /// Largest record (payload + headers) sent; larger records are reported on `edge.gaps`.
+    pub max_record_bytes: ByteSize,
+    /// Transaction timeout at the broker (must not exceed the broker's `transaction.max.timeout.ms`).
+    pub transaction_timeout_ms: u64,
+    /// Bandwidth cap for metered links (record bytes per second); 0 = unlimited.
+    pub max_bytes_per_sec: ByteSize,
+    /// Create the side topics (and data topics on first use) when they are missing.
+    pub create_topics: bool,
+    /// Partitions of topics this agent creates.
+    pub topic_partitions: i32,
+    /// Replication factor of topics this agent creates; -1 = the broker's default.
+    pub topic_replication_factor: i32,
+    /// Longest pause between reconnection attempts (librdkafka adds up to +50 % jitter). Keep it
+    /// <= 1000 so that a drain starts within 2 s of the broker coming back.
+    pub reconnect_backoff_max_ms: u64,
+    /// Extra librdkafka properties for tuning (see librdkafka's CONFIGURATION.md). Properties that
+    /// the delivery guarantees depend on cannot be overridden here.
+    pub client_properties: BTreeMap<String, String>,
+    pub security: SecurityConfig,
+    pub downlink: DownlinkConfig,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: Vec::new(),
+            mode: DeliveryMode::ExactlyOnce,
+            topic_template: "edge.{stream}".into(),
+            key: KeyMode::Store,
+            transactional_id_prefix: "edge-agent".into(),
+            checkpoint_topic: "edge.__checkpoints".into(),
+            heartbeat_topic: "edge.heartbeats".into(),
+            gap_topic: "edge.gaps".into(),
+            heartbeat_interval_ms: 30_000,
+            exclude_streams: Vec::new(),
+            commands_stream: "hq.commands".into(),
+            compression: Compression::Zstd,
+            batch_max_records: 20_000,
+            batch_max_bytes: ByteSize::mib(8),
+            linger_ms: 5,
+            producer_queue_bytes: ByteSize::mib(16),
+            max_record_bytes: ByteSize::kib(1000),
+            transaction_timeout_ms: 60_000,
+            max_bytes_per_sec: ByteSize::b(0),
+            create_topics: true,
+            topic_partitions: 3,
+            topic_replication_factor: -1,
+            reconnect_backoff_max_ms: 500,
+            client_properties: BTreeMap::new(),
+            security: SecurityConfig::default(),
+            downlink: DownlinkConfig::default(),
+        }
+    }
+}
+
+/// librdkafka properties the agent sets itself; overriding them could break a guarantee.
+const MANAGED_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "transactional.id",
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "transaction.timeout.ms",
+    "isolation.level",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.messages",
+    "message.max.bytes",
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.password",
+    "ssl.key.password",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "ssl.endpoint.identification.algorithm",
+    "partitioner",
+];
+
+/// Errors of building Kafka clients from the config.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaConfigError {
+    #[error(
+        "cannot read the secret file {path} named by kafka.security.{field}: {reason}; fix the file or its permissions and restart the agent"
+    )]
+    Secret {
+        field: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("the [kafka] config is invalid:\n{0}")]
+    Invalid(Problems),
+}
+
+/// Characters Kafka allows in topic names.
+fn check_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 249 {
+        return Err(format!("topic name {name:?} must be 1 to 249 characters"));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not a legal topic name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "topic name {name:?} contains {c:?}; Kafka allows letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+fn check_file(path: &str, field: &str, file: &Option<PathBuf>, problems: &mut Problems) {
+    if let Some(f) = file {
+        match std::fs::metadata(f) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => problems.push(
+                join(path, field),
+                format!("{} is not a regular file", f.display()),
+            ),
+            Err(e) => problems.push(
+                join(path, field),
+                format!("{} cannot be read: {e}", f.display()),
+            ),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// Reports every problem of this section with its path (e.g. `kafka.security.password_file`).
+    /// Checks that named files exist; reads no secret.
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        if self.brokers.is_empty() {
+            problems.push(
+                join(path, "brokers"),
+                "must list at least one broker, e.g. [\"kafka.hq.example:9093\"]",
+            );
+        }
+        for (i, b) in self.brokers.iter().enumerate() {
+            let ok = b
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                problems.push(
+                    format!("{}[{i}]", join(path, "brokers")),
+                    format!("{b:?} is not host:port"),
+                );
+            }
+        }
+        self.validate_template(path, problems);
+        if self.transactional_id_prefix.is_empty() {
+            problems.push(
+                join(path, "transactional_id_prefix"),
+                "must not be empty (the transactional.id is <prefix>.<store id>)",
+            );
+        }
+        for (field, topic) in [
+            ("checkpoint_topic", &self.checkpoint_topic),
+            ("heartbeat_topic", &self.heartbeat_topic),
+            ("gap_topic", &self.gap_topic),
+        ] {
+            if let Err(e) = check_topic_name(topic) {
+                problems.push(join(path, field), e);
+            }
+        }
+        if self.heartbeat_interval_ms != 0 && self.heartbeat_interval_ms < 1000 {
+            problems.push(
+                join(path, "heartbeat_interval_ms"),
+                format!(
+                    "is {}; must be 0 (off) or at least 1000",
+                    self.heartbeat_interval_ms
+                ),
+            );
+        }
+        for (i, s) in self.exclude_streams.iter().enumerate() {
+            if let Err(e) = check_stream_name(s) {
+                problems.push(format!("{}[{i}]", join(path, "exclude_streams")), e);
+            }
+        }
+        if let Err(e) = check_stream_name(&self.commands_stream) {
+            problems.push(join(path, "commands_stream"), e);
+        }
+        if !(1..=1_000_000).contains(&self.batch_max_records) {
+            problems.push(
+                join(path, "batch_max_records"),
+                format!(
+                    "is {}; must be between 1 and 1000000",
+                    self.batch_max_records
+                ),
+            );
+        }
+        if self.batch_max_bytes.as_u64() < ByteSize::kib(64).as_u64() {
+            problems.push(join(path, "batch_max_bytes"), "must be at least 64 KiB");
+        }
+        if self.linger_ms > 1000 {
+            problems.push(join(path, "linger_ms"), "must be at most 1000");
+        }
+        if self.producer_queue_bytes.as_u64() < self.batch_max_bytes.as_u64() {
+            problems.push(
+                join(path, "producer_queue_bytes"),
+                format!(
+                    "is {}; must be at least batch_max_bytes ({})",
+                    self.producer_queue_bytes, self.batch_max_bytes
+                ),
+            );
+        }
+        if self.producer_queue_bytes.as_u64() > ByteSize::gib(1).as_u64() {
+            problems.push(join(path, "producer_queue_bytes"), "must be at most 1 GiB");
+        }
+        let rec = self.max_record_bytes.as_u64();
+        if !(1024..=100 * 1024 * 1024).contains(&rec) {
+            problems.push(
+                join(path, "max_record_bytes"),
+                "must be between 1 KiB and 100 MiB",
+            );
+        }
+        if !(1000..=900_000).contains(&self.transaction_timeout_ms) {
+            problems.push(
+                join(path, "transaction_timeout_ms"),
+                format!(
+                    "is {}; must be between 1000 and 900000 (the broker's default transaction.max.timeout.ms)",
+                    self.transaction_timeout_ms
+                ),
+            );
+        }
+        let cap = self.max_bytes_per_sec.as_u64();
+        if cap != 0 && cap < 1024 {
+            problems.push(
+                join(path, "max_bytes_per_sec"),
+                "must be 0 (unlimited) or at least 1 KiB",
+            );
+        }
+        if !(1..=10_000).contains(&self.topic_partitions) {
+            problems.push(
+                join(path, "topic_partitions"),
+                "must be between 1 and 10000",
+            );
+        }
+        if self.topic_replication_factor == 0 || self.topic_replication_factor < -1 {
+            problems.push(
+                join(path, "topic_replication_factor"),
+                "must be -1 (broker default) or at least 1",
+            );
+        }
+        if !(100..=60_000).contains(&self.reconnect_backoff_max_ms) {
+            problems.push(
+                join(path, "reconnect_backoff_max_ms"),
+                "must be between 100 and 60000",
+            );
+        }
+        for key in self.client_properties.keys() {
+            if MANAGED_PROPERTIES.contains(&key.as_str()) {
+                problems.push(
+                    join(&join(path, "client_properties"), &format!("{key:?}")),
+                    "is set by the agent itself (the delivery guarantees depend on it); use the typed option instead",
+                );
+            }
+        }
+        self.validate_security(&join(path, "security"), problems);
+        self.validate_downlink(&join(path, "downlink"), problems);
+    }
+
+    fn validate_template(&self, path: &str, problems: &mut Problems) {
+        let field = join(path, "topic_template");
+        if !self.topic_template.contains("{stream}") {
+            problems.push(
+                field.clone(),
+                format!(
+                    "{:?} must contain {{stream}}, e.g. \"edge.{{stream}}\" or \"{{store}}.{{stream}}\"",
+                    self.topic_template
+                ),
+            );
+            return;
+        }
+        let rest = self
+            .topic_template
+            .replace("{stream}", "")
+            .replace("{store}", "");
+        if rest.contains('{') || rest.contains('}') {
+            problems.push(
+                field.clone(),
+                format!(
+                    "{:?} has a placeholder other than {{stream}} and {{store}}",
+                    self.topic_template
+                ),
+            );
+            return;
+        }
+        if let Err(e) = check_topic_name(&topic_for(
+            &self.topic_template,
+            "store-1",
+            "pos.transactions",
+        )) {
+            problems.push(field, e);
+        }
+    }
+
+    fn validate_security(&self, path: &str, problems: &mut Problems) {
+        let s = &self.security;
+        for (field, file) in [
+            ("ca_file", &s.ca_file),
+            ("cert_file", &s.cert_file),
+            ("key_file", &s.key_file),
+            ("key_password_file", &s.key_password_file),
+            ("password_file", &s.password_file),
+        ] {
+            check_file(path, field, file, problems);
+        }
+        if s.cert_file.is_some() != s.key_file.is_some() {
+            problems.push(
+                join(path, "cert_file"),
+                "mTLS needs both cert_file and key_file",
+            );
+        }
+        let tls_only = [
+            ("ca_file", s.ca_file.is_some()),
+            ("cert_file", s.cert_file.is_some()),
+            ("key_file", s.key_file.is_some()),
+            ("key_password_file", s.key_password_file.is_some()),
+            ("verify_hostname", s.verify_hostname.is_some()),
+        ];
+        if !s.protocol.uses_tls() {
+            for (field, set) in tls_only {
+                if set {
+                    problems.push(
+                        join(path, field),
+                        format!(
+                            "is set but protocol is {:?}; use \"ssl\" or \"sasl_ssl\" for TLS",
+                            s.protocol.librdkafka()
+                        ),
+                    );
+                }
+            }
+        }
+        if s.protocol.uses_sasl() {
+            if s.sasl_mechanism.is_none() {
+                problems.push(
+                    join(path, "sasl_mechanism"),
+                    "is required with SASL: \"PLAIN\", \"SCRAM-SHA-256\" or \"SCRAM-SHA-512\"",
+                );
+            }
+            if s.username.as_deref().is_none_or(str::is_empty) {
+                problems.push(join(path, "username"), "is required with SASL");
+            }
+            if s.password_file.is_none() {
+                problems.push(
+                    join(path, "password_file"),
+                    "is required with SASL (a file holding the password)",
+                );
+            }
+        } else {
+            for (field, set) in [
+                ("sasl_mechanism", s.sasl_mechanism.is_some()),
+                ("username", s.username.is_some()),
+                ("password_file", s.password_file.is_some()),
+            ] {
+                if set {
+                    problems.push(
+                        join(path, field),
+                        format!(
+                            "is set but protocol is {:?}; use \"sasl_plaintext\" or \"sasl_ssl\"",
+                            s.protocol.librdkafka()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn validate_downlink(&self, path: &str, problems: &mut Problems) {
+        let d = &self.downlink;
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, t) in d.topics.iter().enumerate() {
+            let p = format!("{}[{i}]", join(path, "topics"));
+            if let Err(e) = check_topic_name(&t.topic) {
+                problems.push(join(&p, "topic"), e);
+            }
+            if let Err(e) = check_stream_name(&t.stream) {
+                problems.push(join(&p, "stream"), e);
+            }
+            if !seen.insert(&t.topic) {
+                problems.push(join(&p, "topic"), format!("{:?} is listed twice", t.topic));
+            }
+        }
+        if !(1..=100_000).contains(&d.batch_max_records) {
+            problems.push(
+                join(path, "batch_max_records"),
+                "must be between 1 and 100000",
+            );
+        }
+        if d.batch_max_wait_ms > 10_000 {
+            problems.push(join(path, "batch_max_wait_ms"), "must be at most 10000");
+        }
+        if d.metadata_refresh_ms < 1000 {
+            problems.push(join(path, "metadata_refresh_ms"), "must be at least 1000");
+        }
+    }
+
+    /// Validates and fails with every problem (for builders that get an unchecked config).
+    pub fn check(&self) -> Result<(), KafkaConfigError> {
+        let mut p = Problems::new();
+        self.validate("kafka", &mut p);
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(KafkaConfigError::Invalid(p))
+        }
+    }
+
+    /// The cloud topic of a local stream for this store.
+    pub fn topic(&self, store: &str, stream: &str) -> String {
+        topic_for(&self.topic_template, store, stream)
+    }
+
+    /// `transactional.id` of a store's producer.
+    pub fn transactional_id(&self, store: &str) -> String {
+        format!("{}.{store}", self.transactional_id_prefix)
+    }
+
+    /// Properties common to every client: brokers, security (secrets read now), reconnect pacing
+    /// and the operator's tuning properties.
+    pub(crate) fn base_client_config(
+        &self,
+        client_id: &str,
+    ) -> Result<ClientConfig, KafkaConfigError> {
+        let mut c = ClientConfig::new();
+        for (k, v) in &self.client_properties {
+            c.set(k, v);
+        }
+        c.set("bootstrap.servers", self.brokers.join(","))
+            .set("client.id", client_id)
+            .set("reconnect.backoff.ms", "100")
+            .set(
+                "reconnect.backoff.max.ms",
+                self.reconnect_backoff_max_ms.to_string(),
+            )
+            // Retries of requests (e.g. InitProducerId while the coordinator still aborts the
+            // previous transaction) stay fast, so a restart resumes quickly.
+            .set("retry.backoff.ms", "50")
+            .set("retry.backoff.max.ms", "250")
+            .set("socket.keepalive.enable", "true")
+            .set("message.max.bytes", self.message_max_bytes().to_string());
+        let s = &self.security;
+        c.set("security.protocol", s.protocol.librdkafka());
+        if s.protocol.uses_tls() {
+            if let Some(ca) = &s.ca_file {
+                c.set("ssl.ca.location", path_str(ca));
+            }
+            if let (Some(cert), Some(key)) = (&s.cert_file, &s.key_file) {
+                c.set("ssl.certificate.location", path_str(cert));
+                c.set("ssl.key.location", path_str(key));
+            }
+            if let Some(f) = &s.key_password_file {
+                c.set("ssl.key.password", read_secret("key_password_file", f)?);
+            }
+            c.set(
+                "ssl.endpoint.identification.algorithm",
+                if s.verify_hostname.unwrap_or(true) {
+                    "https"
+                } else {
+                    "none"
+                },
+            );
+        }
+        if s.protocol.uses_sasl() {
+            if let Some(m) = s.sasl_mechanism {
+                c.set("sasl.mechanism", m.librdkafka());
+            }
+            if let Some(u) = &s.username {
+                c.set("sasl.username", u);
+            }
+            if let Some(f) = &s.password_file {
+                c.set("sasl.password", read_secret("password_file", f)?);
+            }
+        }
+        Ok(c)
+    }
+
+    /// librdkafka's client-side message size limit: the record bound plus room for the batch
+    /// framing.
+    pub(crate) fn message_max_bytes(&self) -> u64 {
+        self.max_record_bytes.as_u64() + 64 * 1024
+    }
+
+    pub(crate) fn compression_codec(&self) -> &'static str {
+        self.compression.librdkafka()
+    }
+
+    /// A short description for status and logs (no secrets).
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({}, {})",
+            self.brokers.join(","),
+            self.security.protocol.librdkafka(),
+            self.mode.as_str()
+        )
+    }
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn read_secret(field: &'static str, path: &Path) -> Result<String, KafkaConfigError> {
+    let s = std::fs::read_to_string(path).map_err(|e| KafkaConfigError::Secret {
+        field,
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let s = s.trim_end_matches(['\r', '\n']).to_string();
+    if s.is_empty() {
+        return Err(KafkaConfigError::Secret {
+            field,
+            path: path.display().to_string(),
+            reason: "the file is empty".into(),
+        });
+    }
+    Ok(s)
+}
+
+/// Applies a topic template.
+pub fn topic_for(template: &str, store: &str, stream: &str) -> String {
+    template
+        .replace("{store}", store)
+        .replace("{stream}", stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<KafkaConfig, toml::de::Error> {
+        toml::from_str(s)
+    }
+
+    fn problems(c: &KafkaConfig) -> Vec<String> {
+        let mut p = Problems::new();
+        c.validate("kafka", &mut p);
+        p.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn one_line_config_is_valid() {
+        let c = parse(r#"brokers = ["127.0.0.1:9092"]"#).unwrap();
+        assert!(problems(&c).is_empty(), "{:?}", problems(&c));
+        assert_eq!(c.mode, DeliveryMode::ExactlyOnce);
+        assert_eq!(c.topic("s1", "pos.transactions"), "edge.pos.transactions");
+        assert_eq!(c.transactional_id("s1"), "edge-agent.s1");
+        assert_eq!(c.downlink.topics.len(), 4);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = parse("brokers = [\"a:1\"]\nbrokerz = 1").unwrap_err();
+        assert!(e.to_string().contains("brokerz"), "{e}");
+        let e = parse("[security]\npasword_file = \"/x\"").unwrap_err();
+        assert!(e.to_string().contains("pasword_file"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let c = parse(
+            r#"
+            brokers = ["nohost", "h:0"]
+            topic_template = "edge.{device}"
+            heartbeat_interval_ms = 10
+            batch_max_records = 0
+            transaction_timeout_ms = 5
+            client_properties = { "enable.idempotence" = "false", "linger.ms" = "3" }
+            [security]
+            protocol = "sasl_ssl"
+            cert_file = "/nonexistent/cert.pem"
+            [downlink]
+            topics = [{ topic = "hq prices", stream = "HQ" }]
+            "#,
+        )
+        .unwrap();
+        let p = problems(&c);
+        let expect = [
+            "kafka.brokers[0]:",
+            "kafka.brokers[1]:",
+            "kafka.topic_template:",
+            "kafka.heartbeat_interval_ms:",
+            "kafka.batch_max_records:",
+            "kafka.transaction_timeout_ms:",
+            "kafka.client_properties.\"enable.idempotence\":",
+            "kafka.security.cert_file: /nonexistent/cert.pem cannot be read",
+            "kafka.security.cert_file: mTLS needs both",
+            "kafka.security.sasl_mechanism:",
+            "kafka.security.username:",
+            "kafka.security.password_file:",
+            "kafka.downlink.topics[0].topic:",
+            "kafka.downlink.topics[0].stream:",
+        ];
+        for e in expect {
+            assert!(p.iter().any(|l| l.starts_with(e)), "missing {e} in {p:#?}");
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+    }
+
+    #[test]
+    fn mm2_template_and_bad_characters() {
+        let mut c = KafkaConfig {
+            brokers: vec!["k:9092".into()],
+            topic_template: "{store}.{stream}".into(),
+            ..Default::default()
+        };
+        assert!(problems(&c).is_empty());
+        assert_eq!(c.topic("s-9", "pos.scans"), "s-9.pos.scans");
+        c.topic_template = "edge/{stream}".into();
+        assert_eq!(problems(&c).len(), 1);
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_from_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let c = KafkaConfig {
+            brokers: vec!["k:9093".into()],
+            security: SecurityConfig {
+                protocol: SecurityProtocol::SaslSsl,
+                sasl_mechanism: Some(SaslMechanism::ScramSha512),
+                username: Some("edge".into()),
+                password_file: Some(pw.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(problems(&c).is_empty(), "{:?}", problems(&c));
+        let cc = c.base_client_config("t").unwrap();
+        assert_eq!(cc.get("sasl.password"), Some("s3cret"));
+        assert_eq!(cc.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert!(!c.describe().contains("s3cret"));
+        std::fs::write(&pw, "").unwrap();
+        let e = c.base_client_config("t").unwrap_err().to_string();
+        assert!(
+            e.contains("kafka.security.password_file") && e.contains("empty"),
+            "{e}"
+        );
+        std::fs::remove_file(&pw).unwrap();
+        let e = c.base_client_config("t").unwrap_err().to_string();
+        assert!(!e.contains("s3cret") && e.contains("cannot read"), "{e}");
+    }
+}

@@ -1,0 +1,24 @@
+//! Mirror to HQ: the Kafka uplink (local streams -> HQ topics, exactly once) and downlink (HQ
+//! topics -> local streams, applied atomically with their offsets).
+//!
+//! The topic contract for HQ consumers is in `docs/KAFKA.md`. Built with the `kafka` feature
+//! (bundled librdkafka).
+
+mod checkpoint;
+pub mod client;
+pub mod command;
+pub mod config;
+pub mod downlink;
+pub mod record;
+mod topics;
+pub mod uplink;
+
+pub use checkpoint::{
+    CHECKPOINT_SCHEMA, Checkpoint, CheckpointError, StreamCheckpoint, read_checkpoint,
+};
+pub use config::{
+    Compression, DeliveryMode, DownlinkConfig, DownlinkTopic, KafkaConfig, KafkaConfigError,
+    KeyMode, SaslMechanism, SecurityConfig, SecurityProtocol, StartFrom,
+};
+pub use downlink::{Downlink, DownlinkError};
+pub use uplink::{Uplink, UplinkError};

@@ -1,0 +1,523 @@
+//! exactly_once: one transactional producer per store; each transaction holds a batch of records,
+//! the gap and heartbeat records that go with it, and the checkpoint.
+//!
+//! Session: `init_transactions` (fences every older producer of this store and finishes or aborts
+//! its last transaction) -> read the checkpoint (`read_committed`) -> resume each stream at
+//! `max(local cursor, checkpoint)` -> loop { read a fair batch; begin; send; checkpoint; commit;
+//! then move the local cursor }. While a commit is in flight the next batch is read from the log,
+//! so reading and committing overlap. A failed transaction is aborted and its records are read
+//! again from the log; a fatal producer error (fenced, epoch lost) ends the session and the next
+//! one starts over from the checkpoint.
+
+use super::progress::{Link, report};
+use super::record::{self, H_EPOCH, H_STORE};
+use super::{
+    Batch, Extra, KafkaProducer, Lanes, Part, Runner, Stop, Token, UNTRACKED_LANE, UplinkError,
+    extra_headers, send_blocking,
+};
+use crate::kafka::checkpoint::{Checkpoint, StreamCheckpoint, read_checkpoint};
+use crate::kafka::config::KeyMode;
+use edge_core::log::AppendTicket;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::Producer;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How long one blocking librdkafka call may take before the loop looks at shutdown again.
+const CALL_SLICE: Duration = Duration::from_secs(5);
+/// Interval of checks for new streams and new gaps while busy.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+/// Everything one transaction sends.
+struct TxnPlan {
+    parts: Vec<Part>,
+    extras: Vec<Extra>,
+    store: Arc<str>,
+    epoch: Arc<str>,
+    key_mode: KeyMode,
+}
+
+enum TxnFailure {
+    /// Nothing of the transaction is visible; its records are read again.
+    Aborted(String),
+    /// The producer is unusable (fenced, or a fatal idempotence error).
+    Fatal {
+        fenced: bool,
+        message: String,
+    },
+    Cancelled,
+}
+
+fn is_fenced(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+        )
+    )
+}
+
+/// (fatal, requires abort, retriable) of an error of a transactional call.
+fn txn_flags(e: &KafkaError) -> (bool, bool, bool) {
+    match e {
+        KafkaError::Transaction(t) => (t.is_fatal(), t.txn_requires_abort(), t.is_retriable()),
+        // rdkafka flushes before committing; a flush that timed out (broker away) is retried.
+        KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut) => (false, false, true),
+        _ => (true, false, false),
+    }
+}
+
+fn fatal(e: &KafkaError) -> TxnFailure {
+    TxnFailure::Fatal {
+        fenced: is_fenced(e),
+        message: e.to_string(),
+    }
+}
+
+impl Runner {
+    pub(crate) async fn eos_session(self: &Arc<Self>) -> Stop {
+        let producer = match self.create_producer(true) {
+            Ok(p) => p,
+            Err(e) => return Stop::Fatal(e),
+        };
+        report(
+            &self.ctx.status,
+            Link::Connecting,
+            format!("connecting to Kafka at {}", self.cfg.describe()),
+        );
+        // init_transactions waits (inside librdkafka) for the coordinator; a timeout is retried
+        // at once, so the session starts as soon as the broker answers.
+        loop {
+            if self.cancel().is_cancelled() {
+                return Stop::Shutdown;
+            }
+            let p = producer.clone();
+            let r = tokio::task::spawn_blocking(move || p.init_transactions(CALL_SLICE)).await;
+            match r {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => {
+                    let (is_fatal, _, retriable) = txn_flags(&e);
+                    if is_fatal || !retriable {
+                        let (link, detail) =
+                            self.trouble("initialising the transactional producer");
+                        let link = if is_fenced(&e) { Link::Fenced } else { link };
+                        self.progress.set_link(link, Some(e.to_string()));
+                        return Stop::Retry { link, detail };
+                    }
+                    self.report_trouble("initialising the transactional producer", &e.to_string());
+                }
+                Err(e) => return Stop::Fatal(UplinkError::Client(e.to_string())),
+            }
+        }
+        self.ensure_side_topics().await;
+        let cp = {
+            let base = self.base.clone();
+            let link = self.link.clone();
+            let topic = self.cfg.checkpoint_topic.clone();
+            let store = self.store.to_string();
+            let timeout =
+                Duration::from_millis(self.cfg.transaction_timeout_ms).max(Duration::from_secs(30));
+            match tokio::task::spawn_blocking(move || {
+                read_checkpoint(&base, link, &topic, &store, timeout)
+            })
+            .await
+            {
+                Ok(Ok(cp)) => cp,
+                Ok(Err(e)) => {
+                    let (link, _) = self.trouble("reading checkpoints");
+                    return Stop::Retry {
+                        link,
+                        detail: format!("{e}; records keep buffering in the local log"),
+                    };
+                }
+                Err(e) => return Stop::Fatal(UplinkError::Client(e.to_string())),
+            }
+        };
+        match self.eos_loop(producer, cp).await {
+            Ok(stop) => stop,
+            Err(e) => e.into(),
+        }
+    }
+
+    async fn eos_loop(
+        self: &Arc<Self>,
+        producer: KafkaProducer,
+        cp: Option<Checkpoint>,
+    ) -> Result<Stop, edge_core::log::LogError> {
+        if let Some(c) = &cp {
+            tracing::info!(
+                component = "uplink",
+                txn = c.txn,
+                same_epoch = (c.epoch == self.epoch),
+                streams = c.streams.len(),
+                "read this store's checkpoint from Kafka"
+            );
+        }
+        let mut txn = cp.as_ref().map_or(0, |c| c.txn);
+        let mut gap_id = self.initial_gap_id(cp.as_ref()).await?;
+        let mut lanes = Lanes::default();
+        let mut req = self.refresh_lanes(&mut lanes, cp.as_ref()).await?;
+        req.kv.push(self.gap_kv(gap_id));
+        self.log().append(req).await?;
+        self.report_up();
+
+        let hb_every = (self.cfg.heartbeat_interval_ms > 0)
+            .then(|| Duration::from_millis(self.cfg.heartbeat_interval_ms));
+        let mut next_hb = Instant::now();
+        let mut next_gap_check = Instant::now();
+        let mut commits = self.log().subscribe();
+        let mut ticket: Option<AppendTicket> = None;
+        let mut prefetched: Option<Batch> = None;
+        let cancel = self.cancel().clone();
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            commits.borrow_and_update();
+            if lanes.refreshed.is_none_or(|t| t.elapsed() >= REFRESH_EVERY) {
+                let req = self.refresh_lanes(&mut lanes, cp.as_ref()).await?;
+                if !req.cursors.is_empty() || !req.kv.is_empty() {
+                    self.log().append(req).await?;
+                }
+                let before: Vec<u64> = lanes.map.values().map(|l| l.committed).collect();
+                self.apply_commands(&mut lanes, txn, &|_| false).await?;
+                let after: Vec<u64> = lanes.map.values().map(|l| l.committed).collect();
+                if before != after {
+                    prefetched = None;
+                    for l in lanes.map.values_mut() {
+                        l.next = l.committed;
+                    }
+                }
+            }
+            let gaps = if Instant::now() >= next_gap_check {
+                next_gap_check = Instant::now() + REFRESH_EVERY;
+                self.log().gaps(gap_id, 100).await?
+            } else {
+                Vec::new()
+            };
+            let hb_due = hb_every.is_some() && Instant::now() >= next_hb;
+            let (max_records, max_bytes) = self.batch_limits().await;
+            let batch = match prefetched.take() {
+                Some(mut b) => {
+                    self.top_up(&mut lanes, &mut b).await?;
+                    b
+                }
+                None => self.read_batch(&mut lanes, max_records, max_bytes).await?,
+            };
+            if batch.is_empty() && gaps.is_empty() && !hb_due {
+                // Idle: the client still notices a broker going away; say so in status.
+                if self.progress.link() == Link::Up
+                    && let Some(e) = self.link.recent_error(Duration::from_secs(3))
+                {
+                    self.report_trouble("keeping the connection", &e.message);
+                }
+                let wake = next_hb.min(Instant::now() + REFRESH_EVERY);
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = commits.changed() => if r.is_err() { break },
+                    _ = tokio::time::sleep_until(wake.into()) => {}
+                }
+                continue;
+            }
+            {
+                let mut bw = self.bandwidth.lock().await;
+                if let Some(bw) = bw.as_mut()
+                    && !bw.take(batch.bytes, &cancel).await
+                {
+                    break;
+                }
+            }
+
+            let mut extras: Vec<Extra> = gaps.iter().map(|g| self.gap_extra(g)).collect();
+            for part in &batch.parts {
+                for (seq, bytes) in &part.oversize {
+                    extras.push(self.oversize_extra(&part.stream, *seq, *bytes));
+                }
+            }
+            if let (true, Some(every)) = (hb_due, hb_every) {
+                extras.push(self.heartbeat_extra().await);
+                next_hb = Instant::now() + every;
+            }
+            let new_gap_id = gaps.last().map_or(gap_id, |g| g.id);
+            let moved: Vec<(u32, u64)> = batch.parts.iter().map(|p| (p.lane, p.next)).collect();
+            txn += 1;
+            if !moved.is_empty() || new_gap_id != gap_id {
+                extras.push(self.checkpoint_extra(&lanes, &moved, new_gap_id, txn));
+            }
+            let records = batch.records as u64;
+            let plan = TxnPlan {
+                parts: batch.parts,
+                extras,
+                store: self.store.clone(),
+                epoch: self.epoch_str.clone(),
+                key_mode: self.cfg.key,
+            };
+            let run = {
+                let producer = producer.clone();
+                let this = self.clone();
+                let cancel = cancel.clone();
+                tokio::task::spawn_blocking(move || execute(&producer, plan, &this, &cancel))
+            };
+            // Read the next batch while the transaction commits.
+            let (res, pre) = if moved.is_empty() {
+                (run.await, None)
+            } else {
+                let (max_records, max_bytes) = self.batch_limits().await;
+                let (r, p) = tokio::join!(run, self.read_batch(&mut lanes, max_records, max_bytes));
+                (r, Some(p))
+            };
+            match res {
+                Ok(Ok(())) => {
+                    metrics::counter!("edge_uplink_transactions_total").increment(1);
+                    metrics::counter!("edge_uplink_records_total").increment(records);
+                    let ids: Vec<u32> = moved.iter().map(|(id, _)| *id).collect();
+                    for lane in lanes.map.values_mut() {
+                        if let Some((_, next)) = moved.iter().find(|(id, _)| *id == lane.id) {
+                            lane.committed = *next;
+                        }
+                    }
+                    let mut req = self.progress_request(&mut lanes, &ids);
+                    if new_gap_id != gap_id {
+                        metrics::counter!("edge_uplink_gaps_reported_total")
+                            .increment(gaps.len() as u64);
+                        req.kv.push(self.gap_kv(new_gap_id));
+                        gap_id = new_gap_id;
+                    }
+                    if let Some(t) = ticket.take() {
+                        t.await?;
+                    }
+                    if !req.cursors.is_empty() || !req.kv.is_empty() {
+                        ticket = Some(self.log().submit(req).await?);
+                    }
+                    self.progress.committed_batch(records);
+                    self.made_progress
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    if self.progress.link() != Link::Up {
+                        self.report_up();
+                    }
+                    prefetched = match pre {
+                        Some(Ok(b)) => Some(b),
+                        Some(Err(e)) => return Err(e),
+                        None => None,
+                    };
+                }
+                Ok(Err(failure)) => {
+                    for l in lanes.map.values_mut() {
+                        l.next = l.committed;
+                    }
+                    match failure {
+                        TxnFailure::Aborted(msg) => {
+                            metrics::counter!("edge_uplink_aborted_transactions_total")
+                                .increment(1);
+                            self.report_trouble("a transaction", &msg);
+                            tracing::warn!(component = "uplink", error = %msg,
+                                "a Kafka transaction was aborted; its records will be sent again from the local log");
+                        }
+                        TxnFailure::Cancelled => break,
+                        TxnFailure::Fatal { fenced, message } => {
+                            if let Some(t) = ticket.take() {
+                                t.await?;
+                            }
+                            let (link, detail) = if fenced {
+                                (
+                                    Link::Fenced,
+                                    format!(
+                                        "another producer took over transactional.id {} (an older or duplicate agent with store id {}?); this uplink re-initialises and resumes from the checkpoint",
+                                        self.cfg.transactional_id(&self.store),
+                                        self.store
+                                    ),
+                                )
+                            } else {
+                                self.trouble("the transactional producer")
+                            };
+                            tracing::warn!(component = "uplink", error = %message, fenced,
+                                "the transactional producer failed; starting a new session from the checkpoint");
+                            self.progress.set_link(link, Some(message));
+                            return Ok(Stop::Retry { link, detail });
+                        }
+                    }
+                }
+                Err(e) => return Ok(Stop::Fatal(UplinkError::Client(e.to_string()))),
+            }
+        }
+        if let Some(t) = ticket.take() {
+            t.await?;
+        }
+        Ok(Stop::Shutdown)
+    }
+
+    /// Records and bytes of the next batch (smaller under a bandwidth cap, so the cap is smooth).
+    pub(crate) async fn batch_limits(&self) -> (usize, usize) {
+        let bytes = self.cfg.batch_max_bytes.as_u64() as usize;
+        let bytes = match self.bandwidth.lock().await.as_ref() {
+            Some(b) => bytes.min(b.batch_bytes()),
+            None => bytes,
+        };
+        (self.cfg.batch_max_records, bytes)
+    }
+
+    fn checkpoint_extra(
+        &self,
+        lanes: &Lanes,
+        moved: &[(u32, u64)],
+        gap_id: u64,
+        txn: u64,
+    ) -> Extra {
+        let mut cp = Checkpoint::new(&self.store, self.epoch);
+        cp.txn = txn;
+        cp.gap_id = gap_id;
+        cp.ts_ms = edge_core::time::now_ms();
+        for lane in lanes.map.values() {
+            let next = moved
+                .iter()
+                .find(|(id, _)| *id == lane.id)
+                .map_or(lane.committed, |(_, n)| *n);
+            cp.streams
+                .insert(lane.stream.to_string(), StreamCheckpoint { next_seq: next });
+        }
+        Extra {
+            topic: self.cfg.checkpoint_topic.clone(),
+            key: self.store.to_string(),
+            payload: serde_json::to_vec(&cp).unwrap_or_default(),
+            headers: vec![
+                (H_STORE, self.store.to_string()),
+                (H_EPOCH, self.epoch_str.to_string()),
+            ],
+            lane: UNTRACKED_LANE,
+            seq: txn,
+        }
+    }
+}
+
+/// Runs one transaction to its end (blocking thread).
+fn execute(
+    p: &KafkaProducer,
+    plan: TxnPlan,
+    runner: &Runner,
+    cancel: &CancellationToken,
+) -> Result<(), TxnFailure> {
+    let started = std::time::Instant::now();
+    if let Err(e) = p.begin_transaction() {
+        return Err(fatal(&e));
+    }
+    for part in &plan.parts {
+        for r in &part.records {
+            let key = record::key_for(plan.key_mode, &plan.store, r);
+            let headers =
+                record::headers_for(&plan.store, &plan.epoch, r, r.seq < part.replay_until);
+            let token = Box::new(Token {
+                lane: part.lane,
+                seq: r.seq,
+                bytes: record::wire_size(r) as u32,
+            });
+            if let Err(e) = send_blocking(
+                p,
+                &part.topic,
+                key.as_bytes(),
+                &r.event.payload,
+                Some(record::timestamp_for(r)),
+                headers,
+                token,
+                cancel,
+            ) {
+                return Err(abort(p, &e, runner, cancel));
+            }
+        }
+    }
+    for x in &plan.extras {
+        let token = Box::new(Token {
+            lane: x.lane,
+            seq: x.seq,
+            bytes: x.payload.len() as u32,
+        });
+        if let Err(e) = send_blocking(
+            p,
+            &x.topic,
+            x.key.as_bytes(),
+            &x.payload,
+            None,
+            extra_headers(x),
+            token,
+            cancel,
+        ) {
+            return Err(abort(p, &e, runner, cancel));
+        }
+    }
+    let sent = started.elapsed();
+    // Wait for the deliveries here: rdkafka's commit_transaction flushes by polling in 100 ms
+    // slices, which would add up to 100 ms to every transaction; the producer's own polling
+    // thread serves the delivery reports meanwhile.
+    let flush_until = std::time::Instant::now() + CALL_SLICE;
+    while p.in_flight_count() > 0
+        && std::time::Instant::now() < flush_until
+        && !cancel.is_cancelled()
+    {
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    loop {
+        match p.commit_transaction(CALL_SLICE) {
+            Ok(()) => {
+                tracing::trace!(
+                    component = "uplink",
+                    send_ms = sent.as_millis() as u64,
+                    commit_ms = (started.elapsed() - sent).as_millis() as u64,
+                    "transaction committed"
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                let (is_fatal, requires_abort, retriable) = txn_flags(&e);
+                if is_fatal {
+                    return Err(fatal(&e));
+                }
+                if requires_abort {
+                    return Err(abort(p, &e, runner, cancel));
+                }
+                if !retriable {
+                    return Err(fatal(&e));
+                }
+                runner.report_trouble("committing a transaction", &e.to_string());
+                if cancel.is_cancelled() {
+                    // The outcome is unknown; the checkpoint read at the next start decides.
+                    let _ = p.abort_transaction(Duration::from_secs(1));
+                    return Err(TxnFailure::Cancelled);
+                }
+            }
+        }
+    }
+}
+
+/// Aborts the open transaction after `cause`.
+fn abort(
+    p: &KafkaProducer,
+    cause: &KafkaError,
+    runner: &Runner,
+    cancel: &CancellationToken,
+) -> TxnFailure {
+    if matches!(cause, KafkaError::Canceled) {
+        let _ = p.abort_transaction(Duration::from_secs(1));
+        return TxnFailure::Cancelled;
+    }
+    if txn_flags(cause).0 && matches!(cause, KafkaError::Transaction(_)) {
+        return fatal(cause);
+    }
+    loop {
+        match p.abort_transaction(CALL_SLICE) {
+            Ok(()) => return TxnFailure::Aborted(cause.to_string()),
+            Err(e) => {
+                let (is_fatal, _, retriable) = txn_flags(&e);
+                if is_fatal || !retriable {
+                    return fatal(&e);
+                }
+                runner.report_trouble("aborting a transaction", &e.to_string());
+                if cancel.is_cancelled() {
+                    return TxnFailure::Cancelled;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1097 @@
+//! The uplink: mirrors every mirrored local stream to HQ's Kafka.
+//!
+//! Invariants:
+//! * **The local log is the only buffer.** Records are read from the log at the uplink cursor;
+//!   librdkafka holds at most one batch (exactly_once) or `producer_queue_bytes` (at_least_once).
+//!   Nothing is dropped on a timer: a batch that fails is read again from the log.
+//! * **The cursor moves only after success was observed**: after the Kafka transaction that holds
+//!   the records committed (exactly_once), or after their delivery reports (at_least_once). The
+//!   cursor is the log's `mirror_cursor`, so retention and the disk budget never remove a record HQ
+//!   does not have.
+//! * **Exactly once** (see [`eos`]): every transaction carries a checkpoint; on start the uplink
+//!   fences older incarnations, reads the checkpoint back and resumes at
+//!   `max(local cursor, checkpoint)`, so a crash between the Kafka commit and the local cursor commit
+//!   neither loses nor repeats a record.
+//! * **Order** per (store, stream) is the seq order: one stream is one lane read in order, sent to one
+//!   topic with the store as key (one partition).
+//! * **Fairness**: each batch is shared between all streams with pending records, so a live stream
+//!   is not starved while another drains a backlog.
+
+mod alo;
+mod eos;
+pub mod progress;
+
+use super::checkpoint::Checkpoint;
+use super::client::{Backoff, LinkContext, LinkTrouble};
+use super::command::{self, Command};
+use super::config::{DeliveryMode, KafkaConfig, KafkaConfigError};
+use super::record::{self, H_EPOCH, H_STORE, H_STREAM};
+use super::topics::{TopicSpec, ensure_topics};
+use edge_core::Record;
+use edge_core::component::{ComponentContext, ComponentError, Task};
+use edge_core::log::{AppendRequest, CursorMove, Gap, Log, LogError, ReadLimits};
+use edge_core::status::State;
+use progress::{Bandwidth, Link, Progress, report};
+use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Errors that stop the uplink.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error(transparent)]
+    Config(#[from] KafkaConfigError),
+    #[error("the Kafka producer could not be created: {0}; check kafka.client_properties")]
+    Client(String),
+    #[error("the local log failed ({0}); the uplink stops and the records stay in the log")]
+    Log(#[from] LogError),
+}
+
+/// The uplink component.
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    cfg: KafkaConfig,
+    cursor: String,
+}
+
+impl Uplink {
+    /// `mirror_cursor` must be the log's `mirror_cursor` (default `"uplink"`).
+    pub fn new(cfg: KafkaConfig, mirror_cursor: impl Into<String>) -> Uplink {
+        Uplink {
+            cfg,
+            cursor: mirror_cursor.into(),
+        }
+    }
+
+    /// Checks the config and reads the secret files now, so that a bad config fails at start-up,
+    /// then returns the running task.
+    pub fn build(self, ctx: ComponentContext) -> Result<Task, UplinkError> {
+        self.cfg.check()?;
+        let base = self
+            .cfg
+            .base_client_config(&format!("edge-agent.{}", ctx.store_id))?;
+        let runner = Runner::new(self.cfg, self.cursor, base, ctx);
+        Ok(Box::pin(async move {
+            runner
+                .run()
+                .await
+                .map_err(|e| Box::new(e) as ComponentError)
+        }))
+    }
+}
+
+/// Lane id of gap records in delivery tokens.
+pub(crate) const GAP_LANE: u32 = u32::MAX;
+/// Lane id of records whose delivery is not tracked (heartbeats, checkpoints).
+pub(crate) const UNTRACKED_LANE: u32 = u32::MAX - 1;
+
+/// What a delivery report refers to.
+#[derive(Debug)]
+pub(crate) struct Token {
+    pub lane: u32,
+    pub seq: u64,
+    pub bytes: u32,
+}
+
+/// Delivery outcomes, shared with the producer's polling thread.
+#[derive(Debug, Default)]
+pub(crate) struct Deliveries {
+    /// (lane, seq) of records the broker refused as too large (sent as gaps next time). Only
+    /// such records are kept, and each one once.
+    pub oversize: HashSet<(u32, u64)>,
+    /// at_least_once: in-flight records per lane, in send order.
+    pub lanes: HashMap<u32, std::collections::VecDeque<Inflight>>,
+    pub inflight_bytes: u64,
+    pub inflight_records: u64,
+    /// Delivery failures since the last look (lane, error), for the log.
+    pub failed: Vec<(u32, String)>,
+    pub delivered: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Inflight {
+    pub seq: u64,
+    /// Read position after this record (skips holes after it).
+    pub next: u64,
+    pub bytes: u32,
+    pub done: bool,
+    pub failed: bool,
+}
+
+/// The producer's context: link errors and delivery reports.
+pub(crate) struct UplinkContext {
+    pub link: Arc<LinkContext>,
+    pub deliveries: Arc<(Mutex<Deliveries>, tokio::sync::Notify)>,
+}
+
+impl rdkafka::client::ClientContext for UplinkContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.link.log(level, fac, message)
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.link.error(error, reason)
+    }
+}
+
+impl ProducerContext for UplinkContext {
+    type DeliveryOpaque = Box<Token>;
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, token: Box<Token>) {
+        let (lock, notify) = &*self.deliveries;
+        let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let d = &mut *guard;
+        let err = result.as_ref().err().map(|(e, _)| e.clone());
+        if let Some(e) = &err {
+            metrics::counter!("edge_uplink_delivery_errors_total").increment(1);
+            if e.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::MessageSizeTooLarge)
+            {
+                d.oversize.insert((token.lane, token.seq));
+            }
+        }
+        // Only at_least_once tracks records in flight (exactly_once learns the outcome from the
+        // commit); nothing here grows while the broker is away.
+        if let Some(q) = d.lanes.get_mut(&token.lane)
+            && let Ok(i) = q.binary_search_by_key(&token.seq, |f| f.seq)
+            && !q[i].done
+            && !q[i].failed
+        {
+            match &err {
+                None => q[i].done = true,
+                Some(_) => q[i].failed = true,
+            }
+            d.inflight_records = d.inflight_records.saturating_sub(1);
+            d.inflight_bytes = d.inflight_bytes.saturating_sub(u64::from(token.bytes));
+            if let Some(e) = &err
+                && d.failed.len() < 100
+            {
+                d.failed.push((token.lane, e.to_string()));
+            }
+        }
+        if err.is_none() {
+            d.delivered += 1;
+        }
+        drop(guard);
+        notify.notify_one();
+    }
+}
+
+pub(crate) type KafkaProducer = ThreadedProducer<UplinkContext>;
+
+/// Why a session ended.
+pub(crate) enum Stop {
+    Shutdown,
+    /// The link failed; a new session starts after a backoff.
+    Retry {
+        link: Link,
+        detail: String,
+    },
+    Fatal(UplinkError),
+}
+
+impl From<LogError> for Stop {
+    fn from(e: LogError) -> Stop {
+        match e {
+            LogError::Closed => Stop::Shutdown,
+            e => Stop::Fatal(UplinkError::Log(e)),
+        }
+    }
+}
+
+/// A pending re-mirror of one stream, kept in the log's kv until it is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Rewind {
+    pub from: u64,
+    /// Records below this were mirrored before (they carry `edge.replay`).
+    pub until: u64,
+    /// The checkpoint transaction counter when the rewind was recorded; a checkpoint with a higher
+    /// counter already reflects it.
+    pub after_txn: u64,
+}
+
+/// One mirrored stream.
+#[derive(Debug, Clone)]
+pub(crate) struct Lane {
+    pub id: u32,
+    pub stream: Arc<str>,
+    pub topic: Arc<str>,
+    /// Next seq committed at HQ: everything below is mirrored.
+    pub committed: u64,
+    /// Next seq to read from the log (ahead of `committed` while records are in flight).
+    pub next: u64,
+    pub replay_until: u64,
+    /// A rewind whose kv entry must be cleared once `committed >= until`.
+    pub rewind: Option<Rewind>,
+}
+
+/// Records of one lane in a batch.
+#[derive(Debug)]
+pub(crate) struct Part {
+    pub lane: u32,
+    pub stream: Arc<str>,
+    pub topic: Arc<str>,
+    pub records: Vec<Record>,
+    /// Records refused before sending (too large): (seq, bytes).
+    pub oversize: Vec<(u64, usize)>,
+    /// Read position after this part.
+    pub next: u64,
+    pub replay_until: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub parts: Vec<Part>,
+    pub records: usize,
+    pub bytes: usize,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+}
+
+/// A non-record message (gap, heartbeat, checkpoint).
+#[derive(Debug, Clone)]
+pub(crate) struct Extra {
+    pub topic: String,
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+    pub lane: u32,
+    pub seq: u64,
+}
+
+pub(crate) struct Runner {
+    pub cfg: Arc<KafkaConfig>,
+    pub cursor: String,
+    pub base: ClientConfig,
+    pub ctx: ComponentContext,
+    pub store: Arc<str>,
+    pub epoch: Uuid,
+    pub epoch_str: Arc<str>,
+    pub link: Arc<LinkContext>,
+    pub progress: Arc<Progress>,
+    pub deliveries: Arc<(Mutex<Deliveries>, tokio::sync::Notify)>,
+    pub lane_ids: Mutex<HashMap<Arc<str>, u32>>,
+    pub topics_created: Mutex<HashSet<String>>,
+    pub bandwidth: tokio::sync::Mutex<Option<Bandwidth>>,
+    /// Reset to the minimum after a session that made progress.
+    pub made_progress: std::sync::atomic::AtomicBool,
+}
+
+/// Positions of all lanes of a session.
+#[derive(Debug, Default)]
+pub(crate) struct Lanes {
+    pub map: BTreeMap<Arc<str>, Lane>,
+    pub rr: usize,
+    pub refreshed: Option<Instant>,
+}
+
+impl Runner {
+    fn new(cfg: KafkaConfig, cursor: String, base: ClientConfig, ctx: ComponentContext) -> Runner {
+        let epoch = ctx.log.epoch();
+        let bandwidth = Bandwidth::new(cfg.max_bytes_per_sec.as_u64());
+        Runner {
+            store: ctx.store_id.clone(),
+            epoch,
+            epoch_str: Arc::from(epoch.to_string()),
+            link: Arc::new(LinkContext::new("uplink")),
+            progress: Arc::new(Progress::new()),
+            deliveries: Arc::new((
+                Mutex::new(Deliveries::default()),
+                tokio::sync::Notify::new(),
+            )),
+            lane_ids: Mutex::new(HashMap::new()),
+            topics_created: Mutex::new(HashSet::new()),
+            bandwidth: tokio::sync::Mutex::new(bandwidth),
+            made_progress: std::sync::atomic::AtomicBool::new(false),
+            cfg: Arc::new(cfg),
+            cursor,
+            base,
+            ctx,
+        }
+    }
+
+    pub fn log(&self) -> &dyn Log {
+        &*self.ctx.log
+    }
+
+    pub fn cancel(&self) -> &CancellationToken {
+        self.ctx.shutdown.all()
+    }
+
+    async fn run(self) -> Result<(), UplinkError> {
+        let this = Arc::new(self);
+        let ticker_stop = this.cancel().child_token();
+        let ticker = {
+            let this = this.clone();
+            let stop = ticker_stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            this.track_unseen_streams().await;
+                            let f = this.progress.figures(this.log()).await;
+                            this.progress.publish(&this.ctx.status, &f);
+                        }
+                    }
+                }
+            })
+        };
+        this.ctx.status.field("mode", this.cfg.mode.as_str());
+        this.ctx.status.field("brokers", this.cfg.brokers.join(","));
+        let mut backoff = Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_millis(this.cfg.reconnect_backoff_max_ms),
+        );
+        let result = loop {
+            let stop = match this.cfg.mode {
+                DeliveryMode::ExactlyOnce => this.eos_session().await,
+                DeliveryMode::AtLeastOnce => this.alo_session().await,
+            };
+            if this
+                .made_progress
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
+                backoff.reset();
+            }
+            match stop {
+                Stop::Shutdown => break Ok(()),
+                Stop::Fatal(e) => {
+                    this.progress.set_link(Link::Down, Some(e.to_string()));
+                    this.ctx.status.set(State::Down, e.to_string());
+                    break Err(e);
+                }
+                Stop::Retry { link, detail } => {
+                    this.progress.set_link(link, None);
+                    let delay = backoff.next_delay();
+                    report(&this.ctx.status, link, detail);
+                    tokio::select! {
+                        _ = this.cancel().cancelled() => break Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
+        ticker_stop.cancel();
+        let _ = ticker.await; // the ticker only reports; a panic there must not mask the result
+        let f = this.progress.figures(this.log()).await;
+        this.progress.publish(&this.ctx.status, &f);
+        if result.is_ok() {
+            this.ctx.status.set(State::Stopped, "stopped");
+        }
+        result
+    }
+
+    /// Counts streams no session has seen yet (the link never came up) in the backlog, from their
+    /// local cursors.
+    async fn track_unseen_streams(&self) {
+        let Ok(streams) = self.log().streams().await else {
+            return;
+        };
+        let known = self.progress.committed();
+        for s in streams {
+            if !s.mirrored || self.excluded(&s.name) || known.contains_key(&s.name) {
+                continue;
+            }
+            if let Ok(c) = self.log().cursor(&self.cursor, &s.name).await {
+                self.progress
+                    .set_committed_if_absent(&s.name, c.unwrap_or(1).max(1));
+            }
+        }
+    }
+
+    /// The link's state and a status sentence from the client's most recent error.
+    pub fn trouble(&self, what: &str) -> (Link, String) {
+        let err = self.link.recent_error(Duration::from_secs(60));
+        let brokers = self.cfg.brokers.join(",");
+        let buffering = "records keep buffering in the local log and drain when the link is back";
+        match err {
+            Some(e) if e.trouble == LinkTrouble::Auth => (
+                Link::AuthFailed,
+                format!(
+                    "Kafka at {brokers} refused this store's credentials ({}); {}; {buffering}",
+                    e.message.split(" (after").next().unwrap_or(&e.message),
+                    e.trouble.advice()
+                ),
+            ),
+            Some(e) if e.trouble != LinkTrouble::Unreachable => (
+                Link::Down,
+                format!(
+                    "{what} failed at {brokers}: {} problem ({}); {buffering}",
+                    e.trouble.as_str(),
+                    e.trouble.advice()
+                ),
+            ),
+            _ => (
+                Link::Down,
+                format!("cannot reach Kafka at {brokers} ({what}); {buffering}"),
+            ),
+        }
+    }
+
+    /// Reports a link problem without ending the session (the call will be retried).
+    pub fn report_trouble(&self, what: &str, error: &str) {
+        let (link, detail) = self.trouble(what);
+        self.progress.set_link(link, Some(error.to_string()));
+        report(&self.ctx.status, link, detail);
+    }
+
+    pub fn report_up(&self) {
+        self.link.clear_error();
+        self.progress.set_link(Link::Up, None);
+        report(
+            &self.ctx.status,
+            Link::Up,
+            format!("mirroring to Kafka at {}", self.cfg.describe()),
+        );
+    }
+
+    pub fn lane_id(&self, stream: &Arc<str>) -> u32 {
+        let mut m = self.lane_ids.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.len() as u32;
+        *m.entry(stream.clone()).or_insert(n)
+    }
+
+    /// Creates a producer. `transactional` selects exactly_once settings, else idempotent.
+    pub fn create_producer(&self, transactional: bool) -> Result<KafkaProducer, UplinkError> {
+        let c = &self.cfg;
+        let mut cfg = self.base.clone();
+        cfg.set("compression.codec", c.compression_codec())
+            .set("linger.ms", c.linger_ms.to_string())
+            .set("batch.size", "1000000")
+            .set(
+                "queue.buffering.max.kbytes",
+                (c.producer_queue_bytes.as_u64() / 1024).max(1).to_string(),
+            )
+            .set("queue.buffering.max.messages", "1000000")
+            .set("partitioner", "murmur2_random")
+            .set("enable.idempotence", "true")
+            .set("acks", "all");
+        if transactional {
+            cfg.set("transactional.id", c.transactional_id(&self.store))
+                .set(
+                    "transaction.timeout.ms",
+                    c.transaction_timeout_ms.to_string(),
+                );
+        } else {
+            // Never give up on a record: the log keeps it and librdkafka retries until delivery.
+            cfg.set("message.timeout.ms", "0")
+                .set("max.in.flight.requests.per.connection", "5");
+        }
+        let context = UplinkContext {
+            link: self.link.clone(),
+            deliveries: self.deliveries.clone(),
+        };
+        cfg.create_with_context(context)
+            .map_err(|e| UplinkError::Client(e.to_string()))
+    }
+
+    /// Creates the side topics once per process (when allowed).
+    pub async fn ensure_side_topics(&self) {
+        let c = &self.cfg;
+        let specs = [
+            TopicSpec {
+                name: c.checkpoint_topic.clone(),
+                compacted: true,
+            },
+            TopicSpec {
+                name: c.heartbeat_topic.clone(),
+                compacted: false,
+            },
+            TopicSpec {
+                name: c.gap_topic.clone(),
+                compacted: false,
+            },
+        ];
+        self.ensure(&specs).await;
+    }
+
+    async fn ensure(&self, specs: &[TopicSpec]) {
+        if !self.cfg.create_topics {
+            return;
+        }
+        let todo: Vec<TopicSpec> = {
+            let done = self
+                .topics_created
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            specs
+                .iter()
+                .filter(|s| !done.contains(&s.name))
+                .cloned()
+                .collect()
+        };
+        if todo.is_empty() {
+            return;
+        }
+        let problems = ensure_topics(
+            &self.base,
+            self.link.clone(),
+            &todo,
+            self.cfg.topic_partitions,
+            self.cfg.topic_replication_factor,
+        )
+        .await;
+        for p in &problems {
+            tracing::warn!(
+                component = "uplink",
+                "{p}; producing anyway (HQ may provision topics itself)"
+            );
+        }
+        if problems.iter().all(|p| !p.contains("timed out")) {
+            let mut done = self
+                .topics_created
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            done.extend(todo.into_iter().map(|s| s.name));
+        }
+    }
+
+    fn excluded(&self, stream: &str) -> bool {
+        self.cfg.exclude_streams.iter().any(|s| s == stream)
+    }
+
+    fn kv_rewind_key(&self, stream: &str) -> String {
+        format!("{}.rewind.{stream}", self.cursor)
+    }
+
+    fn kv_gap_key(&self) -> String {
+        format!("{}.gap_id", self.cursor)
+    }
+
+    fn commands_cursor(&self) -> String {
+        format!("{}.commands", self.cursor)
+    }
+
+    /// The id of the last gap reported, from the log (and the checkpoint in exactly_once).
+    pub async fn initial_gap_id(&self, cp: Option<&Checkpoint>) -> Result<u64, LogError> {
+        let local = self
+            .log()
+            .kv_get(&self.kv_gap_key())
+            .await?
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+        let cp = cp.filter(|c| c.epoch == self.epoch).map_or(0, |c| c.gap_id);
+        Ok(local.max(cp))
+    }
+
+    pub fn gap_kv(&self, gap_id: u64) -> (String, Vec<u8>) {
+        (self.kv_gap_key(), gap_id.to_string().into_bytes())
+    }
+
+    /// Adds lanes for mirrored streams not seen yet. Returns cursor moves and kv writes the log
+    /// needs to catch up with the checkpoint (after a crash between Kafka commit and local
+    /// commit) or to drop finished rewinds.
+    pub async fn refresh_lanes(
+        &self,
+        lanes: &mut Lanes,
+        cp: Option<&Checkpoint>,
+    ) -> Result<AppendRequest, LogError> {
+        lanes.refreshed = Some(Instant::now());
+        let mut req = AppendRequest::default();
+        let mut new_topics = Vec::new();
+        for info in self.log().streams().await? {
+            if !info.mirrored || self.excluded(&info.name) || lanes.map.contains_key(&*info.name) {
+                continue;
+            }
+            let stream: Arc<str> = Arc::from(info.name.as_str());
+            let local = self
+                .log()
+                .cursor(&self.cursor, &stream)
+                .await?
+                .unwrap_or(1)
+                .max(1);
+            let cp = cp.filter(|c| c.epoch == self.epoch);
+            let cp_next = cp.and_then(|c| c.next_seq(&stream));
+            let rewind: Option<Rewind> = self
+                .log()
+                .kv_get(&self.kv_rewind_key(&stream))
+                .await?
+                .filter(|v| !v.is_empty())
+                .and_then(|v| serde_json::from_slice(&v).ok());
+            let forced = match (rewind, self.cfg.mode) {
+                (Some(r), DeliveryMode::ExactlyOnce) => cp.is_none_or(|c| c.txn <= r.after_txn),
+                _ => false,
+            };
+            let committed = if forced {
+                local
+            } else {
+                local.max(cp_next.unwrap_or(0))
+            };
+            if committed > local {
+                tracing::info!(
+                    component = "uplink",
+                    stream = &*stream,
+                    local_cursor = local,
+                    checkpoint = committed,
+                    "the last transaction committed at HQ before the local cursor moved; resuming after it"
+                );
+                req.cursors.push(CursorMove {
+                    cursor: self.cursor.clone(),
+                    stream: stream.to_string(),
+                    next_seq: committed,
+                });
+            }
+            let (replay_until, rewind) = match rewind {
+                Some(r) if r.until > committed => (r.until, Some(r)),
+                Some(_) => {
+                    req.kv.push((self.kv_rewind_key(&stream), Vec::new()));
+                    (0, None)
+                }
+                None => (0, None),
+            };
+            let topic: Arc<str> = Arc::from(self.cfg.topic(&self.store, &stream));
+            new_topics.push(TopicSpec {
+                name: topic.to_string(),
+                compacted: false,
+            });
+            let id = self.lane_id(&stream);
+            self.progress.set_committed(&stream, committed);
+            lanes.map.insert(
+                stream.clone(),
+                Lane {
+                    id,
+                    stream,
+                    topic,
+                    committed,
+                    next: committed,
+                    replay_until,
+                    rewind,
+                },
+            );
+        }
+        self.ensure(&new_topics).await;
+        Ok(req)
+    }
+
+    /// Reads the next batch fairly from all lanes with pending records, starting at each lane's
+    /// `next` and moving it past what was read.
+    pub async fn read_batch(
+        &self,
+        lanes: &mut Lanes,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Batch, LogError> {
+        let oversize: HashSet<(u32, u64)> = {
+            let d = self.deliveries.0.lock().unwrap_or_else(|e| e.into_inner());
+            d.oversize.clone()
+        };
+        let mut pending: Vec<Arc<str>> = lanes
+            .map
+            .values()
+            .filter(|l| self.log().next_seq(&l.stream).is_some_and(|h| h > l.next))
+            .map(|l| l.stream.clone())
+            .collect();
+        let mut batch = Batch::default();
+        if pending.is_empty() {
+            return Ok(batch);
+        }
+        let n = pending.len();
+        pending.rotate_left(lanes.rr % n);
+        lanes.rr = lanes.rr.wrapping_add(1);
+        let max_record_bytes = self.cfg.max_record_bytes.as_u64() as usize;
+        // Two passes: an equal share for every pending lane, then what is left to lanes that
+        // filled their share.
+        for pass in 0..2 {
+            let left_records = max_records.saturating_sub(batch.records);
+            let left_bytes = max_bytes.saturating_sub(batch.bytes);
+            if left_records == 0 || left_bytes < 1024 {
+                break;
+            }
+            let share = if pass == 0 { n } else { 1 };
+            for stream in &pending {
+                let left_records = max_records.saturating_sub(batch.records);
+                let left_bytes = max_bytes.saturating_sub(batch.bytes);
+                if left_records == 0 || left_bytes < 1024 {
+                    break;
+                }
+                let Some(lane) = lanes.map.get_mut(stream) else {
+                    continue;
+                };
+                if self.log().next_seq(stream).is_none_or(|h| h <= lane.next) {
+                    continue;
+                }
+                let limits = ReadLimits {
+                    max_records: (left_records / share).max(1),
+                    max_bytes: (left_bytes / share).max(1024),
+                };
+                let rb = self.log().read(stream, lane.next, limits).await?;
+                if rb.next_seq <= lane.next {
+                    continue;
+                }
+                let mut part = Part {
+                    lane: lane.id,
+                    stream: lane.stream.clone(),
+                    topic: lane.topic.clone(),
+                    records: Vec::with_capacity(rb.records.len()),
+                    oversize: Vec::new(),
+                    next: rb.next_seq,
+                    replay_until: lane.replay_until,
+                };
+                for r in rb.records {
+                    let size = record::wire_size(&r);
+                    batch.bytes += size;
+                    if size > max_record_bytes || oversize.contains(&(lane.id, r.seq)) {
+                        part.oversize.push((r.seq, size));
+                    } else {
+                        batch.records += 1;
+                        part.records.push(r);
+                    }
+                }
+                lane.next = rb.next_seq;
+                // Merge with this lane's part of the first pass.
+                if let Some(p) = batch.parts.iter_mut().find(|p| p.lane == part.lane) {
+                    p.records.append(&mut part.records);
+                    p.oversize.append(&mut part.oversize);
+                    p.next = part.next;
+                } else {
+                    batch.parts.push(part);
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Adds the lanes that had nothing pending when `batch` was read (it was read ahead, during the
+    /// previous commit) and have records now: a live record then waits for one transaction, not
+    /// two. Each such lane gets a small share.
+    pub async fn top_up(&self, lanes: &mut Lanes, batch: &mut Batch) -> Result<(), LogError> {
+        let missing: Vec<Arc<str>> = lanes
+            .map
+            .values()
+            .filter(|l| !batch.parts.iter().any(|p| p.lane == l.id))
+            .filter(|l| self.log().next_seq(&l.stream).is_some_and(|h| h > l.next))
+            .map(|l| l.stream.clone())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut sub = Lanes {
+            map: missing
+                .iter()
+                .filter_map(|s| lanes.map.get(s).map(|l| (s.clone(), l.clone())))
+                .collect(),
+            rr: lanes.rr,
+            refreshed: lanes.refreshed,
+        };
+        let share = (self.cfg.batch_max_records / 10).max(100);
+        let bytes = (self.cfg.batch_max_bytes.as_u64() as usize / 10).max(64 * 1024);
+        let extra = self.read_batch(&mut sub, share, bytes).await?;
+        for (s, l) in sub.map {
+            if let Some(orig) = lanes.map.get_mut(&s) {
+                orig.next = l.next;
+            }
+        }
+        batch.records += extra.records;
+        batch.bytes += extra.bytes;
+        batch.parts.extend(extra.parts);
+        Ok(())
+    }
+
+    /// A gap record for `edge.gaps`.
+    pub fn gap_extra(&self, g: &Gap) -> Extra {
+        let payload = json!({
+            "schema": "edge.gap/1",
+            "store": &*self.store,
+            "epoch": &*self.epoch_str,
+            "stream": g.stream,
+            "gap_id": g.id,
+            "first_seq": g.first_seq,
+            "last_seq": g.last_seq,
+            "count": g.count,
+            "reason": g.reason,
+            "ts": g.ts_ms,
+        });
+        self.side_extra(&self.cfg.gap_topic, &g.stream, payload, GAP_LANE, g.id)
+    }
+
+    /// A gap record for records the uplink could not send (larger than the broker accepts).
+    pub fn oversize_extra(&self, stream: &str, seq: u64, bytes: usize) -> Extra {
+        metrics::counter!("edge_uplink_records_dropped_total", "reason" => "too_large")
+            .increment(1);
+        tracing::error!(
+            component = "uplink",
+            stream,
+            seq,
+            bytes,
+            "a record is larger than Kafka accepts (kafka.max_record_bytes / the broker's max.message.bytes); it is reported on the gaps topic instead of being sent"
+        );
+        let payload = json!({
+            "schema": "edge.gap/1",
+            "store": &*self.store,
+            "epoch": &*self.epoch_str,
+            "stream": stream,
+            "gap_id": null,
+            "first_seq": seq,
+            "last_seq": seq,
+            "count": 1,
+            "reason": format!("record of {bytes} bytes exceeds the largest message Kafka accepts"),
+            "ts": edge_core::time::now_ms(),
+        });
+        self.side_extra(&self.cfg.gap_topic, stream, payload, UNTRACKED_LANE, seq)
+    }
+
+    fn side_extra(
+        &self,
+        topic: &str,
+        stream: &str,
+        payload: serde_json::Value,
+        lane: u32,
+        seq: u64,
+    ) -> Extra {
+        Extra {
+            topic: topic.to_string(),
+            key: self.store.to_string(),
+            payload: serde_json::to_vec(&payload).unwrap_or_default(),
+            headers: vec![
+                (H_STORE, self.store.to_string()),
+                (H_STREAM, stream.to_string()),
+                (H_EPOCH, self.epoch_str.to_string()),
+            ],
+            lane,
+            seq,
+        }
+    }
+
+    /// The heartbeat record.
+    pub async fn heartbeat_extra(&self) -> Extra {
+        let f = self.progress.figures(self.log()).await;
+        let usage = self.log().usage().await.unwrap_or_default();
+        let streams: serde_json::Map<String, serde_json::Value> = f
+            .streams
+            .iter()
+            .map(|(s, (head, committed))| {
+                (
+                    s.clone(),
+                    json!({"next_seq": head, "mirrored_next_seq": committed}),
+                )
+            })
+            .collect();
+        let components: serde_json::Map<String, serde_json::Value> = self
+            .ctx
+            .status
+            .registry()
+            .snapshot()
+            .into_iter()
+            .map(|(name, c)| {
+                (
+                    name,
+                    json!({"kind": c.kind, "state": c.state.as_str(), "detail": c.detail}),
+                )
+            })
+            .collect();
+        let payload = json!({
+            "schema": "edge.heartbeat/1",
+            "store": &*self.store,
+            "epoch": &*self.epoch_str,
+            "ts": edge_core::time::now_ms(),
+            "agent_version": env!("CARGO_PKG_VERSION"),
+            "mode": self.cfg.mode.as_str(),
+            "backlog_records": f.backlog_records,
+            "oldest_unsent_age_ms": f.oldest_unsent_age_ms,
+            "time_to_drain_s": f.time_to_drain_s,
+            "disk": {
+                "used_bytes": usage.used_bytes,
+                "budget_bytes": usage.budget_bytes,
+                "fs_free_bytes": usage.fs_free_bytes,
+                "full": usage.full,
+            },
+            "streams": streams,
+            "components": components,
+        });
+        metrics::counter!("edge_uplink_heartbeats_total").increment(1);
+        let mut e = self.side_extra(&self.cfg.heartbeat_topic, "", payload, UNTRACKED_LANE, 0);
+        e.headers.retain(|(k, _)| *k != H_STREAM);
+        e
+    }
+
+    /// Reads new HQ commands. Remirror commands rewind their lane (persisted with the command
+    /// cursor in one log request, so a crash re-executes the command rather than losing it).
+    /// Lanes in `busy` (records in flight) are not rewound now; the command waits.
+    pub async fn apply_commands(
+        &self,
+        lanes: &mut Lanes,
+        txn: u64,
+        busy: &(dyn Fn(u32) -> bool + Sync),
+    ) -> Result<(), LogError> {
+        let stream = self.cfg.commands_stream.clone();
+        let Some(head) = self.log().next_seq(&stream) else {
+            return Ok(());
+        };
+        let ccursor = self.commands_cursor();
+        let from = self.log().cursor(&ccursor, &stream).await?.unwrap_or(1);
+        if head <= from {
+            return Ok(());
+        }
+        let rb = self
+            .log()
+            .read(
+                &stream,
+                from,
+                ReadLimits {
+                    max_records: 100,
+                    max_bytes: 1 << 20,
+                },
+            )
+            .await?;
+        let mut req = AppendRequest::default();
+        let mut next = from;
+        for r in &rb.records {
+            match command::parse(&r.event.payload) {
+                Ok(Some(Command::Remirror {
+                    stream: s,
+                    from_seq,
+                    epoch,
+                })) => {
+                    if epoch.is_some_and(|e| e != self.epoch) {
+                        tracing::warn!(
+                            component = "uplink",
+                            stream = s,
+                            "ignoring a remirror command for another epoch of the local log"
+                        );
+                    } else if let Some(lane) = lanes.map.get_mut(s.as_str()) {
+                        if busy(lane.id) {
+                            break; // retried once the lane's records in flight are delivered
+                        }
+                        let from_seq = from_seq.max(1);
+                        if from_seq < lane.committed {
+                            let rw = Rewind {
+                                from: from_seq,
+                                until: lane.committed.max(lane.replay_until),
+                                after_txn: txn,
+                            };
+                            tracing::info!(
+                                component = "uplink",
+                                stream = s,
+                                from_seq,
+                                until = rw.until,
+                                "HQ asked to re-mirror a stream; sending it again from the requested seq"
+                            );
+                            metrics::counter!("edge_uplink_remirrors_total").increment(1);
+                            lane.committed = from_seq;
+                            lane.next = from_seq;
+                            lane.replay_until = rw.until;
+                            lane.rewind = Some(rw);
+                            self.progress.set_committed(&lane.stream, from_seq);
+                            req.cursors.push(CursorMove {
+                                cursor: self.cursor.clone(),
+                                stream: s.clone(),
+                                next_seq: from_seq,
+                            });
+                            req.kv.push((
+                                self.kv_rewind_key(&s),
+                                serde_json::to_vec(&rw).unwrap_or_default(),
+                            ));
+                        }
+                    } else {
+                        tracing::warn!(
+                            component = "uplink",
+                            stream = s,
+                            "ignoring a remirror command for a stream this store does not mirror"
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(reason) => {
+                    metrics::counter!("edge_uplink_bad_commands_total").increment(1);
+                    tracing::warn!(
+                        component = "uplink",
+                        seq = r.seq,
+                        "ignoring an HQ command: {reason}"
+                    );
+                }
+            }
+            next = r.seq + 1;
+        }
+        if rb.records.is_empty() {
+            next = rb.next_seq;
+        }
+        if next > from {
+            req.cursors.push(CursorMove {
+                cursor: ccursor,
+                stream,
+                next_seq: next,
+            });
+            self.log().append(req).await?;
+        }
+        Ok(())
+    }
+
+    /// Cursor moves and kv updates after lanes advanced to `committed`.
+    pub fn progress_request(&self, lanes: &mut Lanes, moved: &[u32]) -> AppendRequest {
+        let mut req = AppendRequest::default();
+        for lane in lanes.map.values_mut().filter(|l| moved.contains(&l.id)) {
+            req.cursors.push(CursorMove {
+                cursor: self.cursor.clone(),
+                stream: lane.stream.to_string(),
+                next_seq: lane.committed,
+            });
+            self.progress.set_committed(&lane.stream, lane.committed);
+            if lane.rewind.is_some() && lane.committed >= lane.replay_until {
+                lane.rewind = None;
+                lane.replay_until = 0;
+                req.kv.push((self.kv_rewind_key(&lane.stream), Vec::new()));
+            }
+        }
+        req
+    }
+}
+
+/// Sends one message, waiting (briefly, in this blocking thread) while librdkafka's queue is full.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn send_blocking(
+    producer: &KafkaProducer,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+    timestamp: Option<i64>,
+    headers: rdkafka::message::OwnedHeaders,
+    token: Box<Token>,
+    cancel: &CancellationToken,
+) -> Result<(), KafkaError> {
+    let mut rec = BaseRecord::with_opaque_to(topic, token)
+        .key(key)
+        .payload(payload)
+        .headers(headers);
+    if let Some(ts) = timestamp {
+        rec = rec.timestamp(ts);
+    }
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((
+                KafkaError::MessageProduction(rdkafka::error::RDKafkaErrorCode::QueueFull),
+                r,
+            )) => {
+                if cancel.is_cancelled() {
+                    return Err(KafkaError::Canceled);
+                }
+                rec = r;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Headers of an extra message.
+pub(crate) fn extra_headers(e: &Extra) -> rdkafka::message::OwnedHeaders {
+    let mut h = rdkafka::message::OwnedHeaders::new_with_capacity(e.headers.len());
+    for (k, v) in &e.headers {
+        h = h.insert(rdkafka::message::Header {
+            key: k,
+            value: Some(v.as_str()),
+        });
+    }
+    h
+}

@@ -1,0 +1,375 @@
+//! The real agent process with a `[kafka]` section against a real broker: MQTT publish -> local log
+//! -> Kafka end to end, kill -9 of the agent at random moments of a large drain (exactly once: no
+//! loss, no duplicate at HQ; at least once: no loss), kill -9 during downlink apply.
+
+#![allow(clippy::unwrap_used)] // test code: a failed set-up step should fail the test loudly
+
+use edge_core::log::{AppendRequest, Log};
+use edge_sync::log::SqliteLog;
+use edge_tests::agent::{Agent, event_id_counts, wait_records};
+use edge_tests::agent_bin;
+use edge_tests::kafka::{
+    HqConsumer, KafkaBroker, check_exactly_once, create_topic, event, hq_producer, shared_broker,
+    test_log_config, unique,
+};
+use edge_tests::mosquitto::Mosquitto;
+use edge_tests::publisher::{json_message, spawn_publisher};
+use rdkafka::producer::{BaseRecord, Producer};
+use std::time::{Duration, Instant};
+
+const S: &str = "pos.transactions";
+
+/// An agent config: no MQTT unless `mqtt` is given, Kafka on `b` with private topics.
+fn config(
+    b: &KafkaBroker,
+    store: &str,
+    prefix: &str,
+    mode: &str,
+    mqtt: Option<u16>,
+    downlink: &str,
+) -> String {
+    let mqtt = match mqtt {
+        Some(port) => format!(
+            "[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\n\n[[mqtt.ingress]]\ntopic = \"store/+/pos/{{device}}/transactions\"\nstream = \"pos.transactions\"\n"
+        ),
+        None => "[mqtt]\nenabled = false\n".into(),
+    };
+    format!(
+        r#"[agent]
+store_id = "{store}"
+data_dir = "{{data_dir}}"
+health_interval = "0s"
+log_level = "info"
+
+[log]
+min_free_disk = "0 B"
+integrity_check = "off"
+
+{mqtt}
+[http]
+listen = "127.0.0.1:{{http_port}}"
+
+[kafka]
+brokers = ["{bootstrap}"]
+mode = "{mode}"
+topic_template = "{prefix}.{{stream}}"
+checkpoint_topic = "{prefix}.__checkpoints"
+heartbeat_topic = "{prefix}.heartbeats"
+gap_topic = "{prefix}.gaps"
+topic_partitions = 1
+batch_max_records = 2000
+
+[kafka.downlink]
+{downlink}
+"#,
+        bootstrap = b.bootstrap()
+    )
+}
+
+/// Stops the agent, fills its log with `n` records of `S`, starts it again.
+fn prefill(agent: &mut Agent, n: u64) {
+    agent.sigterm();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let log = SqliteLog::open(&agent.data_dir(), test_log_config()).unwrap();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(2000) {
+            let evs = chunk.iter().map(|i| event(S, *i)).collect();
+            log.append(AppendRequest::events(evs)).await.unwrap();
+        }
+        log.close().await.unwrap();
+    });
+    agent.spawn();
+}
+
+/// Distinct seqs of `store` seen on `topic`.
+fn distinct(hq: &HqConsumer, topic: &str, store: &str) -> usize {
+    hq.on(topic)
+        .iter()
+        .filter(|m| m.header("edge.store") == store)
+        .map(|m| m.header("edge.seq").to_string())
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+/// Kills the agent with SIGKILL `kills` times, each at a random moment 100..900 ms after it
+/// became ready (before its first commit, in the middle of a transaction, between commits, ...),
+/// then lets it finish. Asserts that every kill hit a drain still in progress.
+fn drain_with_kills(
+    agent: &mut Agent,
+    hq: &mut HqConsumer,
+    topic: &str,
+    store: &str,
+    n: usize,
+    kills: usize,
+) {
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(fastrand::u64(100..900)));
+        agent.kill9();
+        hq.poll_for(Duration::from_millis(100));
+        assert!(
+            distinct(hq, topic, store) < n,
+            "the drain finished before all kills; grow n"
+        );
+        agent.spawn();
+    }
+    assert!(
+        distinct(hq, topic, store) > 0,
+        "the agent made progress between the kills"
+    );
+}
+
+#[test]
+fn kill_9_during_a_large_drain_loses_and_repeats_nothing() {
+    let b = shared_broker();
+    let store = unique("store");
+    let prefix = unique("t");
+    let cfg = config(b, &store, &prefix, "exactly_once", None, "enabled = false");
+    let mut agent = Agent::start(agent_bin!(), &cfg);
+    let n = 250_000;
+    prefill(&mut agent, n as u64);
+    let topic = format!("{prefix}.{S}");
+    let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
+    drain_with_kills(&mut agent, &mut hq, &topic, &store, n, 10);
+    assert_eq!(
+        hq.wait_for_count(&topic, n, Duration::from_secs(180)),
+        n,
+        "{}",
+        agent.log()
+    );
+    hq.poll_for(Duration::from_secs(3));
+    check_exactly_once(&hq.on(&topic), &store, S, n as u64).unwrap();
+    assert!(agent.starts() >= 11);
+    // status reports the drained backlog.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = agent.status();
+        let up = &st["components"]["uplink"];
+        if up["fields"]["backlog_records"] == 0 && up["state"] == "up" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "uplink status: {up}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn kill_9_at_least_once_loses_nothing() {
+    let b = shared_broker();
+    let store = unique("store");
+    let prefix = unique("t");
+    let cfg = config(b, &store, &prefix, "at_least_once", None, "enabled = false");
+    let mut agent = Agent::start(agent_bin!(), &cfg);
+    let n = 300_000;
+    prefill(&mut agent, n as u64);
+    let topic = format!("{prefix}.{S}");
+    let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], false);
+    drain_with_kills(&mut agent, &mut hq, &topic, &store, n, 10);
+    // Every seq arrives (duplicates are allowed in this mode).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let mut have = vec![false; n + 1];
+        for m in hq.on(&topic) {
+            if m.header("edge.store") == store {
+                let seq: usize = m.header("edge.seq").parse().unwrap();
+                have[seq] = true;
+            }
+        }
+        let missing = have[1..].iter().filter(|h| !**h).count();
+        if missing == 0 {
+            eprintln!(
+                "at_least_once: {} messages for {n} records",
+                hq.count(&topic)
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{missing} records never arrived");
+        hq.poll_for(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn mqtt_publish_to_log_to_kafka_exactly_once_in_order() {
+    let b = shared_broker();
+    let mosq = Mosquitto::start();
+    let store = unique("store");
+    let prefix = unique("t");
+    let cfg = config(
+        b,
+        &store,
+        &prefix,
+        "exactly_once",
+        Some(mosq.port),
+        "enabled = false",
+    );
+    let agent = Agent::start(agent_bin!(), &cfg);
+    let n = 5000;
+    let msgs: Vec<_> = (0..n)
+        .map(|i| {
+            json_message(
+                &format!("store/{store}/pos/lane-{}/transactions", i % 4),
+                &format!("e2e-{i}"),
+                i,
+                300,
+            )
+        })
+        .collect();
+    let (publisher, _) = spawn_publisher(mosq.port, "pos-e2e", msgs, 200, Duration::from_secs(120));
+    let report = publisher.join().unwrap();
+    assert_eq!(report.acked, n);
+    wait_records(&agent, S, n as u64, Duration::from_secs(60));
+    let topic = format!("{prefix}.{S}");
+    let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
+    assert_eq!(hq.wait_for_count(&topic, n, Duration::from_secs(60)), n);
+    hq.poll_for(Duration::from_secs(2));
+    let seen = hq.on(&topic);
+    check_exactly_once(&seen, &store, S, n as u64).unwrap();
+    // HQ holds exactly what the store stored, record for record.
+    let local = agent.read_stream(S);
+    let ids = event_id_counts(&local);
+    assert_eq!(ids.len(), n);
+    for (m, r) in seen.iter().zip(&local) {
+        assert_eq!(m.payload, r.event.payload.to_vec());
+        assert_eq!(
+            m.header("edge.event_id"),
+            r.event.event_id.as_deref().unwrap_or("")
+        );
+        assert_eq!(
+            m.header("edge.src"),
+            r.event.source.as_deref().unwrap_or("")
+        );
+    }
+}
+
+#[test]
+fn kill_9_during_downlink_apply_leaves_no_half_batch_and_no_duplicate() {
+    let b = shared_broker();
+    let store = unique("store");
+    let prefix = unique("t");
+    let prices = unique("hq.prices");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(create_topic(&b.bootstrap(), &prices));
+    let n = 40_000usize;
+    let p = hq_producer(&b.bootstrap());
+    for i in 0..n {
+        let body = format!("{{\"sku\":{i}}}");
+        let mut r = BaseRecord::<str, str>::to(&prices).key("*").payload(&body);
+        loop {
+            match p.send(r) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    r = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
+    let downlink = format!(
+        "batch_max_records = 500\ntopics = [{{ topic = \"{prices}\", stream = \"hq.prices\" }}]"
+    );
+    let cfg = config(b, &store, &prefix, "exactly_once", None, &downlink);
+    let mut agent = Agent::start(agent_bin!(), &cfg);
+    for _ in 0..10 {
+        let target = (agent.count("hq.prices") + fastrand::u64(1000..3000)).min(n as u64);
+        wait_records(&agent, "hq.prices", target, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(fastrand::u64(0..100)));
+        agent.kill9();
+        agent.spawn();
+    }
+    wait_records(&agent, "hq.prices", n as u64, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(1));
+    let got = agent.read_stream("hq.prices");
+    assert_eq!(got.len(), n, "no duplicate, no loss");
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(
+            String::from_utf8_lossy(&r.event.payload),
+            format!("{{\"sku\":{i}}}"),
+            "applied once each, in HQ order"
+        );
+    }
+}
+
+#[test]
+fn hq_prices_reach_kiosks_as_retained_mqtt_messages() {
+    let b = shared_broker();
+    let mosq = Mosquitto::start();
+    let store = unique("store");
+    let prefix = unique("t");
+    let prices = unique("hq.prices");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(create_topic(&b.bootstrap(), &prices));
+    let downlink = format!("topics = [{{ topic = \"{prices}\", stream = \"hq.prices\" }}]");
+    let cfg = config(b, &store, &prefix, "exactly_once", Some(mosq.port), &downlink).replace(
+        "[http]",
+        "[[mqtt.egress]]\nstream = \"hq.prices\"\ntopic = \"store/{store}/prices/{key}\"\nretain = true\nstart_at = \"earliest\"\n\n[http]",
+    );
+    let agent = Agent::start(agent_bin!(), &cfg);
+    let p = hq_producer(&b.bootstrap());
+    let all = [("edge.store", "*")];
+    edge_tests::kafka::hq_send(
+        &p,
+        &prices,
+        Some("sku-1"),
+        "{\"sku\":\"sku-1\",\"price\":100}",
+        &all,
+    );
+    edge_tests::kafka::hq_send(
+        &p,
+        &prices,
+        Some("sku-2"),
+        "{\"sku\":\"sku-2\",\"price\":250}",
+        &all,
+    );
+    edge_tests::kafka::hq_send(
+        &p,
+        &prices,
+        Some("sku-1"),
+        "{\"sku\":\"sku-1\",\"price\":90}",
+        &all,
+    );
+    edge_tests::kafka::hq_send(
+        &p,
+        &prices,
+        Some("sku-3"),
+        "{\"sku\":\"sku-3\",\"price\":1}",
+        &[("edge.store", "another-store")],
+    );
+    wait_records(&agent, "hq.prices", 3, Duration::from_secs(60));
+    // A kiosk that subscribes now gets the latest price of every SKU at once (retained).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = std::process::Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &mosq.port.to_string()])
+            .args([
+                "-t",
+                &format!("store/{store}/prices/#"),
+                "-v",
+                "-W",
+                "2",
+                "-C",
+                "2",
+            ])
+            .output()
+            .expect("run mosquitto_sub");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.sort_unstable();
+        if lines
+            == [
+                format!("store/{store}/prices/sku-1 {{\"sku\":\"sku-1\",\"price\":90}}").as_str(),
+                format!("store/{store}/prices/sku-2 {{\"sku\":\"sku-2\",\"price\":250}}").as_str(),
+            ]
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retained prices on MQTT: {lines:?}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
