@@ -372,4 +372,27 @@ fn hq_prices_reach_kiosks_as_retained_mqtt_messages() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // HQ's own prices are not echoed back: a sale published after them reaches HQ, and the
+    // mirrored price topic stays empty (mirror_downlink_streams = false by default).
+    let st = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mosq.port.to_string(), "-q", "1"])
+        .args(["-t", &format!("store/{store}/pos/lane-1/transactions")])
+        .args(["-m", "{\"event_id\":\"after-prices\",\"total_minor\":5}"])
+        .status()
+        .expect("run mosquitto_pub");
+    assert!(st.success());
+    let sales = format!("{prefix}.pos.transactions");
+    let echoed = format!("{prefix}.hq.prices");
+    let mut hq = HqConsumer::new(&b.bootstrap(), &[&sales, &echoed], true);
+    assert_eq!(
+        hq.wait_for_count(&sales, 1, Duration::from_secs(60)),
+        1,
+        "the sale reached HQ"
+    );
+    hq.poll_for(Duration::from_secs(2));
+    assert_eq!(
+        hq.count(&echoed),
+        0,
+        "the downlink's prices were mirrored back to HQ"
+    );
 }

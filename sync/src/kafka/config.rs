@@ -209,6 +209,9 @@ pub struct KafkaConfig {
     pub heartbeat_interval_ms: u64,
     /// Local streams that are never mirrored (besides streams with `mirror = false` in `[log]`).
     pub exclude_streams: Vec<String>,
+    /// Mirror the streams the downlink writes (HQ's own prices, campaigns, models, commands) back
+    /// to HQ. Off by default: HQ has them. They stay protected and never expire locally.
+    pub mirror_downlink_streams: bool,
     /// Local stream the uplink reads HQ's commands from (the downlink writes `hq.commands` there).
     pub commands_stream: String,
     pub compression: Compression,
@@ -255,6 +258,7 @@ impl Default for KafkaConfig {
             gap_topic: "edge.gaps".into(),
             heartbeat_interval_ms: 30_000,
             exclude_streams: Vec::new(),
+            mirror_downlink_streams: false,
             commands_stream: "hq.commands".into(),
             compression: Compression::Zstd,
             batch_max_records: 20_000,

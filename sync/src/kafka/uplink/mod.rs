@@ -558,6 +558,9 @@ impl Runner {
 
     fn excluded(&self, stream: &str) -> bool {
         self.cfg.exclude_streams.iter().any(|s| s == stream)
+            || (!self.cfg.mirror_downlink_streams
+                && self.cfg.downlink.enabled
+                && self.cfg.downlink.topics.iter().any(|t| t.stream == stream))
     }
 
     fn kv_rewind_key(&self, stream: &str) -> String {
