@@ -1,21 +1,23 @@
 //! Drain of a backlog to a local Kafka broker: the uplink in `exactly_once` and `at_least_once`
 //! mode against a bare librdkafka producer sending the same records (same payload, key and
 //! headers, same compression) in the same run. Prints one JSON line per run and a summary line
-//! with the ratios and the peak resident memory of this process during each drain.
+//! with the ratios and the peak resident memory of each drain.
 //!
-//! Each drain runs in its own child process (this binary with `--child MODE`), so the peak resident
-//! memory reported is that drain's alone. Run it with `scripts/bench-kafka.sh` (starts and stops
-//! the broker).
+//! The uplink drains run the real release agent binary (`edge-agent run`, its default `[kafka]`
+//! settings, an idle MQTT connection to a real Mosquitto, the downlink consumer and the HTTP
+//! server), so the memory figure is the whole agent's, with its allocator. The bare producer runs
+//! in a child process of this binary (`--child bare_librdkafka`). Peak memory is the kernel's
+//! high-water mark of resident memory (`VmHWM`) of that process. Run it with
+//! `scripts/bench-kafka.sh` (builds both binaries, starts and stops the broker).
 
 use clap::Parser;
-use edge_core::component::ComponentContext;
+use edge_core::Event;
 use edge_core::log::{AppendRequest, Log};
-use edge_core::{Event, Shutdown, Status};
-use edge_sync::kafka::{DeliveryMode, KafkaConfig, Uplink};
 use edge_sync::log::{IntegrityCheck, LogConfig, SqliteLog, Synchronous};
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -35,11 +37,20 @@ struct Args {
     /// Directory for the log (default: a temp dir in the current directory).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
-    /// Uplink batch size (default: the config default).
-    #[arg(long, default_value_t = KafkaConfig::default().batch_max_records)]
-    batch_max_records: usize,
-    #[arg(long, default_value_t = KafkaConfig::default().batch_max_bytes.as_u64() >> 20)]
-    batch_max_mib: u64,
+    /// The agent binary (`cargo build --release -p edge-agent`).
+    #[arg(long, default_value = "target/release/edge-agent")]
+    agent: PathBuf,
+    /// Modes to run, comma-separated (`bare_librdkafka`, `exactly_once`, `at_least_once`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "bare_librdkafka,exactly_once,at_least_once"
+    )]
+    modes: Vec<String>,
+    /// Extra TOML lines for the agent's `[kafka]` section (tuning experiments, e.g.
+    /// `producer_queue_bytes = "4 MiB"`); default: the shipped defaults.
+    #[arg(long, default_value = "")]
+    kafka_toml: String,
     /// Unmeasured drains of the bare producer first, so the broker's JIT is warm.
     #[arg(long, default_value_t = 1)]
     warmup: u32,
@@ -55,29 +66,30 @@ struct Args {
 
 const STREAM: &str = "pos.transactions";
 
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// A `/proc/<pid>/status` field in bytes (`VmRSS`, `VmHWM`, `RssAnon`, ...).
+fn proc_status(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Samples RSS every 50 ms until stopped; returns the peak.
-fn rss_sampler() -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
+/// Samples `RssAnon` (heap, stacks) of `pid` every 50 ms until stopped; returns its peak.
+fn anon_sampler(pid: String) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     let h = std::thread::spawn(move || {
-        let mut peak = rss_bytes();
+        let mut peak = 0;
         while !s.load(Ordering::Relaxed) {
-            peak = peak.max(rss_bytes());
+            peak = peak.max(proc_status(&pid, "RssAnon"));
             std::thread::sleep(Duration::from_millis(50));
         }
-        peak.max(rss_bytes())
+        peak.max(proc_status(&pid, "RssAnon"))
     });
     (stop, h)
 }
@@ -92,7 +104,10 @@ fn payload(i: u64, n: usize) -> Vec<u8> {
 struct Run {
     mode: &'static str,
     seconds: f64,
+    /// Kernel high-water mark of resident memory.
     peak_rss: u64,
+    /// Peak of anonymous resident memory (sampled).
+    peak_anon: u64,
 }
 
 fn baseline(a: &Args, topic: &str, store: &str, epoch: &str) -> anyhow::Result<Run> {
@@ -104,7 +119,7 @@ fn baseline(a: &Args, topic: &str, store: &str, epoch: &str) -> anyhow::Result<R
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .create()?;
-    let (stop, sampler) = rss_sampler();
+    let (stop, sampler) = anon_sampler("self".into());
     let t0 = Instant::now();
     for i in 0..a.records {
         let body = payload(i, a.payload_bytes);
@@ -157,78 +172,129 @@ fn baseline(a: &Args, topic: &str, store: &str, epoch: &str) -> anyhow::Result<R
     p.flush(Duration::from_secs(300))?;
     let seconds = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    let peak_rss = sampler.join().unwrap_or(0);
+    let peak_anon = sampler.join().unwrap_or(0);
     Ok(Run {
         mode: "bare_librdkafka",
         seconds,
-        peak_rss,
+        peak_rss: proc_status("self", "VmHWM"),
+        peak_anon,
     })
 }
 
-async fn uplink(
+/// The uplink cursor of the backlog stream, read from the agent's database (read-only, WAL).
+fn uplink_cursor(db: &rusqlite::Connection) -> u64 {
+    db.query_row(
+        "SELECT c.next_seq FROM cursors c JOIN streams s ON s.id = c.stream_id \
+         WHERE c.name = 'uplink' AND s.name = ?1",
+        [STREAM],
+        |r| r.get::<_, i64>(0),
+    )
+    .map_or(0, |v| v as u64)
+}
+
+/// One uplink drain by the real agent binary on the log in `data`.
+async fn agent_drain(
     a: &Args,
-    log: Arc<SqliteLog>,
-    mode: DeliveryMode,
+    data: &Path,
+    dir: &Path,
+    mqtt_port: u16,
+    mode: &'static str,
     prefix: &str,
 ) -> anyhow::Result<Run> {
-    // Start from the beginning of the backlog again.
-    log.append(AppendRequest::cursor("uplink", STREAM, 1))
-        .await?;
-    let cfg = KafkaConfig {
-        brokers: vec![a.bootstrap.clone()],
-        mode,
-        batch_max_records: a.batch_max_records,
-        batch_max_bytes: edge_core::config::ByteSize::mib(a.batch_max_mib),
-        producer_queue_bytes: edge_core::config::ByteSize::mib(
-            (a.batch_max_mib * 2).max(KafkaConfig::default().producer_queue_bytes.as_u64() >> 20),
-        ),
-        topic_template: format!("{prefix}.{{stream}}"),
-        checkpoint_topic: format!("{prefix}.__checkpoints"),
-        heartbeat_topic: format!("{prefix}.heartbeats"),
-        gap_topic: format!("{prefix}.gaps"),
-        topic_partitions: 1,
-        ..KafkaConfig::default()
-    };
-    let shutdown = Shutdown::new();
-    let status = Status::new();
-    let ctx = ComponentContext {
-        store_id: Arc::from(format!("{prefix}-store").as_str()),
-        log: log.clone(),
-        shutdown: shutdown.clone(),
-        status: status.register("uplink", "kafka"),
-        data_dir: std::env::temp_dir(),
-    };
-    let task = Uplink::new(cfg, "uplink").build(ctx)?;
-    let (stop, sampler) = rss_sampler();
-    let t0 = Instant::now();
-    let handle = tokio::spawn(task);
-    let end = a.records + 1;
-    let mut commits = log.subscribe();
-    loop {
-        if log.cursor("uplink", STREAM).await? == Some(end) {
-            break;
-        }
-        tokio::select! {
-            _ = commits.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-        }
-        anyhow::ensure!(
-            t0.elapsed() < Duration::from_secs(900),
-            "the drain did not finish in 15 minutes: {:?}",
-            status.get("uplink")
-        );
+    // Start from the beginning of the backlog again (the topics, the checkpoint topic and the
+    // store id are new per drain, so the checkpoint does not move the start).
+    {
+        let log = SqliteLog::open(data, log_config())?;
+        log.append(AppendRequest::cursor("uplink", STREAM, 1))
+            .await?;
+        log.close().await?;
     }
-    let seconds = t0.elapsed().as_secs_f64();
+    tokio::task::block_in_place(|| run_agent(a, data, dir, mqtt_port, mode, prefix))
+}
+
+fn run_agent(
+    a: &Args,
+    data: &Path,
+    dir: &Path,
+    mqtt_port: u16,
+    mode: &'static str,
+    prefix: &str,
+) -> anyhow::Result<Run> {
+    let http_port = edge_tests::free_port();
+    let cfg = format!(
+        r#"[agent]
+store_id = "{prefix}-store"
+data_dir = "{data}"
+health_interval = "0s"
+log_level = "warn"
+[log]
+disk_budget = "50 GiB"
+min_free_disk = "0 B"
+integrity_check = "off"
+synchronous = "normal"
+[mqtt]
+host = "127.0.0.1"
+port = {mqtt_port}
+[http]
+listen = "127.0.0.1:{http_port}"
+[kafka]
+brokers = ["{bootstrap}"]
+mode = "{mode}"
+topic_template = "{prefix}.{{stream}}"
+checkpoint_topic = "{prefix}.__checkpoints"
+heartbeat_topic = "{prefix}.heartbeats"
+gap_topic = "{prefix}.gaps"
+topic_partitions = 1
+{extra}
+"#,
+        data = data.display(),
+        bootstrap = a.bootstrap,
+        extra = a.kafka_toml,
+    );
+    let cfg_path = dir.join(format!("agent-{prefix}.toml"));
+    std::fs::write(&cfg_path, cfg)?;
+    let db = rusqlite::Connection::open_with_flags(
+        data.join("log.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    let end = a.records + 1;
+    let t0 = Instant::now();
+    let mut child = std::process::Command::new(&a.agent)
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()?;
+    let pid = child.id().to_string();
+    let (stop, sampler) = anon_sampler(pid.clone());
+    let result = loop {
+        if uplink_cursor(&db) == end {
+            break Ok(t0.elapsed().as_secs_f64());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            break Err(anyhow::anyhow!("the agent exited during the drain: {st}"));
+        }
+        if t0.elapsed() > Duration::from_secs(900) {
+            break Err(anyhow::anyhow!("the drain did not finish in 15 minutes"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let peak_rss = proc_status(&pid, "VmHWM");
     stop.store(true, Ordering::Relaxed);
-    let peak_rss = sampler.join().unwrap_or(0);
-    shutdown.stop_all();
-    handle
-        .await?
-        .map_err(|e| anyhow::anyhow!("uplink failed: {e}"))?;
+    let peak_anon = sampler.join().unwrap_or(0);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let st = child.wait()?;
+    let seconds = result?;
+    anyhow::ensure!(st.success(), "the agent did not stop cleanly: {st}");
     Ok(Run {
-        mode: mode.as_str(),
+        mode,
         seconds,
         peak_rss,
+        peak_anon,
     })
 }
 
@@ -243,39 +309,44 @@ fn log_config() -> LogConfig {
     }
 }
 
-/// One drain in this (child) process.
-async fn child(a: &Args, mode: &str) -> anyhow::Result<()> {
-    let dir = a
-        .log_dir
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("--child needs --log-dir"))?;
-    let log = Arc::new(SqliteLog::open(&dir, log_config())?);
-    let epoch = log.epoch().to_string();
-    let r = match mode {
-        "bare_librdkafka" => {
-            let topic = format!("{}-bare.{STREAM}", a.tag);
-            let store = format!("{}-bare-store", a.tag);
-            tokio::task::block_in_place(|| baseline(a, &topic, &store, &epoch))?
-        }
-        "exactly_once" => uplink(a, log.clone(), DeliveryMode::ExactlyOnce, &a.tag).await?,
-        "at_least_once" => uplink(a, log.clone(), DeliveryMode::AtLeastOnce, &a.tag).await?,
-        other => anyhow::bail!("unknown mode {other}"),
-    };
-    log.close().await?;
-    println!(
+fn print_run(a: &Args, r: &Run) {
+    let mut out = std::io::stdout();
+    print_run_to(&mut out, a, r);
+}
+
+fn print_run_to(out: &mut impl std::io::Write, a: &Args, r: &Run) {
+    let _ = writeln!(
+        out,
         "{}",
         serde_json::json!({
             "bench": "kafka_drain",
             "mode": r.mode,
             "records": a.records,
             "payload_bytes": a.payload_bytes,
-            "batch_max_records": a.batch_max_records,
-            "batch_max_mib": a.batch_max_mib,
+            "kafka_toml": a.kafka_toml,
             "seconds": (r.seconds * 1000.0).round() / 1000.0,
             "records_per_sec": (a.records as f64 / r.seconds).round(),
-            "peak_rss_mib": r.peak_rss >> 20,
+            "peak_rss_mib": ((r.peak_rss as f64 / 1048576.0) * 10.0).round() / 10.0,
+            "peak_anon_mib": ((r.peak_anon as f64 / 1048576.0) * 10.0).round() / 10.0,
         })
     );
+}
+
+/// The bare producer's drain in this (child) process.
+async fn child(a: &Args, mode: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(mode == "bare_librdkafka", "unknown child mode {mode}");
+    let dir = a
+        .log_dir
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--child needs --log-dir"))?;
+    let log = Arc::new(SqliteLog::open(&dir, log_config())?);
+    let epoch = log.epoch().to_string();
+    log.close().await?;
+    drop(log);
+    let topic = format!("{}-bare.{STREAM}", a.tag);
+    let store = format!("{}-bare-store", a.tag);
+    let r = tokio::task::block_in_place(|| baseline(a, &topic, &store, &epoch))?;
+    print_run(a, &r);
     Ok(())
 }
 
@@ -322,58 +393,76 @@ async fn main() -> anyhow::Result<()> {
         fill.elapsed().as_secs_f64()
     );
     let exe = std::env::current_exe()?;
-    let mut best: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
-    let schedule = (0..a.warmup)
+    let mqtt = edge_tests::mosquitto::Mosquitto::start();
+    let mut runs: std::collections::BTreeMap<String, Vec<serde_json::Value>> = Default::default();
+    let modes: Vec<&'static str> = ["bare_librdkafka", "exactly_once", "at_least_once"]
+        .into_iter()
+        .filter(|m| a.modes.iter().any(|x| x == m))
+        .collect();
+    let warmup = if modes.contains(&"bare_librdkafka") {
+        a.warmup
+    } else {
+        0
+    };
+    let schedule = (0..warmup)
         .map(|_| (None, "bare_librdkafka"))
-        .chain((0..a.rounds).flat_map(|r| {
-            ["bare_librdkafka", "exactly_once", "at_least_once"]
-                .into_iter()
-                .map(move |m| (Some(r), m))
-        }));
+        .chain((0..a.rounds).flat_map(|r| modes.iter().map(move |m| (Some(r), *m))));
     for (round, mode) in schedule {
-        {
-            let tag = format!(
-                "bench{:x}r{}{}",
-                std::process::id(),
-                round.map_or("w".into(), |r| r.to_string()),
-                &mode[..3]
-            );
+        let tag = format!(
+            "bench{:x}r{}{}",
+            std::process::id(),
+            round.map_or("w".into(), |r| r.to_string()),
+            &mode[..3]
+        );
+        let line = if mode == "bare_librdkafka" {
             let out = std::process::Command::new(&exe)
                 .args(["--bootstrap", &a.bootstrap])
                 .args(["--records", &a.records.to_string()])
                 .args(["--payload-bytes", &a.payload_bytes.to_string()])
-                .args(["--batch-max-records", &a.batch_max_records.to_string()])
-                .args(["--batch-max-mib", &a.batch_max_mib.to_string()])
                 .args(["--child", mode, "--tag", &tag])
                 .arg("--log-dir")
                 .arg(tmp.path())
                 .stderr(std::process::Stdio::inherit())
                 .output()?;
             anyhow::ensure!(out.status.success(), "the {mode} drain failed");
-            let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            let Some(round) = round else {
-                eprintln!("warm-up: {line}");
-                continue;
-            };
-            eprintln!("round {round}");
-            println!("{line}");
-            let v: serde_json::Value = serde_json::from_str(&line)?;
-            let faster = best.get(mode).is_none_or(|b| {
-                v["seconds"].as_f64().unwrap_or(f64::MAX)
-                    < b["seconds"].as_f64().unwrap_or(f64::MAX)
-            });
-            if faster {
-                best.insert(mode.to_string(), v);
-            }
-        }
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        } else {
+            let r = agent_drain(&a, tmp.path(), tmp.path(), mqtt.port, mode, &tag).await?;
+            let mut buf = Vec::new();
+            print_run_to(&mut buf, &a, &r);
+            String::from_utf8_lossy(&buf).trim().to_string()
+        };
+        let Some(round) = round else {
+            eprintln!("warm-up: {line}");
+            continue;
+        };
+        eprintln!("round {round}");
+        println!("{line}");
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        runs.entry(mode.to_string()).or_default().push(v);
     }
-    let rate = |m: &str| {
-        best.get(m)
-            .and_then(|v| v["records_per_sec"].as_f64())
-            .unwrap_or(0.0)
+    let best = |m: &str| {
+        runs.get(m)
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["records_per_sec"].as_f64())
+            .fold(0.0, f64::max)
     };
-    let rss = |m: &str| best.get(m).map(|v| v["peak_rss_mib"].clone());
-    let base = rate("bare_librdkafka");
+    let peak = |m: &str| {
+        runs.get(m)
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["peak_rss_mib"].as_f64())
+            .fold(0.0, f64::max)
+    };
+    let base = best("bare_librdkafka");
+    let ratio = |m: &str| {
+        if base > 0.0 {
+            (best(m) / base * 100.0).round() / 100.0
+        } else {
+            0.0
+        }
+    };
     println!(
         "{}",
         serde_json::json!({
@@ -381,17 +470,18 @@ async fn main() -> anyhow::Result<()> {
             "records": a.records,
             "payload_bytes": a.payload_bytes,
             "rounds": a.rounds,
+            "kafka_toml": a.kafka_toml,
             "best_records_per_sec": {
                 "bare_librdkafka": base,
-                "exactly_once": rate("exactly_once"),
-                "at_least_once": rate("at_least_once"),
+                "exactly_once": best("exactly_once"),
+                "at_least_once": best("at_least_once"),
             },
-            "ratio_exactly_once": ((rate("exactly_once") / base) * 100.0).round() / 100.0,
-            "ratio_at_least_once": ((rate("at_least_once") / base) * 100.0).round() / 100.0,
-            "peak_rss_mib": {
-                "bare_librdkafka": rss("bare_librdkafka"),
-                "exactly_once": rss("exactly_once"),
-                "at_least_once": rss("at_least_once"),
+            "ratio_exactly_once": ratio("exactly_once"),
+            "ratio_at_least_once": ratio("at_least_once"),
+            "max_peak_rss_mib": {
+                "bare_librdkafka": peak("bare_librdkafka"),
+                "exactly_once": peak("exactly_once"),
+                "at_least_once": peak("at_least_once"),
             },
         })
     );
