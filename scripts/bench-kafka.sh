@@ -17,4 +17,4 @@ bootstrap="$(sed -n 's/^BOOTSTRAP=//p' "$dir/broker.out")"
 echo "broker at $bootstrap" >&2
 target="${CARGO_TARGET_DIR:-target}"
 "$target/release/kafka_drain" --bootstrap "$bootstrap" --dir "$dir" \
-  --agent "$target/release/edge-agent" "$@"
+  --agent "${EDGE_AGENT_BIN:-$target/release/edge-agent}" "$@"

@@ -101,16 +101,19 @@ pub enum LogCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => match load(&config) {
-            Ok(cfg) => match crate::daemon::run(cfg) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("edge-agent: {e:#}");
-                    ExitCode::FAILURE
-                }
-            },
-            Err(code) => code,
-        },
+        Command::Run { config } => {
+            crate::memory::limit_malloc_arenas();
+            match load(&config) {
+                Ok(cfg) => match crate::daemon::run(cfg) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("edge-agent: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(code) => code,
+            }
+        }
         Command::CheckConfig { file } => match load(&file) {
             Ok(cfg) => {
                 println!(

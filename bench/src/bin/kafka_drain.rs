@@ -51,7 +51,8 @@ struct Args {
     /// `producer_queue_bytes = "4 MiB"`); default: the shipped defaults.
     #[arg(long, default_value = "")]
     kafka_toml: String,
-    /// Unmeasured drains of the bare producer first, so the broker's JIT is warm.
+    /// Unmeasured rounds of every mode first, so the broker's JIT is warm for plain and
+    /// transactional produce alike.
     #[arg(long, default_value_t = 1)]
     warmup: u32,
     /// Internal: run one drain (`bare_librdkafka`, `exactly_once`, `at_least_once`) on the log in
@@ -399,13 +400,8 @@ async fn main() -> anyhow::Result<()> {
         .into_iter()
         .filter(|m| a.modes.iter().any(|x| x == m))
         .collect();
-    let warmup = if modes.contains(&"bare_librdkafka") {
-        a.warmup
-    } else {
-        0
-    };
-    let schedule = (0..warmup)
-        .map(|_| (None, "bare_librdkafka"))
+    let schedule = (0..a.warmup)
+        .flat_map(|_| modes.iter().map(|m| (None, *m)))
         .chain((0..a.rounds).flat_map(|r| modes.iter().map(move |m| (Some(r), *m))));
     for (round, mode) in schedule {
         let tag = format!(

@@ -106,7 +106,12 @@ pub fn read_checkpoint(
         // The reader is on the drain's critical path after a restart: never let the broker hold a
         // fetch at the end of a partition.
         .set("fetch.wait.max.ms", "10")
-        .set("fetch.error.backoff.ms", "50");
+        .set("fetch.error.backoff.ms", "50")
+        // Checkpoints are small JSON records, but the topic holds every store's: librdkafka's
+        // default prefetch (64 MiB queued, 50 MiB per fetch) would fill memory at each start
+        // while the reader scans past other stores' checkpoints. 1 MiB keeps that bounded
+        // (fetch.max.bytes follows it, at least message.max.bytes).
+        .set("queued.max.messages.kbytes", "1024");
     let consumer: BaseConsumer<ArcContext> = cfg
         .create_with_context(ArcContext(context))
         .map_err(kafka_err(topic))?;

@@ -215,13 +215,18 @@ pub struct KafkaConfig {
     /// Local stream the uplink reads HQ's commands from (the downlink writes `hq.commands` there).
     pub commands_stream: String,
     pub compression: Compression,
-    /// Records per transaction (exactly_once) or read from the log at once (at_least_once).
+    /// Most records per transaction (exactly_once). A transaction's records are streamed from the
+    /// log in small chunks, so this costs no memory; larger transactions spread the fixed cost of a
+    /// commit over more records. A transaction also ends after [`TXN_MAX_OPEN_MS`] or when no
+    /// record is pending.
     pub batch_max_records: usize,
+    /// Most bytes (approximate wire size) per transaction (exactly_once).
     pub batch_max_bytes: ByteSize,
     /// librdkafka's `linger.ms`: how long it waits to fill a network batch.
     pub linger_ms: u64,
-    /// Bound of librdkafka's in-memory queue. The local log is the real buffer; this only keeps
-    /// the network busy.
+    /// Bound of librdkafka's in-memory queue (payload bytes; the message count is bounded too,
+    /// see [`KafkaConfig::producer_queue_messages`]). The local log is the real buffer; this only
+    /// keeps the network busy, and it is most of the uplink's memory during a drain.
     pub producer_queue_bytes: ByteSize,
     /// Largest record (payload + headers) sent; larger records are reported on `edge.gaps`.
     pub max_record_bytes: ByteSize,
@@ -261,10 +266,10 @@ impl Default for KafkaConfig {
             mirror_downlink_streams: false,
             commands_stream: "hq.commands".into(),
             compression: Compression::Zstd,
-            batch_max_records: 20_000,
-            batch_max_bytes: ByteSize::mib(8),
+            batch_max_records: 100_000,
+            batch_max_bytes: ByteSize::mib(32),
             linger_ms: 5,
-            producer_queue_bytes: ByteSize::mib(16),
+            producer_queue_bytes: ByteSize::mib(2),
             max_record_bytes: ByteSize::kib(1000),
             transaction_timeout_ms: 60_000,
             max_bytes_per_sec: ByteSize::b(0),
@@ -278,6 +283,10 @@ impl Default for KafkaConfig {
         }
     }
 }
+
+/// Longest time a transaction stays open while records stream into it (exactly_once): well within
+/// `transaction_timeout_ms` on a slow link, and short enough for heartbeats, gaps and commands.
+pub const TXN_MAX_OPEN_MS: u64 = 1000;
 
 /// librdkafka properties the agent sets itself; overriding them could break a guarantee.
 const MANAGED_PROPERTIES: &[&str] = &[
@@ -428,12 +437,12 @@ impl KafkaConfig {
         if self.linger_ms > 1000 {
             problems.push(join(path, "linger_ms"), "must be at most 1000");
         }
-        if self.producer_queue_bytes.as_u64() < self.batch_max_bytes.as_u64() {
+        if self.producer_queue_bytes.as_u64() < self.max_record_bytes.as_u64() {
             problems.push(
                 join(path, "producer_queue_bytes"),
                 format!(
-                    "is {}; must be at least batch_max_bytes ({})",
-                    self.producer_queue_bytes, self.batch_max_bytes
+                    "is {}; must be at least max_record_bytes ({}), so that the largest record fits",
+                    self.producer_queue_bytes, self.max_record_bytes
                 ),
             );
         }
@@ -713,6 +722,14 @@ impl KafkaConfig {
     /// framing.
     pub(crate) fn message_max_bytes(&self) -> u64 {
         self.max_record_bytes.as_u64() + 64 * 1024
+    }
+
+    /// librdkafka's `queue.buffering.max.messages`. `producer_queue_bytes` bounds only the payload
+    /// bytes librdkafka holds, but each message also costs ~1 KiB of its own (the message, the
+    /// copied key and headers); this bounds that part too: one message per 256 bytes of the queue
+    /// (16,384 for 4 MiB).
+    pub fn producer_queue_messages(&self) -> u64 {
+        (self.producer_queue_bytes.as_u64() / 256).clamp(1000, 1_000_000)
     }
 
     pub(crate) fn compression_codec(&self) -> &'static str {

@@ -82,8 +82,9 @@ impl Runner {
         let mut ticket: Option<AppendTicket> = None;
         let mut commits = self.log().subscribe();
         let cancel = self.cancel().clone();
+        // The window stays within half of librdkafka's queue bounds, so a send rarely waits.
         let max_inflight_bytes = self.cfg.producer_queue_bytes.as_u64() / 2;
-        let max_inflight_records = (self.cfg.batch_max_records as u64) * 4;
+        let max_inflight_records = self.cfg.producer_queue_messages() / 2;
         let stop = loop {
             if cancel.is_cancelled() {
                 break Stop::Shutdown;
@@ -171,9 +172,10 @@ impl Runner {
                 inflight_bytes < max_inflight_bytes && inflight_records < max_inflight_records;
             let batch = if room {
                 let (max_records, max_bytes) = self.batch_limits().await;
-                let max_bytes = max_bytes
-                    .min((max_inflight_bytes - inflight_bytes) as usize)
-                    .max(64 * 1024);
+                let max_records =
+                    max_records.min((max_inflight_records - inflight_records) as usize);
+                let max_bytes = max_bytes.min((max_inflight_bytes - inflight_bytes) as usize);
+                let (max_records, max_bytes) = self.chunk_limits(max_records, max_bytes);
                 self.read_batch(&mut lanes, max_records, max_bytes).await?
             } else {
                 Batch::default()

@@ -3,9 +3,11 @@
 //!
 //! Session: `init_transactions` (fences every older producer of this store and finishes or aborts
 //! its last transaction) -> read the checkpoint (`read_committed`) -> resume each stream at
-//! `max(local cursor, checkpoint)` -> loop { read a fair batch; begin; send; checkpoint; commit;
-//! then move the local cursor }. While a commit is in flight the next batch is read from the log,
-//! so reading and committing overlap. A failed transaction is aborted and its records are read
+//! `max(local cursor, checkpoint)` -> loop { begin; stream fair chunks of records from the log
+//! into the transaction until `batch_max_records`, `batch_max_bytes` or [`TXN_MAX_OPEN_MS`] is
+//! reached or nothing is pending; gaps, heartbeat, checkpoint; commit; then move the local
+//! cursor }. Reading the next chunk overlaps with sending the last one, and the first chunk of the
+//! next transaction is read while a commit is in flight. A failed transaction is aborted and its records are read
 //! again from the log; a fatal producer error (fenced, epoch lost) ends the session and the next
 //! one starts over from the checkpoint.
 
@@ -16,7 +18,7 @@ use super::{
     extra_headers, send_blocking,
 };
 use crate::kafka::checkpoint::{Checkpoint, StreamCheckpoint, read_checkpoint};
-use crate::kafka::config::KeyMode;
+use crate::kafka::config::{KeyMode, TXN_MAX_OPEN_MS};
 use edge_core::log::AppendTicket;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
@@ -29,10 +31,16 @@ const CALL_SLICE: Duration = Duration::from_secs(5);
 /// Interval of checks for new streams and new gaps while busy.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
-/// Everything one transaction sends.
-struct TxnPlan {
-    parts: Vec<Part>,
-    extras: Vec<Extra>,
+/// What the blocking sender of a transaction receives, in order: chunks of records, then the
+/// extras (gaps, heartbeat, checkpoint) with the order to commit. A closed channel without
+/// `Commit` aborts the transaction.
+enum TxnInput {
+    Records(Vec<Part>),
+    Commit(Vec<Extra>),
+}
+
+/// How records become messages (fixed for a transaction).
+struct TxnSink {
     store: Arc<str>,
     epoch: Arc<str>,
     key_mode: KeyMode,
@@ -201,14 +209,15 @@ impl Runner {
             };
             let hb_due = hb_every.is_some() && Instant::now() >= next_hb;
             let (max_records, max_bytes) = self.batch_limits().await;
-            let batch = match prefetched.take() {
-                Some(mut b) => {
-                    self.top_up(&mut lanes, &mut b).await?;
-                    b
+            let (chunk_records, chunk_bytes) = self.chunk_limits(max_records, max_bytes);
+            let first = match prefetched.take() {
+                Some(b) => b,
+                None => {
+                    self.read_batch(&mut lanes, chunk_records, chunk_bytes)
+                        .await?
                 }
-                None => self.read_batch(&mut lanes, max_records, max_bytes).await?,
             };
-            if batch.is_empty() && gaps.is_empty() && !hb_due {
+            if first.is_empty() && gaps.is_empty() && !hb_due {
                 // Idle: the client still notices a broker going away; say so in status.
                 if self.progress.link() == Link::Up
                     && let Some(e) = self.link.recent_error(Duration::from_secs(3))
@@ -223,51 +232,112 @@ impl Runner {
                 }
                 continue;
             }
-            {
-                let mut bw = self.bandwidth.lock().await;
-                if let Some(bw) = bw.as_mut()
-                    && !bw.take(batch.bytes, &cancel).await
-                {
+
+            // The transaction is open while its records stream in: chunks are read from the log
+            // and handed to the blocking sender one at a time, so memory holds a few chunks and
+            // librdkafka's bounded queue, however large the transaction is.
+            let (chunks, chunks_rx) = tokio::sync::mpsc::channel::<TxnInput>(1);
+            let run = {
+                let producer = producer.clone();
+                let this = self.clone();
+                let cancel = cancel.clone();
+                let sink = TxnSink {
+                    store: self.store.clone(),
+                    epoch: self.epoch_str.clone(),
+                    key_mode: self.cfg.key,
+                };
+                tokio::task::spawn_blocking(move || {
+                    execute(&producer, chunks_rx, &sink, &this, &cancel)
+                })
+            };
+            let mut moved: Vec<(u32, u64)> = Vec::new();
+            let mut oversize: Vec<(Arc<str>, u64, usize)> = Vec::new();
+            let mut records = 0usize;
+            let mut bytes = 0usize;
+            let mut chunk = first;
+            let opened = Instant::now();
+            let max_open = Duration::from_millis(TXN_MAX_OPEN_MS)
+                .min(Duration::from_millis(self.cfg.transaction_timeout_ms / 4));
+            let mut read_failed = None;
+            let mut stopped = false;
+            loop {
+                if chunk.is_empty() {
                     break;
+                }
+                {
+                    let mut bw = self.bandwidth.lock().await;
+                    if let Some(bw) = bw.as_mut()
+                        && !bw.take(chunk.bytes, &cancel).await
+                    {
+                        stopped = true;
+                        break;
+                    }
+                }
+                records += chunk.records;
+                bytes += chunk.bytes;
+                for part in &chunk.parts {
+                    match moved.iter_mut().find(|(id, _)| *id == part.lane) {
+                        Some(m) => m.1 = part.next,
+                        None => moved.push((part.lane, part.next)),
+                    }
+                    for (seq, b) in &part.oversize {
+                        oversize.push((part.stream.clone(), *seq, *b));
+                    }
+                }
+                if chunks.send(TxnInput::Records(chunk.parts)).await.is_err() {
+                    break; // the sender failed; its result says why
+                }
+                if records >= max_records || bytes >= max_bytes || opened.elapsed() >= max_open {
+                    break;
+                }
+                let (chunk_records, chunk_bytes) =
+                    self.chunk_limits(max_records - records, max_bytes - bytes);
+                chunk = match self
+                    .read_batch(&mut lanes, chunk_records, chunk_bytes)
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        read_failed = Some(e);
+                        break;
+                    }
+                };
+            }
+            if read_failed.is_some() || stopped {
+                // Abandon the transaction: the sender aborts it when the channel closes.
+                drop(chunks);
+                let _ = run.await;
+                match read_failed {
+                    Some(e) => return Err(e),
+                    None => break,
                 }
             }
 
             let mut extras: Vec<Extra> = gaps.iter().map(|g| self.gap_extra(g)).collect();
-            for part in &batch.parts {
-                for (seq, bytes) in &part.oversize {
-                    extras.push(self.oversize_extra(&part.stream, *seq, *bytes));
-                }
+            for (stream, seq, b) in &oversize {
+                extras.push(self.oversize_extra(stream, *seq, *b));
             }
             if let (true, Some(every)) = (hb_due, hb_every) {
                 extras.push(self.heartbeat_extra().await);
                 next_hb = Instant::now() + every;
             }
             let new_gap_id = gaps.last().map_or(gap_id, |g| g.id);
-            let moved: Vec<(u32, u64)> = batch.parts.iter().map(|p| (p.lane, p.next)).collect();
             txn += 1;
             if !moved.is_empty() || new_gap_id != gap_id {
                 extras.push(self.checkpoint_extra(&lanes, &moved, new_gap_id, txn));
             }
-            let records = batch.records as u64;
-            let plan = TxnPlan {
-                parts: batch.parts,
-                extras,
-                store: self.store.clone(),
-                epoch: self.epoch_str.clone(),
-                key_mode: self.cfg.key,
-            };
-            let run = {
-                let producer = producer.clone();
-                let this = self.clone();
-                let cancel = cancel.clone();
-                tokio::task::spawn_blocking(move || execute(&producer, plan, &this, &cancel))
-            };
-            // Read the next batch while the transaction commits.
+            let records = records as u64;
+            // If the sender already failed the channel is closed; its result says why.
+            let _ = chunks.send(TxnInput::Commit(extras)).await;
+            drop(chunks);
+            // Read the first chunk of the next transaction while this one commits.
             let (res, pre) = if moved.is_empty() {
                 (run.await, None)
             } else {
                 let (max_records, max_bytes) = self.batch_limits().await;
-                let (r, p) = tokio::join!(run, self.read_batch(&mut lanes, max_records, max_bytes));
+                let (chunk_records, chunk_bytes) = self.chunk_limits(max_records, max_bytes);
+                let (r, p) =
+                    tokio::join!(run, self.read_batch(&mut lanes, chunk_records, chunk_bytes));
                 (r, Some(p))
             };
             match res {
@@ -393,10 +463,13 @@ impl Runner {
     }
 }
 
-/// Runs one transaction to its end (blocking thread).
+/// Runs one transaction to its end (blocking thread): begins it, sends the records of every
+/// chunk as it arrives (each chunk is dropped once librdkafka has copied it), then the extras, and
+/// commits.
 fn execute(
     p: &KafkaProducer,
-    plan: TxnPlan,
+    mut input: tokio::sync::mpsc::Receiver<TxnInput>,
+    sink: &TxnSink,
     runner: &Runner,
     cancel: &CancellationToken,
 ) -> Result<(), TxnFailure> {
@@ -404,31 +477,47 @@ fn execute(
     if let Err(e) = p.begin_transaction() {
         return Err(fatal(&e));
     }
-    for part in &plan.parts {
-        for r in &part.records {
-            let key = record::key_for(plan.key_mode, &plan.store, r);
-            let headers =
-                record::headers_for(&plan.store, &plan.epoch, r, r.seq < part.replay_until);
-            let token = Box::new(Token {
-                lane: part.lane,
-                seq: r.seq,
-                bytes: record::wire_size(r) as u32,
-            });
-            if let Err(e) = send_blocking(
-                p,
-                &part.topic,
-                key.as_bytes(),
-                &r.event.payload,
-                Some(record::timestamp_for(r)),
-                headers,
-                token,
-                cancel,
-            ) {
-                return Err(abort(p, &e, runner, cancel));
+    let extras = loop {
+        match input.blocking_recv() {
+            Some(TxnInput::Records(parts)) => {
+                for part in &parts {
+                    for r in &part.records {
+                        let key = record::key_for(sink.key_mode, &sink.store, r);
+                        let headers = record::headers_for(
+                            &sink.store,
+                            &sink.epoch,
+                            r,
+                            r.seq < part.replay_until,
+                        );
+                        let token = Box::new(Token {
+                            lane: part.lane,
+                            seq: r.seq,
+                            bytes: record::wire_size(r) as u32,
+                        });
+                        if let Err(e) = send_blocking(
+                            p,
+                            &part.topic,
+                            key.as_bytes(),
+                            &r.event.payload,
+                            Some(record::timestamp_for(r)),
+                            headers,
+                            token,
+                            cancel,
+                        ) {
+                            return Err(abort(p, &e, runner, cancel));
+                        }
+                    }
+                }
+            }
+            Some(TxnInput::Commit(extras)) => break extras,
+            None => {
+                // The reader gave up (a log error or shutdown): nothing of this transaction may
+                // become visible.
+                return Err(abort(p, &KafkaError::Canceled, runner, cancel));
             }
         }
-    }
-    for x in &plan.extras {
+    };
+    for x in &extras {
         let token = Box::new(Token {
             lane: x.lane,
             seq: x.seq,

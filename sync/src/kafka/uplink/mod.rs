@@ -1,9 +1,11 @@
 //! The uplink: mirrors every mirrored local stream to HQ's Kafka.
 //!
 //! Invariants:
-//! * **The local log is the only buffer.** Records are read from the log at the uplink cursor;
-//!   librdkafka holds at most one batch (exactly_once) or `producer_queue_bytes` (at_least_once).
-//!   Nothing is dropped on a timer: a batch that fails is read again from the log.
+//! * **The local log is the only buffer.** Records are read from the log at the uplink cursor in
+//!   chunks of [`READ_CHUNK_RECORDS`] / [`READ_CHUNK_BYTES`]; librdkafka holds at most
+//!   `producer_queue_bytes` (and [`KafkaConfig::producer_queue_messages`] messages), so memory
+//!   does not grow with the backlog, the transaction or the batch settings. Nothing is dropped on a
+//!   timer: a batch that fails is read again from the log.
 //! * **The cursor moves only after success was observed**: after the Kafka transaction that holds
 //!   the records committed (exactly_once), or after their delivery reports (at_least_once). The
 //!   cursor is the log's `mirror_cursor`, so retention and the disk budget never remove a record HQ
@@ -86,6 +88,19 @@ impl Uplink {
         }))
     }
 }
+
+/// Records read from the log at once. The uplink streams a transaction (exactly_once) or its
+/// window (at_least_once) in chunks of this size, so the records it holds in memory do not grow
+/// with the batch: a few chunks plus librdkafka's bounded queue.
+pub(crate) const READ_CHUNK_RECORDS: usize = 1000;
+/// Bytes (approximate wire size) read from the log at once.
+pub(crate) const READ_CHUNK_BYTES: usize = 512 * 1024;
+
+/// librdkafka's `batch.size`: the uncompressed size of one produce request per partition. Each
+/// request in flight holds a buffer of this size (and its compressed copy); smaller requests also
+/// keep several in flight within the small producer queue. `kafka.client_properties` may set
+/// another one.
+pub(crate) const PRODUCER_BATCH_BYTES: usize = 256 * 1024;
 
 /// Lane id of gap records in delivery tokens.
 pub(crate) const GAP_LANE: u32 = u32::MAX;
@@ -465,14 +480,19 @@ impl Runner {
     pub fn create_producer(&self, transactional: bool) -> Result<KafkaProducer, UplinkError> {
         let c = &self.cfg;
         let mut cfg = self.base.clone();
+        if !c.client_properties.contains_key("batch.size") {
+            cfg.set("batch.size", PRODUCER_BATCH_BYTES.to_string());
+        }
         cfg.set("compression.codec", c.compression_codec())
             .set("linger.ms", c.linger_ms.to_string())
-            .set("batch.size", "1000000")
             .set(
                 "queue.buffering.max.kbytes",
                 (c.producer_queue_bytes.as_u64() / 1024).max(1).to_string(),
             )
-            .set("queue.buffering.max.messages", "1000000")
+            .set(
+                "queue.buffering.max.messages",
+                c.producer_queue_messages().to_string(),
+            )
             .set("partitioner", "murmur2_random")
             .set("enable.idempotence", "true")
             .set("acks", "all");
@@ -765,40 +785,13 @@ impl Runner {
         Ok(batch)
     }
 
-    /// Adds the lanes that had nothing pending when `batch` was read (it was read ahead, during the
-    /// previous commit) and have records now: a live record then waits for one transaction, not
-    /// two. Each such lane gets a small share.
-    pub async fn top_up(&self, lanes: &mut Lanes, batch: &mut Batch) -> Result<(), LogError> {
-        let missing: Vec<Arc<str>> = lanes
-            .map
-            .values()
-            .filter(|l| !batch.parts.iter().any(|p| p.lane == l.id))
-            .filter(|l| self.log().next_seq(&l.stream).is_some_and(|h| h > l.next))
-            .map(|l| l.stream.clone())
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let mut sub = Lanes {
-            map: missing
-                .iter()
-                .filter_map(|s| lanes.map.get(s).map(|l| (s.clone(), l.clone())))
-                .collect(),
-            rr: lanes.rr,
-            refreshed: lanes.refreshed,
-        };
-        let share = (self.cfg.batch_max_records / 10).max(100);
-        let bytes = (self.cfg.batch_max_bytes.as_u64() as usize / 10).max(64 * 1024);
-        let extra = self.read_batch(&mut sub, share, bytes).await?;
-        for (s, l) in sub.map {
-            if let Some(orig) = lanes.map.get_mut(&s) {
-                orig.next = l.next;
-            }
-        }
-        batch.records += extra.records;
-        batch.bytes += extra.bytes;
-        batch.parts.extend(extra.parts);
-        Ok(())
+    /// Limits of one read from the log within `records` and `bytes` still allowed: a chunk of at
+    /// most [`READ_CHUNK_RECORDS`] / [`READ_CHUNK_BYTES`].
+    pub fn chunk_limits(&self, records: usize, bytes: usize) -> (usize, usize) {
+        (
+            records.clamp(1, READ_CHUNK_RECORDS),
+            bytes.clamp(1024, READ_CHUNK_BYTES),
+        )
     }
 
     /// A gap record for `edge.gaps`.
