@@ -97,6 +97,11 @@ fn open_writer_connection(path: &Path, cfg: &LogConfig) -> Result<Connection, ru
     let mut conn = Connection::open(path)?;
     // The header must be readable before anything else; a damaged file fails here.
     conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))?;
+    if queries::schema_version(&conn)? == 0 {
+        // Only possible on a new database, and only before WAL mode is switched on: free pages can
+        // then be returned to the filesystem (incremental_vacuum) when the free-space floor is hit.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     let mode = queries::apply_connection_pragmas(
         &conn,
         cfg.synchronous == Synchronous::Full,
@@ -651,5 +656,27 @@ impl LogInspector {
             fs_free_bytes: fs_free,
             full: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn new_databases_can_return_free_pages_to_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SqliteLog::open(dir.path(), LogConfig::default()).unwrap();
+        log.close().await.unwrap();
+        drop(log);
+        let conn = Connection::open(dir.path().join("log.db")).unwrap();
+        let mode: i64 = conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, 2, "auto_vacuum = INCREMENTAL (set before WAL mode)");
+        let journal: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(journal, "wal");
     }
 }
