@@ -154,23 +154,9 @@ fn health_task(state: DaemonState, shutdown: Shutdown) -> Task {
     })
 }
 
-fn init_tracing(cfg: &AgentConfig) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.agent.log_level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match cfg.agent.log_format {
-        crate::config::LogFormat::Json => builder.json().try_init(),
-        crate::config::LogFormat::Text => builder.try_init(),
-    };
-}
-
 /// Runs the daemon until a stop signal. Returns the process exit code.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    init_tracing(&cfg);
+    crate::logging::init(&cfg);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("edge-agent")
@@ -242,6 +228,13 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     state
         .ready
         .store(true, std::sync::atomic::Ordering::Release);
+    let systemd = crate::systemd::Notifier::from_env();
+    let systemd_tasks =
+        crate::systemd::spawn(state.clone(), systemd.clone(), shutdown.all().clone());
+    systemd.ready(&match state.report().await {
+        Ok(r) => crate::systemd::summary(&r),
+        Err(_) => "ready".into(),
+    });
     tracing::info!(
         store = %cfg.agent.store_id,
         epoch = %state.log.epoch(),
@@ -250,6 +243,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     );
 
     wait_for_signal().await;
+    systemd.stopping("stopping: intake closed, flushing the local log");
     let deadline = Instant::now() + cfg.agent.shutdown_timeout;
     tracing::info!("stop requested: stopping intake");
     shutdown.stop_intake();
@@ -277,6 +271,9 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     if let Some(h) = http {
         h.abort();
+    }
+    for t in systemd_tasks {
+        t.abort();
     }
     state.log.close().await.context("closing the local log")?;
     for (name, s) in state.status.snapshot() {

@@ -5,5 +5,9 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod http;
+pub mod logging;
 pub mod report;
+pub mod scrape;
+pub mod systemd;
