@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
         .port()
 }
 
@@ -51,7 +50,7 @@ fn recv_until(sock: &UnixDatagram, deadline: Duration, want: impl Fn(&str) -> bo
             end.saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1)),
         ))
-        .unwrap();
+        .expect("a read timeout on the notify socket");
         match sock.recv(&mut buf) {
             Ok(n) => {
                 let msg = String::from_utf8_lossy(&buf[..n]).to_string();
