@@ -42,7 +42,13 @@ pub fn init(cfg: &AgentConfig) -> Resolved {
         std::env::var_os("JOURNAL_STREAM").as_deref(),
     );
     let registry = tracing_subscriber::registry().with(filter(cfg));
-    let stderr = || tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, not in files or the journal's stderr capture.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let stderr = || {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+    };
     match wanted {
         Resolved::Journald => match tracing_journald::layer() {
             Ok(j) => {
