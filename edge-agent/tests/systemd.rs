@@ -182,6 +182,8 @@ sightings_per_second = 0.0
         );
     }
 
+    dashboard_uses_only_emitted_metrics(&metrics);
+
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -259,4 +261,54 @@ fn check_config_accepts_the_packaged_file_and_names_every_problem() {
         err.contains("agent.store_id") && err.contains("log.commit_window_ms"),
         "{err}"
     );
+}
+
+/// The Grafana dashboard shipped in the package queries series by name; a typo there is a blank
+/// panel in every store. Each name must be in this scrape, or be one of the series that only
+/// appear once their event happened (MQTT is off and nothing failed in this run).
+fn dashboard_uses_only_emitted_metrics(scrape: &str) {
+    const EVENT_DRIVEN: &[&str] = &[
+        "edge_mqtt_connected",
+        "edge_mqtt_connects_total",
+        "edge_mqtt_deadletters_total",
+        "edge_log_quarantined_total",
+        "edge_log_evicted_total",
+        "edge_log_appends_refused_total",
+        "edge_log_commit_failures_total",
+        "edge_log_gap_records",
+        "edge_log_cursor_backlog_records",
+        "edge_log_cursor_oldest_unsent_age_seconds",
+        "edge_watchdog_probe_failures_total",
+    ];
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/grafana/edge-agent.json"
+    );
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    let mut names = std::collections::BTreeSet::new();
+    for panel in dash["panels"].as_array().expect("panels") {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().expect("expr");
+            let mut rest = expr;
+            while let Some(i) = rest.find("edge_") {
+                let tail = &rest[i..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                names.insert(tail[..end].to_string());
+                rest = &tail[end..];
+            }
+        }
+    }
+    assert!(names.len() > 15, "{names:?}");
+    for n in names {
+        let base = n.trim_end_matches("_bucket");
+        assert!(
+            scrape.contains(&format!("{base}{{"))
+                || scrape.contains(&format!("{base} "))
+                || EVENT_DRIVEN.contains(&base),
+            "the dashboard queries {n}, which the agent does not emit"
+        );
+    }
 }
