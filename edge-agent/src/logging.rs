@@ -19,10 +19,30 @@ pub enum Resolved {
     Json,
 }
 
-/// Resolves `auto` from the environment (no I/O).
-pub fn resolve(format: LogFormat, journal_stream: Option<&std::ffi::OsStr>) -> Resolved {
+/// Whether `JOURNAL_STREAM` ("device:inode", set by systemd) names the stream stderr is connected to.
+/// A child of a service inherits the variable with a different stderr (a file, a pipe): then it is
+/// not the journal.
+pub fn stderr_is_journal(journal_stream: Option<&std::ffi::OsStr>) -> bool {
+    use std::os::fd::AsFd as _;
+    let Some((dev, ino)) = journal_stream
+        .and_then(|v| v.to_str())
+        .and_then(|v| v.split_once(':'))
+        .and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)))
+    else {
+        return false;
+    };
+    // dev_t/ino_t are 32-bit on some targets (armv7), 64-bit on others.
+    #[allow(clippy::unnecessary_cast)]
+    match nix::sys::stat::fstat(std::io::stderr().as_fd()) {
+        Ok(st) => st.st_dev as u64 == dev && st.st_ino as u64 == ino,
+        Err(_) => false,
+    }
+}
+
+/// Resolves `auto`: journald when stderr is the journal stream systemd set up.
+pub fn resolve(format: LogFormat, stderr_is_journal: bool) -> Resolved {
     match format {
-        LogFormat::Auto if journal_stream.is_some_and(|v| !v.is_empty()) => Resolved::Journald,
+        LogFormat::Auto if stderr_is_journal => Resolved::Journald,
         LogFormat::Auto | LogFormat::Text => Resolved::Text,
         LogFormat::Journald => Resolved::Journald,
         LogFormat::Json => Resolved::Json,
@@ -39,7 +59,7 @@ fn filter(cfg: &AgentConfig) -> EnvFilter {
 pub fn init(cfg: &AgentConfig) -> Resolved {
     let wanted = resolve(
         cfg.agent.log_format,
-        std::env::var_os("JOURNAL_STREAM").as_deref(),
+        stderr_is_journal(std::env::var_os("JOURNAL_STREAM").as_deref()),
     );
     let registry = tracing_subscriber::registry().with(filter(cfg));
     // Colours only for a person at a terminal, not in files or the journal's stderr capture.
@@ -83,16 +103,22 @@ mod tests {
 
     #[test]
     fn auto_uses_the_journal_only_under_systemd() {
-        assert_eq!(resolve(LogFormat::Auto, None), Resolved::Text);
-        assert_eq!(
-            resolve(LogFormat::Auto, Some(OsStr::new("8:1234"))),
-            Resolved::Journald
-        );
-        assert_eq!(
-            resolve(LogFormat::Text, Some(OsStr::new("8:1234"))),
-            Resolved::Text
-        );
-        assert_eq!(resolve(LogFormat::Journald, None), Resolved::Journald);
-        assert_eq!(resolve(LogFormat::Json, None), Resolved::Json);
+        assert_eq!(resolve(LogFormat::Auto, false), Resolved::Text);
+        assert_eq!(resolve(LogFormat::Auto, true), Resolved::Journald);
+        assert_eq!(resolve(LogFormat::Text, true), Resolved::Text);
+        assert_eq!(resolve(LogFormat::Journald, false), Resolved::Journald);
+        assert_eq!(resolve(LogFormat::Json, false), Resolved::Json);
+    }
+
+    #[test]
+    fn journal_stream_must_name_our_stderr() {
+        use std::os::fd::AsFd as _;
+        assert!(!stderr_is_journal(None));
+        assert!(!stderr_is_journal(Some(OsStr::new("garbage"))));
+        // An inherited variable that names another stream (a parent's journal socket).
+        assert!(!stderr_is_journal(Some(OsStr::new("1:1"))));
+        let st = nix::sys::stat::fstat(std::io::stderr().as_fd()).unwrap();
+        let ours = format!("{}:{}", st.st_dev, st.st_ino);
+        assert!(stderr_is_journal(Some(OsStr::new(&ours))));
     }
 }
