@@ -790,6 +790,46 @@ mod tests {
         assert!(e.contains("cannot resolve"), "{e}");
     }
 
+    /// A broker that reads the CONNECT and answers CONNACK with `code` (what Mosquitto sends to a
+    /// client whose credentials or ACL it refuses).
+    fn refusing_broker(code: u8) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut head = [0u8; 2];
+                let _ = s.read_exact(&mut head);
+                let mut body = vec![0u8; head[1] as usize];
+                let _ = s.read_exact(&mut body);
+                let _ = s.write_all(&[0x20, 0x02, 0x00, code]);
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn broker_refusal_reason_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        let mut cfg = AgentConfig::default();
+        cfg.mqtt.host = "127.0.0.1".into();
+        cfg.mqtt.port = refusing_broker(4);
+        cfg.mqtt.username = Some("edge".into());
+        cfg.mqtt.password_file = Some(pw);
+        let f = mqtt(&cfg, &Options::default());
+        assert_eq!(f[0].level, Level::Fail);
+        assert!(f[0].summary.contains("bad user name or password"), "{f:?}");
+        assert!(
+            !f[0].summary.contains("secret"),
+            "the password leaked: {f:?}"
+        );
+        cfg.mqtt.port = refusing_broker(0);
+        let f = mqtt(&cfg, &Options::default());
+        assert_eq!(f[0].level, Level::Ok, "{f:?}");
+        assert!(f[0].summary.contains("as edge"), "{f:?}");
+    }
+
     #[test]
     fn connect_packet_is_well_formed() {
         let p = mqtt_connect_packet("doc", Some("u"), Some(b"pw"));
