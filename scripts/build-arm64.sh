@@ -41,7 +41,9 @@ fi
 export PATH="/usr/bin:$PATH"
 export CARGO_TARGET_DIR="${ARM64_TARGET_DIR:-/var/cache/edge-agent-ci/target-arm64}"
 mkdir -p "$CARGO_TARGET_DIR"
-qemu="qemu-aarch64-static -L /usr/aarch64-linux-gnu"
+# The multiarch arm64 C library (libc6:arm64) is the sysroot: with "-L /usr/aarch64-linux-gnu"
+# (the cross-linker's copy) threads hang at start under qemu 7.2.
+qemu="qemu-aarch64-static"
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu"
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
