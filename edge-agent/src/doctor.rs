@@ -591,25 +591,18 @@ fn mqtt(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
 
 // --- devices ----------------------------------------------------------------------------------
 
-/// Every `/dev/...` path named anywhere in the driver configuration.
+/// Every device path the configured drivers open (their exclusive resources that are paths, e.g.
+/// a serial port; network endpoints are not devices).
 pub fn device_paths(cfg: &AgentConfig) -> Vec<(String, PathBuf)> {
-    fn walk(v: &serde_json::Value, out: &mut Vec<PathBuf>) {
-        match v {
-            serde_json::Value::String(s) if s.starts_with("/dev/") => out.push(PathBuf::from(s)),
-            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
-            serde_json::Value::Object(o) => o.values().for_each(|v| walk(v, out)),
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    for d in &cfg.drivers {
-        let mut paths = Vec::new();
-        if let Ok(v) = serde_json::to_value(d) {
-            walk(&v, &mut paths);
-        }
-        out.extend(paths.into_iter().map(|p| (d.name().to_string(), p)));
-    }
-    out
+    cfg.drivers
+        .iter()
+        .flat_map(|d| {
+            d.exclusive_resources()
+                .into_iter()
+                .filter(|r| r.starts_with('/'))
+                .map(|r| (d.name().to_string(), PathBuf::from(r)))
+        })
+        .collect()
 }
 
 fn user_can_open(user: &nix::unistd::User, meta: &std::fs::Metadata) -> bool {
