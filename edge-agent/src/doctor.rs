@@ -643,7 +643,19 @@ fn devices(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
         .flatten();
     paths
         .into_iter()
-        .map(|(driver, p)| match std::fs::metadata(&p) {
+        .map(|(driver, p)| check_device(&driver, &p, user.as_ref(), &opts.service_user))
+        .collect()
+}
+
+/// One device: present, a character device, and openable (read and write) by the service user.
+fn check_device(
+    driver: &str,
+    p: &Path,
+    user: Option<&nix::unistd::User>,
+    user_name: &str,
+) -> Finding {
+    const NAME: &str = "devices";
+    match std::fs::metadata(p) {
             Err(e) => Finding::new(NAME, Level::Fail, format!("{driver}: {}: {e}", p.display()))
                 .advice("is the device plugged in? `ls -l /dev/serial/by-id/` names USB serial adapters stably; use that path"),
             Ok(m) if !m.file_type().is_char_device() => Finding::new(
@@ -657,7 +669,7 @@ fn devices(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
                     .flatten()
                     .map(|g| g.name)
                     .unwrap_or_else(|| m.gid().to_string());
-                match &user {
+                match user {
                     Some(u) if !user_can_open(u, &m) => Finding::new(
                         NAME,
                         Level::Fail,
@@ -677,12 +689,11 @@ fn devices(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
                     None => Finding::new(
                         NAME,
                         Level::Ok,
-                        format!("{driver}: {} present (group {group}); user {} not found to check access", p.display(), opts.service_user),
+                        format!("{driver}: {} present (group {group}); user {user_name} not found to check access", p.display()),
                     ),
                 }
             }
-        })
-        .collect()
+    }
 }
 
 // --- clock ------------------------------------------------------------------------------------
@@ -846,6 +857,45 @@ mod tests {
         assert!(device_paths(&cfg).is_empty());
         let f = devices(&cfg, &Options::default());
         assert_eq!(f[0].level, Level::Info);
+    }
+
+    #[test]
+    fn devices_are_checked_for_the_service_user() {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        // World read-write character device: usable.
+        let f = check_device("d", Path::new("/dev/null"), Some(&nobody), "nobody");
+        assert_eq!(f.level, Level::Ok, "{f:?}");
+        // Missing: a failure that says what to do.
+        let f = check_device(
+            "scanner",
+            Path::new("/dev/ttyUSB-none"),
+            Some(&nobody),
+            "nobody",
+        );
+        assert_eq!(f.level, Level::Fail);
+        assert!(f.summary.starts_with("scanner: /dev/ttyUSB-none"), "{f:?}");
+        assert!(f.advice.unwrap().contains("/dev/serial/by-id"));
+        // Not a device.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(
+            check_device("d", &file, Some(&nobody), "nobody").level,
+            Level::Warn
+        );
+        // A device only root or its group may open (mode 0660 or stricter): nobody cannot.
+        let restricted = ["/dev/ttyS0", "/dev/mem", "/dev/kmsg"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| {
+                std::fs::metadata(p)
+                    .is_ok_and(|m| m.file_type().is_char_device() && m.mode() & 0o006 == 0)
+            });
+        if let Some(p) = restricted {
+            let f = check_device("d", p, Some(&nobody), "nobody");
+            assert_eq!(f.level, Level::Fail, "{f:?}");
+            assert!(f.advice.unwrap().contains("usermod -aG"));
+        }
     }
 
     #[test]
