@@ -23,7 +23,7 @@ fail() { echo "  FAILED: $*" >&2; echo "install test: $pass passed, 1 failed" >&
 need() { command -v "$1" >/dev/null 2>&1 || fail "missing tool: $1 (scripts/install-deps.sh installs it)"; }
 
 [ "$(id -u)" = 0 ] || fail "the install test needs root (dpkg -i, adduser)"
-for t in dpkg dpkg-deb lintian systemd-analyze mosquitto mosquitto_pub curl runuser setpriv man; do need "$t"; done
+for t in dpkg dpkg-deb lintian systemd-analyze mosquitto mosquitto_pub mosquitto_sub mosquitto_passwd openssl curl runuser setpriv man; do need "$t"; done
 
 if dpkg-query -W -f='${Status}' edge-agent 2>/dev/null | grep -qv "not-installed"; then
   if [ "${CI:-}" = true ]; then
@@ -166,6 +166,47 @@ epoch="$(runuser -u edge-agent -- /usr/bin/edge-agent status --json -c "$config"
 kill -TERM "$agent"
 wait "$agent" || fail "the agent did not exit cleanly on SIGTERM: $(tail -n 20 "$work/agent.log")"
 ok "SIGTERM: clean exit ($epoch)"
+
+echo "== store-LAN listener example (shipped in /usr/share/doc/edge-agent/examples/mosquitto)"
+# The documented set-up, with the installed example files: TLS and a password per device on the
+# LAN port, the ACL, anonymous loopback for the agent. Ports and file paths are the only changes.
+ex=/usr/share/doc/edge-agent/examples/mosquitto
+lan="$work/lan"; mkdir -p "$lan"; chmod 0777 "$lan"
+( cd "$lan"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=store-ca -keyout ca.key -out ca.crt
+  openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout broker.key -out broker.csr
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >ext
+  openssl x509 -req -in broker.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out broker.crt
+  mosquitto_passwd -c -b devices.passwd pos-lane-01 lane-secret
+  chmod 0644 ./* ) >/dev/null 2>&1 || fail "test certificates and password file"
+lo_port="$(pick_port)"; tls_port="$(pick_port)"
+{ cat /etc/mosquitto/conf.d/edge-agent-tuning.conf
+  echo "persistence_location $lan/"
+  sed -e "s|^listener 1883 127.0.0.1|listener $lo_port 127.0.0.1|" -e "s|^listener 8883|listener $tls_port|" \
+      -e "s|/etc/mosquitto/certs/store-broker.crt|$lan/broker.crt|" -e "s|/etc/mosquitto/certs/store-broker.key|$lan/broker.key|" \
+      -e "s|/etc/mosquitto/certs/store-ca.crt|$lan/ca.crt|" -e "s|/etc/mosquitto/edge-agent-devices.passwd|$lan/devices.passwd|" \
+      -e "s|/etc/mosquitto/edge-agent-devices.acl|$ex/store-lan.acl|" "$ex/store-lan-listener.conf"
+} >"$lan/mosquitto.conf"
+mosquitto -c "$lan/mosquitto.conf" >"$lan/mosquitto.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do port_free "$tls_port" || break; sleep 0.1; done
+port_free "$tls_port" && fail "mosquitto did not start with the store-LAN example: $(cat "$lan/mosquitto.log")"
+# A persistent loopback subscriber (the agent's position) records what devices get through.
+mosquitto_sub -p "$lo_port" -i lan-test-sub -c -q 1 -t 'store/#' -E || fail "anonymous loopback subscribe"
+dev=(-p "$tls_port" --cafile "$lan/ca.crt" -u pos-lane-01 -q 1)
+mosquitto_pub "${dev[@]}" -P lane-secret -t store/s1/pos/pos-lane-02/transactions -m other-lane \
+  || fail "publish outside the ACL should be accepted and dropped, not refused"
+mosquitto_pub "${dev[@]}" -P lane-secret -t store/s1/pos/pos-lane-01/transactions -m own-lane \
+  || fail "pos-lane-01 cannot publish its own transactions over TLS"
+first="$(mosquitto_sub -p "$lo_port" -i lan-test-sub -c -q 1 -t 'store/#' -C 1 -W 5)"
+[ "$first" = own-lane ] || fail "loopback subscriber got '$first' first (the ACL must drop other-lane)"
+mosquitto_pub "${dev[@]}" -P wrong -t store/s1/pos/pos-lane-01/transactions -m x 2>/dev/null \
+  && fail "a wrong password was accepted"
+mosquitto_pub -p "$tls_port" --cafile "$lan/ca.crt" -q 1 -t store/s1/pos/x/transactions -m x 2>/dev/null \
+  && fail "an anonymous device was accepted on the LAN port"
+mosquitto_pub -p "$tls_port" -u pos-lane-01 -P lane-secret -q 1 -t x -m x 2>/dev/null \
+  && fail "plain MQTT was accepted on the TLS port"
+ok "store-LAN example: TLS + per-device password, ACL confines a device to its topics, anonymous/wrong password/plaintext refused"
 
 if [ -n "$upgrade" ]; then
   echo "== upgrade to $(basename "$upgrade")"
