@@ -166,7 +166,7 @@ pub fn main() -> ExitCode {
         }
         Command::Manpages { dir } => {
             let r = std::fs::create_dir_all(&dir).and_then(|_| {
-                clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir)
+                crate::man::write_all(<Cli as clap::CommandFactory>::command(), &dir)
             });
             match r {
                 Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod http;
 pub mod logging;
+pub mod man;
 pub mod report;
 pub mod scrape;
 pub mod systemd;
