@@ -860,6 +860,44 @@ mod tests {
     }
 
     #[test]
+    fn configured_serial_devices_are_checked() {
+        let cfg = AgentConfig::parse(
+            r#"
+[[drivers]]
+type = "scanner"
+name = "lane3-scanner"
+lane = "3"
+serial = { path = "/dev/serial/by-id/usb-Datalogic_Scanner-if00-missing" }
+
+[[drivers]]
+type = "scale"
+name = "lane3-scale"
+lane = "3"
+protocol = "sma"
+serial = { path = "/dev/null" }
+"#,
+            "t",
+        )
+        .unwrap();
+        let paths = device_paths(&cfg);
+        assert_eq!(paths.len(), 2, "{paths:?}");
+        let opts = Options {
+            service_user: "nobody".into(),
+            ..Options::default()
+        };
+        let f = devices(&cfg, &opts);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].level, Level::Fail, "{f:?}");
+        assert!(
+            f[0].summary
+                .starts_with("lane3-scanner: /dev/serial/by-id/"),
+            "{f:?}"
+        );
+        assert_eq!(f[1].level, Level::Ok, "{f:?}");
+        assert!(f[1].summary.contains("usable by nobody"), "{f:?}");
+    }
+
+    #[test]
     fn devices_are_checked_for_the_service_user() {
         let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
         // World read-write character device: usable.
