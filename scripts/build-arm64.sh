@@ -21,7 +21,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 # --- toolchain (idempotent) --------------------------------------------------------------------
 packages=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu g++-aarch64-linux-gnu
           libc6-dev-arm64-cross binutils-aarch64-linux-gnu qemu-user-static pkgconf cmake
-          libc6:arm64 libssl-dev:arm64 zlib1g-dev:arm64)
+          libc6:arm64 libssl-dev:arm64 zlib1g-dev:arm64 libcurl4-openssl-dev:arm64)
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
   $SUDO dpkg --add-architecture arm64
 fi
@@ -33,6 +33,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "build-arm64: installing ${missing[*]}"
   $SUDO apt-get update -qq
   # Installing arm64 libssl-dev moves the amd64 libssl-dev to the same version (multiarch lockstep).
+  # The kafka uplink's librdkafka (cmake-build) needs curl's arm64 headers to compile (measured on
+  # the kafka branch: it then links arm64 libssl, libcrypto and libz, and no libcurl).
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
