@@ -279,6 +279,15 @@ fn dashboard_uses_only_emitted_metrics(scrape: &str) {
         "edge_log_cursor_backlog_records",
         "edge_log_cursor_oldest_unsent_age_seconds",
         "edge_watchdog_probe_failures_total",
+        // The Kafka uplink and downlink (a [kafka] section; not configured in this run).
+        "edge_uplink_records_total",
+        "edge_downlink_records_applied_total",
+        "edge_uplink_backlog_records",
+        "edge_uplink_oldest_unsent_age_seconds",
+        "edge_kafka_client_errors_total",
+        "edge_uplink_delivery_errors_total",
+        "edge_uplink_aborted_transactions_total",
+        "edge_uplink_records_dropped_total",
     ];
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
