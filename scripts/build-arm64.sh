@@ -74,7 +74,11 @@ $qemu "$bin" --version
 $qemu "$bin" check-config packaging/deb/config.toml
 smoke="$(mktemp -d)"
 trap 'kill "${agent:-0}" 2>/dev/null || true; rm -rf "$smoke"' EXIT
-port=$((20000 + RANDOM % 40000))
+# A free port (other test suites may run on this machine): nothing may answer on it yet.
+for _ in $(seq 50); do
+  port=$((20000 + RANDOM % 40000))
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || break
+done
 cat >"$smoke/config.toml" <<CFG
 [agent]
 store_id = "arm64-smoke"
@@ -93,7 +97,11 @@ $qemu "$bin" run --config "$smoke/config.toml" >"$smoke/agent.log" 2>&1 &
 agent=$!
 ready=""
 for _ in $(seq 300); do
-  if curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then ready=1; break; fi
+  # Ready, and it is this agent answering (its store id), not another process on the port.
+  if curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 \
+    && curl -fsS "http://127.0.0.1:$port/status" 2>/dev/null | grep -q '"store_id":"arm64-smoke"'; then
+    ready=1; break
+  fi
   kill -0 "$agent" 2>/dev/null || break
   sleep 0.1
 done

@@ -118,9 +118,12 @@ mkdir -p "$work/mosquitto"; chmod 0777 "$work/mosquitto"
   echo "listener $mqtt_port 127.0.0.1"; echo "allow_anonymous true"
   echo "persistence_location $work/mosquitto/"; } >"$work/mosquitto.conf"
 mosquitto -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
-pids+=($!)
+broker=$!
+pids+=($broker)
 for _ in $(seq 100); do port_free "$mqtt_port" || break; sleep 0.1; done
-port_free "$mqtt_port" && fail "mosquitto did not start: $(cat "$work/mosquitto.log")"
+# Listening, and it is our broker (not another suite's on a port that was free a moment ago).
+port_free "$mqtt_port" || ! kill -0 "$broker" 2>/dev/null \
+  && fail "mosquitto did not start: $(cat "$work/mosquitto.log")"
 ok "Mosquitto with the packaged tuning on 127.0.0.1:$mqtt_port"
 
 # setpriv execs the agent itself (same PID), so SIGTERM below reaches it as systemd's would.
@@ -130,7 +133,10 @@ agent=$!
 pids+=($agent)
 ready=""
 for _ in $(seq 200); do
-  if curl -fsS "http://127.0.0.1:$http_port/readyz" >/dev/null 2>&1; then ready=1; break; fi
+  if curl -fsS "http://127.0.0.1:$http_port/readyz" >/dev/null 2>&1 \
+    && curl -fsS "http://127.0.0.1:$http_port/status" 2>/dev/null | grep -q '"store_id":"store-0001"'; then
+    ready=1; break
+  fi
   kill -0 "$agent" 2>/dev/null || break
   sleep 0.1
 done
@@ -188,9 +194,10 @@ lo_port="$(pick_port)"; tls_port="$(pick_port)"
       -e "s|/etc/mosquitto/edge-agent-devices.acl|$ex/store-lan.acl|" "$ex/store-lan-listener.conf"
 } >"$lan/mosquitto.conf"
 mosquitto -c "$lan/mosquitto.conf" >"$lan/mosquitto.log" 2>&1 &
-pids+=($!)
+lan_broker=$!
+pids+=($lan_broker)
 for _ in $(seq 100); do port_free "$tls_port" || break; sleep 0.1; done
-port_free "$tls_port" && fail "mosquitto did not start with the store-LAN example: $(cat "$lan/mosquitto.log")"
+port_free "$tls_port" || ! kill -0 "$lan_broker" 2>/dev/null && fail "mosquitto did not start with the store-LAN example: $(cat "$lan/mosquitto.log")"
 # A persistent loopback subscriber (the agent's position) records what devices get through.
 mosquitto_sub -p "$lo_port" -i lan-test-sub -c -q 1 -t 'store/#' -E || fail "anonymous loopback subscribe"
 dev=(-p "$tls_port" --cafile "$lan/ca.crt" -u pos-lane-01 -q 1)

@@ -167,6 +167,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Handlers first: a SIGTERM right after READY=1 (or during start-up) must stop the agent
+    // gracefully, not kill it with the default action.
+    let stop_requested = wait_for_signal();
     let metrics = crate::http::install_metrics()?;
     let cfg = Arc::new(cfg);
     let log = tokio::task::spawn_blocking({
@@ -242,7 +245,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         "edge-agent ready"
     );
 
-    wait_for_signal().await;
+    stop_requested.await;
     systemd.stopping("stopping: intake closed, flushing the local log");
     let deadline = Instant::now() + cfg.agent.shutdown_timeout;
     tracing::info!("stop requested: stopping intake");
@@ -288,19 +291,22 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Registers the SIGTERM/SIGINT handlers now and returns the future that resolves on either.
+fn wait_for_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

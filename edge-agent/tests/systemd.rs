@@ -229,6 +229,60 @@ sightings_per_second = 0.0
 }
 
 #[test]
+fn sigterm_right_after_ready_stops_gracefully() {
+    // systemd may stop the unit the moment it reported READY=1: the stop must be the graceful one
+    // (intake closed, log flushed and closed, exit 0), not the default action of SIGTERM.
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nstore_id = \"t\"\ndata_dir = \"{}\"\nlog_format = \"text\"\n[mqtt]\nenabled = false\n[http]\nenabled = false\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let msgs = recv_until(&sock, Duration::from_secs(20), |m| m.contains("READY=1"));
+    assert!(msgs.iter().any(|m| m.contains("READY=1")), "{msgs:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = agent.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    agent
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "exit {status}; stderr:\n{stderr}");
+    assert!(stderr.contains("local log closed"), "{stderr}");
+}
+
+#[test]
 fn check_config_accepts_the_packaged_file_and_names_every_problem() {
     // check-config is what the unit's ExecStartPre runs: it must pass on the
     // packaged config and fail with exit 2 and the path of each problem on a broken one.
