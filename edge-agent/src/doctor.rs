@@ -104,6 +104,10 @@ pub fn checks() -> Vec<Check> {
             run: mqtt,
         },
         Check {
+            name: "kafka",
+            run: kafka,
+        },
+        Check {
             name: "devices",
             run: devices,
         },
@@ -589,6 +593,71 @@ fn mqtt(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
     }
 }
 
+// --- Kafka ------------------------------------------------------------------------------------
+
+fn split_host_port(b: &str) -> Option<(&str, u16)> {
+    let (host, port) = b.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host, port.parse().ok()?))
+}
+
+fn kafka(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
+    const NAME: &str = "kafka";
+    let Some(k) = &cfg.kafka else {
+        return vec![Finding::new(
+            NAME,
+            Level::Info,
+            "no [kafka] section: records stay in the local log until a mirror to HQ is configured",
+        )];
+    };
+    let mut out: Vec<Finding> = k
+        .brokers
+        .iter()
+        .map(|b| match split_host_port(b) {
+            None => Finding::new(NAME, Level::Fail, format!("kafka.brokers: {b:?} is not host:port")),
+            Some((host, port)) => match tcp_reach(host, port, opts.net_timeout) {
+                Ok(_) => Finding::new(
+                    NAME,
+                    Level::Ok,
+                    format!("bootstrap broker {b} accepts TCP connections"),
+                ),
+                Err(e) => Finding::new(
+                    NAME,
+                    Level::Fail,
+                    format!("bootstrap broker {b} unreachable: {e}"),
+                )
+                .advice("check kafka.brokers, DNS, and the store's outbound firewall towards HQ; records keep buffering in the local log meanwhile"),
+            },
+        })
+        .collect();
+    // TLS, SASL, ACL and transaction problems surface in the running agent's uplink and downlink
+    // (librdkafka's own reason); ask it rather than guess.
+    if cfg.http.enabled
+        && let Ok((200, body)) =
+            crate::cli::http_request(cfg.http.listen, "/status", opts.net_timeout)
+        && let Ok(report) = serde_json::from_str::<serde_json::Value>(&body)
+    {
+        for name in ["uplink", "downlink"] {
+            let c = &report["components"][name];
+            let Some(state) = c["state"].as_str() else {
+                continue;
+            };
+            let detail = c["detail"].as_str().unwrap_or("");
+            let level = match state {
+                "up" => Level::Ok,
+                "starting" | "degraded" => Level::Warn,
+                _ => Level::Fail,
+            };
+            out.push(Finding::new(
+                NAME,
+                level,
+                format!("{name} {state}: {detail}"),
+            ));
+        }
+    }
+    out
+}
+
 // --- devices ----------------------------------------------------------------------------------
 
 /// Every device path the configured drivers open (their exclusive resources that are paths, e.g.
@@ -832,6 +901,28 @@ mod tests {
         let f = mqtt(&cfg, &Options::default());
         assert_eq!(f[0].level, Level::Ok, "{f:?}");
         assert!(f[0].summary.contains("as edge"), "{f:?}");
+    }
+
+    #[test]
+    fn kafka_brokers_are_probed_with_the_reason() {
+        let cfg = AgentConfig::default();
+        assert_eq!(kafka(&cfg, &Options::default())[0].level, Level::Info);
+        let up = TcpListener::bind("127.0.0.1:0").unwrap();
+        let down = TcpListener::bind("127.0.0.1:0").unwrap();
+        let down_port = down.local_addr().unwrap().port();
+        drop(down);
+        let text = format!(
+            "kafka = {{ brokers = [\"{}\", \"127.0.0.1:{down_port}\"] }}\n[http]\nenabled = false\n",
+            up.local_addr().unwrap()
+        );
+        let cfg = AgentConfig::parse(&text, "t").unwrap();
+        let f = kafka(&cfg, &Options::default());
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert_eq!(f[0].level, Level::Ok, "{f:?}");
+        assert_eq!(f[1].level, Level::Fail, "{f:?}");
+        assert!(f[1].summary.contains("connection refused"), "{f:?}");
+        assert_eq!(split_host_port("[::1]:9093"), Some(("::1", 9093)));
+        assert_eq!(split_host_port("kafka.hq"), None);
     }
 
     #[test]
