@@ -34,3 +34,21 @@ if [ -n "${EDGE_FUZZ_SECONDS:-}" ]; then
     echo "== fuzz: EDGE_FUZZ_SECONDS is set but 'cargo +nightly fuzz' is missing (cargo install cargo-fuzz); skipped"
   fi
 fi
+
+# Packaging: the amd64 .deb and its install test (dpkg -i on this machine, so root and CI only
+# unless asked for with EDGE_AGENT_PACKAGE_TESTS=1), then the arm64 build run under qemu.
+if [ "${CI:-}" = true ] || [ "${EDGE_AGENT_PACKAGE_TESTS:-}" = 1 ]; then
+  target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+  echo "== amd64 .deb (release build)"
+  t0=$SECONDS
+  deb="$(bash scripts/build-deb.sh | tail -n 1)"
+  # The same build as revision 2: what an upgrade installs over the first.
+  upgrade="$(bash scripts/build-deb.sh --no-build --deb-revision 2 --out "$target_dir/deb-upgrade" | tail -n 1)"
+  echo "== amd64 .deb: $deb ($((SECONDS - t0)) s)"
+  echo "== install test"
+  bash scripts/test-install.sh "$deb" "$upgrade"
+  echo "== arm64 build, qemu run and .deb"
+  t0=$SECONDS
+  bash scripts/build-arm64.sh
+  echo "== arm64: $((SECONDS - t0)) s"
+fi

@@ -5,5 +5,10 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod http;
+pub mod logging;
+pub mod man;
 pub mod report;
+pub mod scrape;
+pub mod systemd;
