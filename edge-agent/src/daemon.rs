@@ -37,7 +37,7 @@ impl DaemonState {
             let ts = log.oldest_from(&c.stream, c.next_seq).await?;
             oldest.insert((c.stream.clone(), c.next_seq), ts);
         }
-        let gaps = log.gaps(0, 100_000).await?.len() as u64;
+        let gaps = log.gap_summary().await?.iter().map(|g| g.ranges).sum();
         Ok(report::build(report::Inputs {
             store_id: &self.config.agent.store_id,
             path: log.path().display().to_string(),

@@ -10,7 +10,6 @@
 use crate::daemon::DaemonState;
 use edge_core::State;
 use edge_core::log::Log;
-use std::collections::BTreeMap;
 
 const STATES: [State; 5] = [
     State::Starting,
@@ -84,27 +83,14 @@ pub async fn refresh(d: &DaemonState) {
     }
 
     // Records that left the store without reaching HQ, by stream and reason (eviction, corruption).
-    if let Ok(gaps) = d.log.gaps(0, 100_000).await {
-        let mut by: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
-        for g in gaps {
-            // The label is the reason's kind ("evicted", "corrupt"); the text after the colon is
-            // free-form and would make a series per record.
-            let kind = g
-                .reason
-                .split(':')
-                .next()
-                .unwrap_or("unknown")
-                .trim()
-                .to_string();
-            let e = by.entry((g.stream, kind)).or_default();
-            e.0 += 1;
-            e.1 += g.count;
-        }
-        for ((stream, reason), (ranges, records)) in by {
-            metrics::gauge!("edge_log_gaps", "stream" => stream.clone(), "reason" => reason.clone())
-                .set(ranges as f64);
-            metrics::gauge!("edge_log_gap_records", "stream" => stream, "reason" => reason)
-                .set(records as f64);
+    // The label is the reason's kind ("evicted", "corrupt"); the text after the colon is
+    // free-form and would make a series per record.
+    if let Ok(summary) = d.log.gap_summary().await {
+        for g in summary {
+            metrics::gauge!("edge_log_gaps", "stream" => g.stream.clone(), "reason" => g.kind.clone())
+                .set(g.ranges as f64);
+            metrics::gauge!("edge_log_gap_records", "stream" => g.stream, "reason" => g.kind)
+                .set(g.records as f64);
         }
     }
 }

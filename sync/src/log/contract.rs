@@ -589,6 +589,17 @@ pub(crate) async fn budget_evicts_lowest_class_first_with_gaps<E: Engine>() {
         gaps.iter()
             .all(|g| g.reason.contains("budget") && g.stream == "beacon.sightings")
     );
+    let summary = log.gap_summary().await.unwrap();
+    assert_eq!(summary.len(), 1, "{summary:?}");
+    assert_eq!(
+        (
+            summary[0].stream.as_str(),
+            summary[0].kind.as_str(),
+            summary[0].ranges,
+            summary[0].records
+        ),
+        ("beacon.sightings", "evicted", gaps.len() as u64, evicted)
+    );
     // When low is gone, high goes next (never protected).
     for chunk in 0..10 {
         log.append(AppendRequest::events(

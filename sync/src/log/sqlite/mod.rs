@@ -13,9 +13,9 @@ pub(crate) mod queries;
 mod writer;
 
 use super::{
-    AppendRequest, AppendTicket, CursorInfo, DiskUsage, Gap, IntegrityCheck, IntegrityState, Log,
-    LogConfig, LogError, MaintenanceReport, OnCorruptOpen, ReadBatch, ReadLimits, StreamInfo,
-    StreamPolicy, Synchronous,
+    AppendRequest, AppendTicket, CursorInfo, DiskUsage, Gap, GapSummary, IntegrityCheck,
+    IntegrityState, Log, LogConfig, LogError, MaintenanceReport, OnCorruptOpen, ReadBatch,
+    ReadLimits, StreamInfo, StreamPolicy, Synchronous,
 };
 use async_trait::async_trait;
 use nix::fcntl::{Flock, FlockArg};
@@ -470,6 +470,10 @@ impl Log for SqliteLog {
             .await
     }
 
+    async fn gap_summary(&self) -> Result<Vec<GapSummary>, LogError> {
+        self.with_reader(|conn, _| queries::gap_summary(conn)).await
+    }
+
     async fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, LogError> {
         let k = key.to_string();
         self.with_reader(move |conn, _| queries::kv_get(conn, &k))
@@ -605,6 +609,10 @@ impl LogInspector {
 
     pub fn gaps(&self, after_id: u64, limit: usize) -> Result<Vec<Gap>, LogError> {
         queries::gaps(&self.conn, after_id, limit)
+    }
+
+    pub fn gap_summary(&self) -> Result<Vec<GapSummary>, LogError> {
+        queries::gap_summary(&self.conn)
     }
 
     pub fn oldest_from(&self, stream: &str, from_seq: u64) -> Result<Option<i64>, LogError> {

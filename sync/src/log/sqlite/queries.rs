@@ -1,7 +1,7 @@
 //! SQL shared by the writer, the reader pool and the read-only inspector: schema set-up, PRAGMAs,
 //! the record CRC and row decoding.
 
-use crate::log::{CursorInfo, Gap, LogError, ReadBatch, StreamInfo, StreamPolicy};
+use crate::log::{CursorInfo, Gap, GapSummary, LogError, ReadBatch, StreamInfo, StreamPolicy};
 use edge_core::{Event, Header, Record};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -490,6 +490,26 @@ pub fn gaps(conn: &Connection, after_id: u64, limit: usize) -> Result<Vec<Gap>, 
         .and_then(|it| it.collect())
     })
     .map_err(storage("listing gaps"))
+}
+
+pub fn gap_summary(conn: &Connection) -> Result<Vec<GapSummary>, LogError> {
+    conn.prepare_cached(
+        "SELECT s.name, substr(g.reason, 1, instr(g.reason || ':', ':') - 1) AS kind,
+                count(*), coalesce(sum(g.count), 0)
+         FROM gaps g JOIN streams s ON s.id = g.stream_id GROUP BY s.name, kind ORDER BY s.name, kind",
+    )
+    .and_then(|mut s| {
+        s.query_map([], |r| {
+            Ok(GapSummary {
+                stream: r.get(0)?,
+                kind: r.get(1)?,
+                ranges: r.get::<_, i64>(2)? as u64,
+                records: r.get::<_, i64>(3)? as u64,
+            })
+        })
+        .and_then(|it| it.collect())
+    })
+    .map_err(storage("summarising gaps"))
 }
 
 pub fn kv_get(conn: &Connection, key: &str) -> Result<Option<Vec<u8>>, LogError> {
