@@ -15,6 +15,9 @@ APT_PACKAGES=(
   sqlite3                       # inspecting logs by hand in docs and tests
   build-essential pkg-config cmake
   libssl-dev libcurl4-openssl-dev libsasl2-dev zlib1g-dev
+  # packaging checks (scripts/build-deb.sh, scripts/test-install.sh): lintian, systemd-analyze
+  # (the systemd package; nothing is started), man pages, the install test's HTTP probes
+  lintian systemd man-db curl file util-linux openssl
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -208,6 +208,17 @@ pub struct Gap {
     pub ts_ms: i64,
 }
 
+/// Gaps of one stream and kind (the reason's text before its first `:`, e.g. `evicted`, `corrupt`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GapSummary {
+    pub stream: String,
+    pub kind: String,
+    /// Gap rows (seq ranges).
+    pub ranges: u64,
+    /// Records in them.
+    pub records: u64,
+}
+
 /// Disk use of the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 pub struct DiskUsage {
@@ -283,6 +294,9 @@ pub trait Log: Send + Sync + 'static {
 
     /// Gaps with id greater than `after_id`, oldest first.
     async fn gaps(&self, after_id: u64, limit: usize) -> Result<Vec<Gap>, LogError>;
+
+    /// Gaps counted per stream and kind, without reading every gap.
+    async fn gap_summary(&self) -> Result<Vec<GapSummary>, LogError>;
 
     async fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, LogError>;
 

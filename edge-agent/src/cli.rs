@@ -1,4 +1,4 @@
-//! Command line: `run`, `check-config`, `status`, `log tail|export`.
+//! Command line: `run`, `check-config`, `status`, `doctor`, `log tail|export`, `completions`.
 
 use crate::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 use crate::report;
@@ -45,10 +45,36 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check this machine for the agent: data disk (fsync latency, space), MQTT broker, devices,
+    /// clock, and whether the daemon answers. Exit 1 when a check fails.
+    Doctor {
+        #[arg(long, short, env = "EDGE_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Longest time the fsync self-test of the data disk may take.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        fsync_time: Duration,
+        /// The account the service runs as (device permissions are checked for it).
+        #[arg(long, default_value = "edge-agent")]
+        service_user: String,
+    },
     /// Read records from the local log.
     Log {
         #[command(subcommand)]
         command: LogCommand,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to standard output.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (edge-agent.1 and one per subcommand) into a directory.
+    #[command(hide = true)]
+    Manpages {
+        /// Output directory (created if missing).
+        dir: PathBuf,
     },
 }
 
@@ -130,6 +156,32 @@ pub fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Status { config, json } => status(&config, json),
+        Command::Doctor {
+            config,
+            json,
+            fsync_time,
+            service_user,
+        } => doctor(&config, json, fsync_time, service_user),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "edge-agent", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Manpages { dir } => {
+            let r = std::fs::create_dir_all(&dir).and_then(|_| {
+                crate::man::write_all(<Cli as clap::CommandFactory>::command(), &dir)
+            });
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "edge-agent: cannot write manual pages to {}: {e}",
+                        dir.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Log { command } => match command {
             LogCommand::Tail {
                 config,
@@ -203,23 +255,70 @@ fn with_inspector(config: &Path, f: impl FnOnce(&LogInspector) -> anyhow::Result
     }
 }
 
-/// GET on the daemon's local HTTP endpoint (HTTP/1.1, Connection: close).
-fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+/// GET on the daemon's local HTTP endpoint (HTTP/1.1, Connection: close): status code and body,
+/// or why there was no answer.
+pub(crate) fn http_request(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
-    .ok()?;
+    .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8(buf).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return None;
+    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let text = String::from_utf8(buf).map_err(|_| "the answer is not UTF-8".to_string())?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| "the answer is not HTTP".to_string())?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| "the answer has no HTTP status".to_string())?;
+    Ok((code, body.to_string()))
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    match http_request(addr, path, Duration::from_secs(1)) {
+        Ok((200, body)) => Some(body),
+        _ => None,
     }
-    Some(body.to_string())
+}
+
+fn doctor(config: &Path, json: bool, fsync_time: Duration, service_user: String) -> ExitCode {
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let opts = crate::doctor::Options {
+        fsync_budget: fsync_time,
+        service_user,
+        ..Default::default()
+    };
+    let findings = crate::doctor::run(&cfg, &opts);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&findings).unwrap_or_default()
+        );
+    } else {
+        println!("edge-agent doctor: {}", config.display());
+        print!("{}", crate::doctor::render(&findings));
+    }
+    if findings
+        .iter()
+        .any(|f| f.level == crate::doctor::Level::Fail)
+    {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn status(config: &Path, json: bool) -> ExitCode {
@@ -276,7 +375,7 @@ fn offline_report(cfg: &AgentConfig) -> anyhow::Result<report::StatusReport> {
         streams: i.streams()?,
         cursors,
         oldest,
-        gaps: i.gaps(0, 100_000)?.len() as u64,
+        gaps: i.gap_summary()?.iter().map(|g| g.ranges).sum(),
         components: Default::default(),
         daemon_running: false,
         uptime_s: None,
@@ -359,6 +458,7 @@ fn export(
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
+    let progress = export_progress(i, stream, from_seq, to_seq, output.is_some())?;
     let mut next = from_seq;
     let mut n = 0u64;
     loop {
@@ -373,12 +473,14 @@ fn export(
         for r in &b.records {
             if to_seq.is_some_and(|t| r.seq > t) {
                 out.flush()?;
+                progress.finish_and_clear();
                 eprintln!("exported {n} record(s)");
                 return Ok(());
             }
             print_record(&mut out, r, format)?;
             n += 1;
         }
+        progress.set_position(b.next_seq.saturating_sub(from_seq));
         for (seq, reason) in &b.quarantined {
             eprintln!("{stream} #{seq}: damaged record skipped ({reason})");
         }
@@ -388,6 +490,40 @@ fn export(
         next = b.next_seq;
     }
     out.flush()?;
+    progress.finish_and_clear();
     eprintln!("exported {n} record(s)");
     Ok(())
+}
+
+/// A progress bar on stderr for long exports, only when a person watches a terminal (stderr is a
+/// TTY and the records do not go to that same terminal).
+fn export_progress(
+    i: &LogInspector,
+    stream: &str,
+    from_seq: u64,
+    to_seq: Option<u64>,
+    to_file: bool,
+) -> anyhow::Result<indicatif::ProgressBar> {
+    use std::io::IsTerminal as _;
+    if !std::io::stderr().is_terminal() || (!to_file && std::io::stdout().is_terminal()) {
+        return Ok(indicatif::ProgressBar::hidden());
+    }
+    let head = i
+        .streams()?
+        .into_iter()
+        .find(|s| s.name == stream)
+        .map(|s| s.next_seq)
+        .unwrap_or(from_seq);
+    let last = to_seq.map_or(head.saturating_sub(1), |t| t.min(head.saturating_sub(1)));
+    let total = (last + 1).saturating_sub(from_seq);
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} seqs  {per_sec}  eta {eta}")
+    {
+        bar.set_style(style);
+    }
+    Ok(bar)
 }

@@ -29,8 +29,13 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
-    /// Human-readable lines on stderr.
+    /// journald when systemd connected stderr to the journal (`JOURNAL_STREAM` is set), else text.
     #[default]
+    Auto,
+    /// Structured journal entries (fields as `F_*` journal fields); text on stderr where journald
+    /// is absent.
+    Journald,
+    /// Human-readable lines on stderr.
     Text,
     /// One JSON object per line on stderr.
     Json,
@@ -62,7 +67,7 @@ impl Default for AgentSection {
             shutdown_timeout: Duration::from_secs(5),
             health_interval: Duration::from_secs(60),
             log_level: "info".into(),
-            log_format: LogFormat::Text,
+            log_format: LogFormat::Auto,
         }
     }
 }
@@ -172,7 +177,11 @@ mod tests {
 
     #[test]
     fn example_configs_are_valid() {
-        for f in ["../config/edge-agent.example.toml", "../config/demo.toml"] {
+        for f in [
+            "../config/edge-agent.example.toml",
+            "../config/demo.toml",
+            "../packaging/deb/config.toml",
+        ] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
             let cfg = AgentConfig::load(&path).unwrap_or_else(|p| panic!("{f}: {p}"));
             let problems = cfg.validate();

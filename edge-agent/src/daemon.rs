@@ -37,7 +37,7 @@ impl DaemonState {
             let ts = log.oldest_from(&c.stream, c.next_seq).await?;
             oldest.insert((c.stream.clone(), c.next_seq), ts);
         }
-        let gaps = log.gaps(0, 100_000).await?.len() as u64;
+        let gaps = log.gap_summary().await?.iter().map(|g| g.ranges).sum();
         Ok(report::build(report::Inputs {
             store_id: &self.config.agent.store_id,
             path: log.path().display().to_string(),
@@ -154,23 +154,9 @@ fn health_task(state: DaemonState, shutdown: Shutdown) -> Task {
     })
 }
 
-fn init_tracing(cfg: &AgentConfig) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.agent.log_level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match cfg.agent.log_format {
-        crate::config::LogFormat::Json => builder.json().try_init(),
-        crate::config::LogFormat::Text => builder.try_init(),
-    };
-}
-
 /// Runs the daemon until a stop signal. Returns the process exit code.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    init_tracing(&cfg);
+    crate::logging::init(&cfg);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("edge-agent")
@@ -181,6 +167,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Handlers first: a SIGTERM right after READY=1 (or during start-up) must stop the agent
+    // gracefully, not kill it with the default action.
+    let stop_requested = wait_for_signal();
     let metrics = crate::http::install_metrics()?;
     let cfg = Arc::new(cfg);
     let log = tokio::task::spawn_blocking({
@@ -242,6 +231,13 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     state
         .ready
         .store(true, std::sync::atomic::Ordering::Release);
+    let systemd = crate::systemd::Notifier::from_env();
+    let systemd_tasks =
+        crate::systemd::spawn(state.clone(), systemd.clone(), shutdown.all().clone());
+    systemd.ready(&match state.report().await {
+        Ok(r) => crate::systemd::summary(&r),
+        Err(_) => "ready".into(),
+    });
     tracing::info!(
         store = %cfg.agent.store_id,
         epoch = %state.log.epoch(),
@@ -249,7 +245,8 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         "edge-agent ready"
     );
 
-    wait_for_signal().await;
+    stop_requested.await;
+    systemd.stopping("stopping: intake closed, flushing the local log");
     let deadline = Instant::now() + cfg.agent.shutdown_timeout;
     tracing::info!("stop requested: stopping intake");
     shutdown.stop_intake();
@@ -278,6 +275,9 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(h) = http {
         h.abort();
     }
+    for t in systemd_tasks {
+        t.abort();
+    }
     state.log.close().await.context("closing the local log")?;
     for (name, s) in state.status.snapshot() {
         if s.state != State::Stopped {
@@ -291,19 +291,22 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Registers the SIGTERM/SIGINT handlers now and returns the future that resolves on either.
+fn wait_for_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

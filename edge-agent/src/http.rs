@@ -65,20 +65,7 @@ async fn status(AxState(s): AxState<AppState>) -> Response {
 }
 
 async fn metrics(AxState(s): AxState<AppState>) -> Response {
-    if let Ok(u) = s.daemon.log.usage().await {
-        metrics::gauge!("edge_log_used_bytes").set(u.used_bytes as f64);
-        metrics::gauge!("edge_log_wal_bytes").set(u.wal_bytes as f64);
-        metrics::gauge!("edge_log_budget_bytes").set(u.budget_bytes as f64);
-        metrics::gauge!("edge_fs_free_bytes").set(u.fs_free_bytes as f64);
-    }
-    if let Ok(streams) = s.daemon.log.streams().await {
-        for st in streams {
-            metrics::gauge!("edge_log_stream_next_seq", "stream" => st.name.clone())
-                .set(st.next_seq as f64);
-            metrics::gauge!("edge_log_stream_records", "stream" => st.name.clone())
-                .set(st.records as f64);
-        }
-    }
+    crate::scrape::refresh(&s.daemon).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

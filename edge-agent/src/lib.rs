@@ -5,6 +5,11 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod http;
+pub mod logging;
+pub mod man;
 pub mod memory;
 pub mod report;
+pub mod scrape;
+pub mod systemd;

@@ -73,21 +73,39 @@ impl KafkaBroker {
     fn start_with(secure: bool) -> KafkaBroker {
         require("java", "install Java 17 (scripts/install-deps.sh)");
         require("kcat", "install kcat (scripts/install-deps.sh)");
-        let dir = tempfile::Builder::new()
-            .prefix("edge-kafka-")
-            .tempdir()
-            .expect("temp dir for the broker");
-        let mut b = KafkaBroker {
-            dir,
-            secure,
-            env: HashMap::new(),
-            pid: None,
-        };
-        b.launch();
-        b
+        // Ports are picked free and then bound by the JVM a moment later; another process can take
+        // one in between. A first start that lost that race is retried with new ports.
+        for attempt in 1..=3 {
+            let dir = tempfile::Builder::new()
+                .prefix("edge-kafka-")
+                .tempdir()
+                .expect("temp dir for the broker");
+            let mut b = KafkaBroker {
+                dir,
+                secure,
+                env: HashMap::new(),
+                pid: None,
+            };
+            match b.try_launch() {
+                Ok(()) => return b,
+                Err(e) if attempt < 3 && e.contains("Address already in use") => {
+                    eprintln!(
+                        "kafka harness: a port was taken during start-up; retrying with new ports"
+                    );
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     fn launch(&mut self) {
+        if let Err(e) = self.try_launch() {
+            panic!("{e}");
+        }
+    }
+
+    fn try_launch(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("bash");
         cmd.arg(script())
             .arg("start")
@@ -98,18 +116,28 @@ impl KafkaBroker {
             cmd.arg("--secure");
         }
         let out = cmd.output().expect("run scripts/kafka.sh");
-        assert!(
-            out.status.success(),
-            "scripts/kafka.sh start failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            let server_log =
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            return Err(format!(
+                "scripts/kafka.sh start failed:\n{}\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                server_log
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ));
+        }
         self.env = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         self.pid = self.env.get("PID").and_then(|p| p.parse().ok());
+        Ok(())
     }
 
     /// `host:port` of the plaintext listener.

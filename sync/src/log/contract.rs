@@ -16,6 +16,8 @@ pub(crate) trait Engine {
     fn corrupt_record(dir: &Path, cfg: &LogConfig, stream: &str, seq: u64);
     /// Damages the database file beyond opening.
     fn corrupt_file(dir: &Path, cfg: &LogConfig);
+    /// Overwrites one storage page in the middle of the file (damage a per-record CRC cannot see).
+    fn corrupt_page(dir: &Path, cfg: &LogConfig);
 }
 
 pub(crate) struct SqliteFull;
@@ -36,6 +38,27 @@ fn sqlite_corrupt_record(dir: &Path, cfg: &LogConfig, stream: &str, seq: u64) {
         )
         .expect("corrupt");
     assert_eq!(n, 1, "the record to corrupt exists");
+}
+
+fn sqlite_corrupt_page(dir: &Path, cfg: &LogConfig) {
+    use std::io::{Seek, SeekFrom, Write};
+    let path = sqlite::db_path(dir, cfg);
+    let len = std::fs::metadata(&path).expect("db").len();
+    let page = 4096u64;
+    let pages = len / page;
+    assert!(
+        pages > 20,
+        "the test needs a database of more than 20 pages"
+    );
+    // A leaf of the records tree near the end of the file (streams and meta live at the start).
+    let target = (pages - 5) * page;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open db");
+    f.seek(SeekFrom::Start(target)).expect("seek");
+    f.write_all(&[0xA5; 4096]).expect("write");
+    f.sync_all().expect("sync");
 }
 
 fn sqlite_corrupt_file(dir: &Path, cfg: &LogConfig) {
@@ -62,6 +85,9 @@ impl Engine for SqliteFull {
     fn corrupt_file(dir: &Path, cfg: &LogConfig) {
         sqlite_corrupt_file(dir, cfg)
     }
+    fn corrupt_page(dir: &Path, cfg: &LogConfig) {
+        sqlite_corrupt_page(dir, cfg)
+    }
 }
 
 impl Engine for SqliteNormal {
@@ -81,6 +107,9 @@ impl Engine for SqliteNormal {
     }
     fn corrupt_file(dir: &Path, cfg: &LogConfig) {
         sqlite_corrupt_file(dir, cfg)
+    }
+    fn corrupt_page(dir: &Path, cfg: &LogConfig) {
+        sqlite_corrupt_page(dir, cfg)
     }
 }
 
@@ -560,6 +589,17 @@ pub(crate) async fn budget_evicts_lowest_class_first_with_gaps<E: Engine>() {
         gaps.iter()
             .all(|g| g.reason.contains("budget") && g.stream == "beacon.sightings")
     );
+    let summary = log.gap_summary().await.unwrap();
+    assert_eq!(summary.len(), 1, "{summary:?}");
+    assert_eq!(
+        (
+            summary[0].stream.as_str(),
+            summary[0].kind.as_str(),
+            summary[0].ranges,
+            summary[0].records
+        ),
+        ("beacon.sightings", "evicted", gaps.len() as u64, evicted)
+    );
     // When low is gone, high goes next (never protected).
     for chunk in 0..10 {
         log.append(AppendRequest::events(
@@ -733,6 +773,157 @@ pub(crate) async fn unreadable_database_is_moved_aside_with_new_epoch<E: Engine>
     ));
 }
 
+pub(crate) async fn integrity_check_reports_a_damaged_page<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = E::config();
+    let log = E::open(dir.path(), cfg.clone()).unwrap();
+    for chunk in 0..10 {
+        log.append(AppendRequest::events(
+            (0..100)
+                .map(|i| big("pos.transactions", chunk * 100 + i))
+                .collect(),
+        ))
+        .await
+        .unwrap();
+    }
+    log.close().await.unwrap();
+    drop(log);
+    E::corrupt_page(dir.path(), &cfg);
+    let blocking = LogConfig {
+        integrity_check: IntegrityCheck::Blocking,
+        ..cfg.clone()
+    };
+    let log = E::open(dir.path(), blocking).expect("a damaged page does not stop the agent");
+    match log.integrity() {
+        IntegrityState::Failed { problems } => assert!(!problems.is_empty()),
+        other => panic!("the damaged page was not detected: {other:?}"),
+    }
+    // The epoch (and everything readable) is kept: a damaged page is not a reason to start over.
+    assert_eq!(log.next_seq("pos.transactions"), Some(1001));
+    log.close().await.unwrap();
+    drop(log);
+    // In the background mode the result arrives after start-up.
+    let bg = LogConfig {
+        integrity_check: IntegrityCheck::Background,
+        ..cfg
+    };
+    let log = E::open(dir.path(), bg).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while matches!(
+        log.integrity(),
+        IntegrityState::Running | IntegrityState::NotRun
+    ) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "background check finished"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(matches!(log.integrity(), IntegrityState::Failed { .. }));
+    // Reading the stream does not fail on the damaged page: every seq is either returned or
+    // reported, and each lost one becomes exactly one gap and one dead letter.
+    let mut from = 1;
+    let (mut good, mut lost) = (0u64, Vec::new());
+    loop {
+        let b = log
+            .read(
+                "pos.transactions",
+                from,
+                ReadLimits {
+                    max_records: 97,
+                    max_bytes: 1 << 20,
+                },
+            )
+            .await
+            .expect("reads past a damaged page");
+        if b.next_seq <= from {
+            break;
+        }
+        good += b.records.len() as u64;
+        lost.extend(b.quarantined.iter().map(|q| q.0));
+        from = b.next_seq;
+    }
+    assert_eq!(from, 1001, "the reader reached the end");
+    assert!(!lost.is_empty(), "the damaged page held records");
+    assert_eq!(good + lost.len() as u64, 1000, "every seq is accounted for");
+    // A second reader over the same range adds no second gap or dead letter.
+    let _ = log
+        .read(
+            "pos.transactions",
+            1,
+            ReadLimits {
+                max_records: 1000,
+                max_bytes: 64 << 20,
+            },
+        )
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let dl = read_all(&log, DEADLETTER_STREAM).await;
+        if dl.len() >= lost.len() || tokio::time::Instant::now() > deadline {
+            assert_eq!(dl.len(), lost.len(), "one dead letter per lost record");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    log.maintain().await.ok();
+    let gaps = log.gaps(0, 10_000).await.unwrap();
+    let gap_seqs: Vec<u64> = gaps.iter().map(|g| g.first_seq).collect();
+    assert_eq!(
+        gap_seqs.len(),
+        lost.len(),
+        "one gap per lost record, not per reader"
+    );
+    log.close().await.unwrap();
+}
+
+pub(crate) async fn free_space_floor_evicts_like_an_exceeded_budget<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = E::open(dir.path(), E::config()).unwrap();
+    log.append(AppendRequest::events(
+        (0..200).map(|i| big("beacon.sightings", i)).collect(),
+    ))
+    .await
+    .unwrap();
+    log.append(AppendRequest::events(
+        (0..20).map(|i| big("pos.transactions", i)).collect(),
+    ))
+    .await
+    .unwrap();
+    log.close().await.unwrap();
+    drop(log);
+    // The filesystem fills up with other data: a floor no filesystem can meet models it.
+    let cfg = LogConfig {
+        min_free_disk: ByteSize::tib(1 << 20),
+        ..E::config()
+    };
+    let log = E::open(dir.path(), cfg).unwrap();
+    log.maintain().await.unwrap();
+    assert!(
+        read_all(&log, "beacon.sightings").await.is_empty(),
+        "low-priority records were evicted"
+    );
+    assert_eq!(
+        read_all(&log, "pos.transactions").await.len(),
+        20,
+        "protected records stay"
+    );
+    let gaps = log.gaps(0, 100).await.unwrap();
+    assert_eq!(gaps.iter().map(|g| g.count).sum::<u64>(), 200);
+    assert!(
+        gaps.iter().all(|g| g.reason.contains("min_free_disk")),
+        "{gaps:?}"
+    );
+    // New records are refused (backpressure) rather than stored on a full disk.
+    assert!(matches!(
+        log.append(AppendRequest::one(big("pos.transactions", 99)))
+            .await,
+        Err(LogError::Full)
+    ));
+    assert!(log.usage().await.unwrap().full);
+    log.close().await.unwrap();
+}
+
 macro_rules! contract_suite {
     ($name:ident, $engine:ty) => {
         mod $name {
@@ -755,6 +946,8 @@ macro_rules! contract_suite {
                 protected_records_apply_backpressure_until_mirrored,
                 corrupt_record_is_dead_lettered_and_stream_moves_on,
                 unreadable_database_is_moved_aside_with_new_epoch,
+                integrity_check_reports_a_damaged_page,
+                free_space_floor_evicts_like_an_exceeded_budget,
             );
         }
     };

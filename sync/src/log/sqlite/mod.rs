@@ -13,9 +13,9 @@ pub(crate) mod queries;
 mod writer;
 
 use super::{
-    AppendRequest, AppendTicket, CursorInfo, DiskUsage, Gap, IntegrityCheck, IntegrityState, Log,
-    LogConfig, LogError, MaintenanceReport, OnCorruptOpen, ReadBatch, ReadLimits, StreamInfo,
-    StreamPolicy, Synchronous,
+    AppendRequest, AppendTicket, CursorInfo, DiskUsage, Gap, GapSummary, IntegrityCheck,
+    IntegrityState, Log, LogConfig, LogError, MaintenanceReport, OnCorruptOpen, ReadBatch,
+    ReadLimits, StreamInfo, StreamPolicy, Synchronous,
 };
 use async_trait::async_trait;
 use nix::fcntl::{Flock, FlockArg};
@@ -97,6 +97,11 @@ fn open_writer_connection(path: &Path, cfg: &LogConfig) -> Result<Connection, ru
     let mut conn = Connection::open(path)?;
     // The header must be readable before anything else; a damaged file fails here.
     conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))?;
+    if queries::schema_version(&conn)? == 0 {
+        // Only possible on a new database, and only before WAL mode is switched on: free pages can
+        // then be returned to the filesystem (incremental_vacuum) when the free-space floor is hit.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     let mode = queries::apply_connection_pragmas(
         &conn,
         cfg.synchronous == Synchronous::Full,
@@ -465,6 +470,10 @@ impl Log for SqliteLog {
             .await
     }
 
+    async fn gap_summary(&self) -> Result<Vec<GapSummary>, LogError> {
+        self.with_reader(|conn, _| queries::gap_summary(conn)).await
+    }
+
     async fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, LogError> {
         let k = key.to_string();
         self.with_reader(move |conn, _| queries::kv_get(conn, &k))
@@ -602,6 +611,10 @@ impl LogInspector {
         queries::gaps(&self.conn, after_id, limit)
     }
 
+    pub fn gap_summary(&self) -> Result<Vec<GapSummary>, LogError> {
+        queries::gap_summary(&self.conn)
+    }
+
     pub fn oldest_from(&self, stream: &str, from_seq: u64) -> Result<Option<i64>, LogError> {
         match queries::stream_id(&self.conn, stream)? {
             Some(id) => queries::oldest_from(&self.conn, id, from_seq),
@@ -651,5 +664,27 @@ impl LogInspector {
             fs_free_bytes: fs_free,
             full: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn new_databases_can_return_free_pages_to_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SqliteLog::open(dir.path(), LogConfig::default()).unwrap();
+        log.close().await.unwrap();
+        drop(log);
+        let conn = Connection::open(dir.path().join("log.db")).unwrap();
+        let mode: i64 = conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, 2, "auto_vacuum = INCREMENTAL (set before WAL mode)");
+        let journal: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(journal, "wal");
     }
 }

@@ -1,7 +1,7 @@
 //! SQL shared by the writer, the reader pool and the read-only inspector: schema set-up, PRAGMAs,
 //! the record CRC and row decoding.
 
-use crate::log::{CursorInfo, Gap, LogError, ReadBatch, StreamInfo, StreamPolicy};
+use crate::log::{CursorInfo, Gap, GapSummary, LogError, ReadBatch, StreamInfo, StreamPolicy};
 use edge_core::{Event, Header, Record};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -67,11 +67,6 @@ pub fn apply_connection_pragmas(
 /// be chosen before the first table exists, and the epoch.
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version == 0 {
-        // Before any table: free pages can be returned to the filesystem with incremental_vacuum
-        // when the free-space floor is hit.
-        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
-    }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
@@ -267,6 +262,15 @@ pub fn stream_id(conn: &Connection, name: &str) -> Result<Option<i64>, LogError>
 
 /// Reads rows of one stream from `from_seq`. Returns decoded records, the seq to continue from,
 /// and rows that failed verification (seq, reason). Damaged rows are *not* removed here.
+/// Reason given for a row SQLite cannot read at all (its page is damaged).
+pub const UNREADABLE: &str = "unreadable: the database page holding it is damaged";
+
+/// Reads rows of one stream from `from_seq`. Returns decoded records, the seq to continue from,
+/// and rows that failed verification (seq, reason). Damaged rows are *not* removed here.
+///
+/// When the range scan hits a damaged page, the rows are read one by one instead, so the rows
+/// SQLite can still read are returned and the unreadable ones are reported; a consumer then moves
+/// past them instead of failing on the same page forever.
 pub fn read_rows(
     conn: &Connection,
     stream: &Arc<str>,
@@ -275,22 +279,35 @@ pub fn read_rows(
     max_records: usize,
     max_bytes: usize,
 ) -> Result<ReadBatch, LogError> {
-    let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {RECORD_COLUMNS} FROM records WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT ?3"
-        ))
-        .map_err(storage("reading records"))?;
+    match scan_rows(conn, stream, stream_id, from_seq, max_records, max_bytes) {
+        Ok(b) => Ok(b),
+        Err(e) if is_corruption(&e) => {
+            point_reads(conn, stream, stream_id, from_seq, max_records, max_bytes)
+        }
+        Err(e) => Err(storage("reading records")(e)),
+    }
+}
+
+fn scan_rows(
+    conn: &Connection,
+    stream: &Arc<str>,
+    stream_id: i64,
+    from_seq: u64,
+    max_records: usize,
+    max_bytes: usize,
+) -> rusqlite::Result<ReadBatch> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {RECORD_COLUMNS} FROM records WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT ?3"
+    ))?;
     let lo = row_id(stream_id, from_seq.max(1));
     let hi = row_id(stream_id + 1, 0);
-    let mut rows = stmt
-        .query(params![lo, hi, max_records.max(1) as i64])
-        .map_err(storage("reading records"))?;
+    let mut rows = stmt.query(params![lo, hi, max_records.max(1) as i64])?;
     let mut out = Vec::new();
     let mut bad = Vec::new();
     let mut next = from_seq;
     let mut bytes = 0usize;
-    while let Some(r) = rows.next().map_err(storage("reading records"))? {
-        let raw = raw_row(r).map_err(storage("reading records"))?;
+    while let Some(r) = rows.next()? {
+        let raw = raw_row(r)?;
         let seq = seq_of(raw.id);
         next = seq + 1;
         match decode_row(stream, &raw) {
@@ -302,6 +319,55 @@ pub fn read_rows(
         }
         if bytes >= max_bytes {
             break;
+        }
+    }
+    Ok(ReadBatch {
+        records: out,
+        next_seq: next,
+        quarantined: bad,
+    })
+}
+
+fn point_reads(
+    conn: &Connection,
+    stream: &Arc<str>,
+    stream_id: i64,
+    from_seq: u64,
+    max_records: usize,
+    max_bytes: usize,
+) -> Result<ReadBatch, LogError> {
+    let head: i64 = conn
+        .query_row(
+            "SELECT next_seq FROM streams WHERE id = ?1",
+            [stream_id],
+            |r| r.get(0),
+        )
+        .map_err(storage("reading a stream head"))?;
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE id = ?1"
+        ))
+        .map_err(storage("reading records"))?;
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    let mut next = from_seq.max(1);
+    let mut bytes = 0usize;
+    let mut examined = 0usize;
+    while next < head as u64 && examined < max_records.max(1) && bytes < max_bytes {
+        let seq = next;
+        next += 1;
+        examined += 1;
+        match stmt.query_row([row_id(stream_id, seq)], raw_row).optional() {
+            Ok(Some(raw)) => match decode_row(stream, &raw) {
+                Ok(rec) => {
+                    bytes += rec.event.approx_size();
+                    out.push(rec);
+                }
+                Err(reason) => bad.push((seq, reason)),
+            },
+            Ok(None) => {}
+            Err(e) if is_corruption(&e) => bad.push((seq, UNREADABLE.to_string())),
+            Err(e) => return Err(storage("reading records")(e)),
         }
     }
     Ok(ReadBatch {
@@ -424,6 +490,26 @@ pub fn gaps(conn: &Connection, after_id: u64, limit: usize) -> Result<Vec<Gap>, 
         .and_then(|it| it.collect())
     })
     .map_err(storage("listing gaps"))
+}
+
+pub fn gap_summary(conn: &Connection) -> Result<Vec<GapSummary>, LogError> {
+    conn.prepare_cached(
+        "SELECT s.name, substr(g.reason, 1, instr(g.reason || ':', ':') - 1) AS kind,
+                count(*), coalesce(sum(g.count), 0)
+         FROM gaps g JOIN streams s ON s.id = g.stream_id GROUP BY s.name, kind ORDER BY s.name, kind",
+    )
+    .and_then(|mut s| {
+        s.query_map([], |r| {
+            Ok(GapSummary {
+                stream: r.get(0)?,
+                kind: r.get(1)?,
+                ranges: r.get::<_, i64>(2)? as u64,
+                records: r.get::<_, i64>(3)? as u64,
+            })
+        })
+        .and_then(|it| it.collect())
+    })
+    .map_err(storage("summarising gaps"))
 }
 
 pub fn kv_get(conn: &Connection, key: &str) -> Result<Option<Vec<u8>>, LogError> {

@@ -239,14 +239,51 @@ impl Writer {
         for (reply, r) in replies.drain(..) {
             let _ = reply.send(r);
         }
-        if accepted.is_empty() && quarantines.is_empty() {
-            return;
+        if !accepted.is_empty() {
+            self.commit_appends(accepted, started);
         }
+        // Damage handling never shares a transaction with appends: a damaged page must not make
+        // intake fail. Each quarantine commits (or rolls back) on its own.
+        for (stream, seq, reason) in quarantines {
+            self.commit_quarantine(&stream, seq, &reason);
+        }
+    }
 
+    fn commit_quarantine(&mut self, stream: &str, seq: u64, reason: &str) {
+        let before = self.streams.clone();
+        let max_id_before = self.max_stream_id;
+        let r = (|| -> Result<(), LogError> {
+            self.conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .map_err(storage("beginning a quarantine"))?;
+            let now = edge_core::time::now_ms();
+            let mut touched = Vec::new();
+            self.quarantine(stream, seq, reason, now, &mut touched)?;
+            self.flush_stream_rows(&touched)?;
+            self.conn
+                .execute_batch("COMMIT")
+                .map_err(storage("committing a quarantine"))
+        })();
+        match r {
+            Ok(()) => {
+                self.publish_heads();
+                self.shared.generation.send_modify(|g| *g += 1);
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.streams = before;
+                self.max_stream_id = max_id_before;
+                metrics::counter!("edge_log_quarantine_failures_total").increment(1);
+                tracing::error!(stream, seq, error = %e, "a damaged record could not be quarantined; it stays in place and is reported again when read (see the integrity state)");
+            }
+        }
+    }
+
+    fn commit_appends(&mut self, accepted: Vec<(AppendRequest, Reply)>, started: Instant) {
         let before = self.streams.clone();
         let max_id_before = self.max_stream_id;
         let commit_started = Instant::now();
-        let result = self.apply(&accepted, &quarantines);
+        let result = self.apply(&accepted);
         match result {
             Ok(outcomes) => {
                 let commit_secs = commit_started.elapsed().as_secs_f64();
@@ -277,7 +314,6 @@ impl Writer {
     fn apply(
         &mut self,
         accepted: &[(AppendRequest, Reply)],
-        quarantines: &[(String, u64, String)],
     ) -> Result<Vec<AppendOutcome>, LogError> {
         self.conn
             .execute_batch("BEGIN IMMEDIATE")
@@ -319,9 +355,6 @@ impl Writer {
                 }
                 outcomes.push(AppendOutcome { appended });
             }
-        }
-        for (stream, seq, reason) in quarantines {
-            self.quarantine(stream, *seq, reason, now, &mut touched)?;
         }
         self.flush_stream_rows(&touched)?;
         self.conn
@@ -370,14 +403,24 @@ impl Writer {
             return Ok(());
         };
         let rid = row_id(st.id, seq);
-        let raw = self
+        if reason == queries::UNREADABLE {
+            // Reading it again inside a write transaction would only hit the damaged page again.
+            return self.record_unreadable(stream, st.id, seq, now, touched);
+        }
+        let raw = match self
             .conn
             .prepare_cached(&format!(
                 "SELECT {} FROM records WHERE id = ?1",
                 queries::RECORD_COLUMNS
             ))
             .and_then(|mut s| s.query_row([rid], queries::raw_row).optional())
-            .map_err(storage("reading a damaged record"))?;
+        {
+            Ok(r) => r,
+            Err(e) if queries::is_corruption(&e) => {
+                return self.record_unreadable(stream, st.id, seq, now, touched);
+            }
+            Err(e) => return Err(storage("reading a damaged record")(e)),
+        };
         let Some(raw) = raw else {
             return Ok(()); // already quarantined by another reader
         };
@@ -407,6 +450,40 @@ impl Writer {
             seq,
             reason,
             "a damaged record was moved to the deadletter stream"
+        );
+        Ok(())
+    }
+
+    /// A row SQLite cannot read (damaged page): it cannot be moved or deleted, so it is recorded
+    /// once as a gap with a dead letter, and readers move past it.
+    fn record_unreadable(
+        &mut self,
+        stream: &str,
+        stream_id: i64,
+        seq: u64,
+        now: i64,
+        touched: &mut Vec<i64>,
+    ) -> Result<(), LogError> {
+        let reason = format!("corrupt: {}", queries::UNREADABLE);
+        let known: bool = self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM gaps WHERE stream_id = ?1 AND first_seq = ?2 AND last_seq = ?2 AND reason = ?3)",
+            )
+            .and_then(|mut s| s.query_row(params![stream_id, seq as i64, reason], |r| r.get(0)))
+            .map_err(storage("checking recorded gaps"))?;
+        if known {
+            return Ok(());
+        }
+        self.record_gap(stream_id, seq, seq, 1, &reason, now)?;
+        let dl = deadletter::from_log(stream, seq, queries::UNREADABLE, &[]);
+        self.insert(&dl, now, touched)?;
+        metrics::counter!("edge_log_quarantined_total", "stream" => stream.to_string())
+            .increment(1);
+        tracing::error!(
+            stream,
+            seq,
+            "a record is unreadable (damaged database page); recorded as a gap, readers move past it"
         );
         Ok(())
     }
