@@ -36,7 +36,7 @@ const ENVIRONMENT: &[(&str, &str)] = &[
     ),
     (
         "MALLOC_ARENA_MAX",
-        "glibc malloc arenas. run restarts itself once with 2 when it is unset (fewer arenas hold less memory); a value set here is kept.",
+        "glibc malloc arenas. When it is unset, run limits them to 2 (fewer arenas hold less memory); a value set here is kept.",
     ),
     (
         "NOTIFY_SOCKET, WATCHDOG_USEC, JOURNAL_STREAM",
