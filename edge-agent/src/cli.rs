@@ -45,8 +45,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check this machine for the agent: data disk (fsync latency, space), MQTT broker, devices,
-    /// clock, and whether the daemon answers. Exit 1 when a check fails.
+    /// Check this machine for the agent: data disk (fsync latency, space), MQTT broker, HQ Kafka
+    /// (reachability, TLS and credentials), devices, clock, and whether the daemon answers. Exit 1
+    /// when a check fails.
     Doctor {
         #[arg(long, short, env = "EDGE_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,

@@ -630,8 +630,16 @@ fn kafka(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
             },
         })
         .collect();
-    // TLS, SASL, ACL and transaction problems surface in the running agent's uplink and downlink
-    // (librdkafka's own reason); ask it rather than guess.
+    // Reachable: connect as the agent would (TLS, SASL, secrets from their files) and ask for the
+    // cluster metadata. Never the transactional id, so a running agent is not fenced.
+    if !out.is_empty() && out.iter().all(|f| f.level == Level::Ok) {
+        out.push(kafka_handshake(
+            k,
+            opts.net_timeout.max(Duration::from_secs(5)),
+        ));
+    }
+    // Transaction and ACL problems surface in the running agent's uplink and downlink (librdkafka's
+    // own reason); ask it rather than guess.
     if cfg.http.enabled
         && let Ok((200, body)) =
             crate::cli::http_request(cfg.http.listen, "/status", opts.net_timeout)
@@ -656,6 +664,41 @@ fn kafka(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
         }
     }
     out
+}
+
+/// The HQ link as the agent would open it: security settings, credentials, metadata.
+fn kafka_handshake(k: &edge_sync::kafka::KafkaConfig, timeout: Duration) -> Finding {
+    const NAME: &str = "kafka";
+    let how = match (&k.security.username, k.security.protocol.uses_sasl()) {
+        (Some(user), true) => format!("{} as {user}", k.security.protocol.librdkafka()),
+        _ => k.security.protocol.librdkafka().to_string(),
+    };
+    match edge_sync::kafka::probe(k, timeout) {
+        Ok(r) => Finding::new(
+            NAME,
+            Level::Ok,
+            format!(
+                "HQ Kafka answered over {how}: {} broker(s); checkpoint topic {} {}",
+                r.brokers,
+                k.checkpoint_topic,
+                if r.checkpoint_topic {
+                    "present"
+                } else {
+                    "not created yet (the uplink creates it on first start when allowed)"
+                }
+            ),
+        ),
+        Err(edge_sync::kafka::ProbeError::Link { trouble, message }) => Finding::new(
+            NAME,
+            Level::Fail,
+            format!("HQ Kafka over {how}: {} ({message})", trouble.as_str()),
+        )
+        .advice(format!(
+            "{}; records keep buffering in the local log meanwhile",
+            trouble.advice()
+        )),
+        Err(e) => Finding::new(NAME, Level::Fail, format!("HQ Kafka over {how}: {e}")),
+    }
 }
 
 // --- devices ----------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 //! Security against a real broker with SASL_SSL (SCRAM) and SSL with client certificates:
 //! mirroring works over SCRAM + TLS and over mTLS; wrong credentials show up as one clear status
-//! and a handful of log lines, while records keep buffering in the local log.
+//! and a handful of log lines, while records keep buffering in the local log; `edge-agent doctor`
+//! tells good credentials from refused ones and a wrong CA.
 
 #![allow(clippy::unwrap_used)] // test code: a failed set-up step should fail the test loudly
 
-use edge_sync::kafka::{DeliveryMode, SaslMechanism, SecurityConfig, SecurityProtocol};
+use edge_sync::kafka::client::LinkTrouble;
+use edge_sync::kafka::{DeliveryMode, SaslMechanism, SecurityConfig, SecurityProtocol, probe};
 use edge_tests::kafka::{
     HqConsumer, KafkaBroker, Store, append, check_exactly_once, private_config, wait_until_async,
 };
@@ -185,4 +187,136 @@ async fn wrong_credentials_are_one_clear_status_while_records_keep_buffering() {
     assert!(!all.contains(secret), "the password never reaches the log");
     assert!(!all.contains("panicked"), "no stack traces");
     store.stop_components().await;
+}
+
+/// `edge-agent doctor --json` on a config whose `[kafka]` section uses SCRAM over TLS with the
+/// password in `pw`; returns the exit status success and the kafka findings.
+fn doctor_kafka(
+    dir: &std::path::Path,
+    pw: &std::path::Path,
+    ca: &str,
+) -> (bool, Vec<serde_json::Value>) {
+    let b = broker();
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[agent]
+store_id = "doctor-store"
+data_dir = "{data}"
+[mqtt]
+enabled = false
+[http]
+enabled = false
+[kafka]
+brokers = ["{bootstrap}"]
+[kafka.security]
+protocol = "sasl_ssl"
+ca_file = "{ca}"
+sasl_mechanism = "SCRAM-SHA-512"
+username = "{user}"
+password_file = "{pw}"
+"#,
+            data = dir.join("data").display(),
+            bootstrap = b.var("SASL_SSL_BOOTSTRAP"),
+            user = b.var("SASL_USER"),
+            pw = pw.display(),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(edge_tests::agent_bin!())
+        .args(["doctor", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let findings: Vec<serde_json::Value> =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("doctor --json: {e}: {stdout}"));
+    let kafka = findings
+        .into_iter()
+        .filter(|f| f["check"] == "kafka")
+        .collect();
+    (out.status.success(), kafka)
+}
+
+#[test]
+fn doctor_tells_good_credentials_from_refused_ones_and_a_wrong_ca() {
+    let b = broker();
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_secret(dir.path(), "good", b.var("SASL_PASSWORD"));
+    let secret = "definitely-not-the-password";
+    let bad = write_secret(dir.path(), "bad", secret);
+
+    let (_, ok) = doctor_kafka(dir.path(), &good, b.var("CA_PEM"));
+    let handshake = ok
+        .iter()
+        .find(|f| f["summary"].as_str().unwrap().starts_with("HQ Kafka"))
+        .unwrap_or_else(|| panic!("no handshake finding: {ok:?}"));
+    assert_eq!(handshake["level"], "ok", "{handshake}");
+    assert!(
+        handshake["summary"]
+            .as_str()
+            .unwrap()
+            .contains("sasl_ssl as"),
+        "{handshake}"
+    );
+
+    let (success, refused) = doctor_kafka(dir.path(), &bad, b.var("CA_PEM"));
+    assert!(!success, "doctor exits non-zero when HQ refuses the store");
+    let f = refused
+        .iter()
+        .find(|f| f["level"] == "fail")
+        .unwrap_or_else(|| panic!("no failing kafka finding: {refused:?}"));
+    let summary = f["summary"].as_str().unwrap();
+    eprintln!("doctor on refused credentials: {summary}");
+    assert!(summary.contains("auth_failed"), "{f}");
+    assert!(
+        f["advice"].as_str().unwrap().contains("password_file"),
+        "says what to check: {f}"
+    );
+    assert!(
+        !serde_json::to_string(&refused).unwrap().contains(secret),
+        "the password never reaches the output"
+    );
+
+    // A CA that did not sign the broker's certificate: a TLS failure, not "unreachable".
+    let other_ca = dir.path().join("other-ca.pem");
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=not-hq",
+        ])
+        .arg("-keyout")
+        .arg(dir.path().join("other-ca.key"))
+        .arg("-out")
+        .arg(&other_ca)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cfg = edge_sync::kafka::KafkaConfig {
+        brokers: vec![b.var("SASL_SSL_BOOTSTRAP").to_string()],
+        security: SecurityConfig {
+            protocol: SecurityProtocol::SaslSsl,
+            ca_file: Some(other_ca),
+            sasl_mechanism: Some(SaslMechanism::ScramSha512),
+            username: Some(b.var("SASL_USER").into()),
+            password_file: Some(good),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match probe(&cfg, Duration::from_secs(5)) {
+        Err(edge_sync::kafka::ProbeError::Link { trouble, message }) => {
+            assert_eq!(trouble, LinkTrouble::Tls, "{message}")
+        }
+        other => panic!("expected a TLS failure, got {other:?}"),
+    }
 }

@@ -238,6 +238,9 @@ impl ClientContext for LinkContext {
     }
 }
 
+/// For group-less consumers that only ask for metadata (`probe`).
+impl rdkafka::consumer::ConsumerContext for LinkContext {}
+
 /// Jittered exponential backoff for reconnect loops.
 #[derive(Debug)]
 pub struct Backoff {

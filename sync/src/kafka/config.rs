@@ -76,7 +76,7 @@ pub enum SecurityProtocol {
 }
 
 impl SecurityProtocol {
-    fn librdkafka(self) -> &'static str {
+    pub fn librdkafka(self) -> &'static str {
         match self {
             SecurityProtocol::Plaintext => "plaintext",
             SecurityProtocol::Ssl => "ssl",
@@ -87,7 +87,7 @@ impl SecurityProtocol {
     fn uses_tls(self) -> bool {
         matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
     }
-    fn uses_sasl(self) -> bool {
+    pub fn uses_sasl(self) -> bool {
         matches!(
             self,
             SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl

@@ -9,6 +9,7 @@ pub mod client;
 pub mod command;
 pub mod config;
 pub mod downlink;
+mod probe;
 pub mod record;
 mod topics;
 pub mod uplink;
@@ -21,4 +22,5 @@ pub use config::{
     KeyMode, SaslMechanism, SecurityConfig, SecurityProtocol, StartFrom,
 };
 pub use downlink::{Downlink, DownlinkError};
+pub use probe::{ProbeError, ProbeReport, probe};
 pub use uplink::{Uplink, UplinkError};
