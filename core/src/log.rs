@@ -254,7 +254,15 @@ pub enum IntegrityState {
     NotRun,
     Running,
     Ok,
-    Failed { problems: Vec<String> },
+    Failed {
+        problems: Vec<String>,
+    },
+    /// A background check was stopped before it finished (it would have held the WAL back for
+    /// longer than the log allows); it is tried again later. Records are still CRC-checked on
+    /// every read.
+    Postponed {
+        reason: String,
+    },
 }
 
 /// The local log. One implementation per storage engine; every one passes the suite in

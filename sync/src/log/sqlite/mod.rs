@@ -5,7 +5,11 @@
 //! * the **housekeeper** runs passive WAL checkpoints (so commits never pay for them) and sends the
 //!   periodic maintenance request to the writer;
 //! * reads run on pooled read connections inside `spawn_blocking`;
-//! * an optional **integrity** thread runs `PRAGMA quick_check` once after start-up.
+//! * an optional **integrity** thread runs `PRAGMA quick_check` once after start-up. It holds one
+//!   read snapshot for the whole check, and while it does the WAL cannot be reset, so the
+//!   housekeeper interrupts it when the WAL grows past `wal_size_limit` (a big log under steady
+//!   ingest) and it is tried again an hour later; `close` interrupts it too, so the final
+//!   checkpoint can truncate the WAL.
 //!
 //! A lock file next to the database (`flock`) keeps a second agent from opening the same log.
 
@@ -24,7 +28,7 @@ use rusqlite::{Connection, OpenFlags};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -36,6 +40,12 @@ use writer::{Writer, WriterMsg};
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// Read connections kept open for reuse.
 const READ_POOL: usize = 4;
+/// Pause before a postponed background integrity check is tried again.
+const INTEGRITY_RETRY: Duration = Duration::from_secs(3600);
+/// Longest time a WAL restart may keep the writer waiting.
+const RESTART_WAIT: Duration = Duration::from_millis(50);
+/// Page cache of the integrity check's connection (it reads every page once).
+const INTEGRITY_CACHE_KIB: i64 = 2048;
 
 /// State shared by the writer, the readers and the handle.
 pub(crate) struct Shared {
@@ -45,6 +55,10 @@ pub(crate) struct Shared {
     pub(crate) full: AtomicBool,
     pub(crate) usage: Mutex<DiskUsage>,
     pub(crate) integrity: Mutex<IntegrityState>,
+    /// Interrupts the running background integrity check, if one runs.
+    pub(crate) integrity_interrupt: Mutex<Option<rusqlite::InterruptHandle>>,
+    /// Size of the WAL's content at the last checkpoint (frames x frame size).
+    pub(crate) wal_bytes: AtomicU64,
     pub(crate) config: LogConfig,
 }
 
@@ -197,6 +211,8 @@ impl SqliteLog {
                 ..Default::default()
             }),
             integrity: Mutex::new(IntegrityState::NotRun),
+            integrity_interrupt: Mutex::new(None),
+            wal_bytes: AtomicU64::new(0),
             config: cfg.clone(),
         });
 
@@ -222,12 +238,13 @@ impl SqliteLog {
         {
             let path = path.clone();
             let cfg = cfg.clone();
+            let shared = shared.clone();
             let tx = tx.clone();
             let stop = stop.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name("log-housekeeper".into())
-                    .spawn(move || housekeeper(&path, &cfg, tx, &stop))
+                    .spawn(move || housekeeper(&path, &cfg, &shared, tx, &stop))
                     .map_err(|e| LogError::Open {
                         path: "log-housekeeper".into(),
                         reason: e.to_string(),
@@ -237,24 +254,17 @@ impl SqliteLog {
         if cfg.integrity_check == IntegrityCheck::Background {
             let path = path.clone();
             let shared = shared.clone();
+            let stop = stop.clone();
             *shared.integrity.lock().unwrap_or_else(|e| e.into_inner()) = IntegrityState::Running;
-            // Detached: it only reads, and a process exit while it runs is harmless.
-            let _ = std::thread::Builder::new()
-                .name("log-integrity".into())
-                .spawn(move || {
-                    let state = match Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY) {
-                        Ok(c) => quick_check(&c),
-                        Err(e) => IntegrityState::Failed {
-                            problems: vec![format!("cannot open for the check: {e}")],
-                        },
-                    };
-                    if let IntegrityState::Failed { problems } = &state {
-                        tracing::error!(?problems, "the local log failed its integrity check; damaged records will be dead-lettered when read");
-                    } else {
-                        tracing::info!("the local log passed its integrity check");
-                    }
-                    *shared.integrity.lock().unwrap_or_else(|e| e.into_inner()) = state;
-                });
+            threads.push(
+                std::thread::Builder::new()
+                    .name("log-integrity".into())
+                    .spawn(move || background_integrity(&path, &shared, &stop))
+                    .map_err(|e| LogError::Open {
+                        path: "log-integrity".into(),
+                        reason: e.to_string(),
+                    })?,
+            );
         }
 
         tracing::info!(path = %path.display(), %epoch, "local log open");
@@ -340,15 +350,137 @@ fn quick_check(conn: &Connection) -> IntegrityState {
     match rows {
         Ok(r) if r.len() == 1 && r[0] == "ok" => IntegrityState::Ok,
         Ok(r) => IntegrityState::Failed { problems: r },
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::OperationInterrupted =>
+        {
+            IntegrityState::Postponed {
+                reason: "interrupted".into(),
+            }
+        }
         Err(e) => IntegrityState::Failed {
             problems: vec![e.to_string()],
         },
     }
 }
 
+/// Waits up to `d` for the stop flag; returns whether it is set.
+fn wait_stop(stop: &(Mutex<bool>, std::sync::Condvar), d: Duration) -> bool {
+    let guard = stop.0.lock().unwrap_or_else(|e| e.into_inner());
+    let (guard, _) = stop
+        .1
+        .wait_timeout_while(guard, d, |s| !*s)
+        .unwrap_or_else(|e| e.into_inner());
+    *guard
+}
+
+/// The background integrity check: runs once, or again [`INTEGRITY_RETRY`] later each time the
+/// housekeeper had to interrupt it because the WAL outgrew `wal_size_limit` meanwhile.
+fn background_integrity(path: &Path, shared: &Shared, stop: &(Mutex<bool>, std::sync::Condvar)) {
+    let set = |st: IntegrityState| {
+        *shared.integrity.lock().unwrap_or_else(|e| e.into_inner()) = st;
+    };
+    loop {
+        if wait_stop(stop, Duration::ZERO) {
+            return;
+        }
+        set(IntegrityState::Running);
+        let state = match Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY) {
+            Ok(c) => {
+                let _ = c.pragma_update(None, "cache_size", -INTEGRITY_CACHE_KIB);
+                *shared
+                    .integrity_interrupt
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(c.get_interrupt_handle());
+                let st = if wait_stop(stop, Duration::ZERO) {
+                    return;
+                } else {
+                    quick_check(&c)
+                };
+                *shared
+                    .integrity_interrupt
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
+                st
+            }
+            Err(e) => IntegrityState::Failed {
+                problems: vec![format!("cannot open for the check: {e}")],
+            },
+        };
+        match state {
+            IntegrityState::Postponed { .. } => {
+                if wait_stop(stop, Duration::ZERO) {
+                    return;
+                }
+                let reason = format!(
+                    "the WAL grew past wal_size_limit ({}) while the check held its read snapshot (a large log under steady ingest); tried again in {} min; records are CRC-checked on every read meanwhile",
+                    shared.config.wal_size_limit,
+                    INTEGRITY_RETRY.as_secs() / 60
+                );
+                tracing::info!(%reason, "the local log's integrity check was postponed");
+                metrics::counter!("edge_log_integrity_postponed_total").increment(1);
+                set(IntegrityState::Postponed { reason });
+                if wait_stop(stop, INTEGRITY_RETRY) {
+                    return;
+                }
+            }
+            IntegrityState::Failed { ref problems } => {
+                tracing::error!(
+                    ?problems,
+                    "the local log failed its integrity check; damaged records will be dead-lettered when read"
+                );
+                set(state);
+                return;
+            }
+            other => {
+                tracing::info!("the local log passed its integrity check");
+                set(other);
+                return;
+            }
+        }
+    }
+}
+
+/// Brings an overgrown WAL back to its start. The WAL restarts only from a fully checkpointed log
+/// that no reader still reads: the integrity check holds one snapshot for as long as it reads the
+/// whole database (so it is interrupted), and under steady writes a passive checkpoint never
+/// catches up with the writer (so a RESTART checkpoint makes the writer wait for at most
+/// [`RESTART_WAIT`] while it copies what the passive one left).
+fn restart_wal(conn: &Connection, shared: &Shared, wal_bytes: u64) {
+    if interrupt_integrity(shared) {
+        tracing::debug!(wal_bytes, "interrupting the integrity check");
+    }
+    let _ = conn.busy_timeout(RESTART_WAIT);
+    match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0)) {
+        Ok(0) => metrics::counter!("edge_log_wal_restarts_total").increment(1),
+        Ok(_) => tracing::debug!(
+            wal_bytes,
+            "WAL restart deferred: a reader or the writer was busy"
+        ),
+        Err(e) => tracing::debug!(error = %e, "WAL restart checkpoint failed"),
+    }
+    let _ = conn.busy_timeout(Duration::from_secs(5));
+}
+
+/// Interrupts the background integrity check if it runs.
+fn interrupt_integrity(shared: &Shared) -> bool {
+    match shared
+        .integrity_interrupt
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        Some(h) => {
+            h.interrupt();
+            true
+        }
+        None => false,
+    }
+}
+
 fn housekeeper(
     path: &Path,
     cfg: &LogConfig,
+    shared: &Shared,
     tx: mpsc::Sender<WriterMsg>,
     stop: &(Mutex<bool>, std::sync::Condvar),
 ) {
@@ -359,20 +491,24 @@ fn housekeeper(
             return;
         }
     };
+    let frame_bytes = conn
+        .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
+        .map_or(4096 + 24, |p| p.max(512) as u64 + 24);
     let mut since_maintenance = Duration::ZERO;
     loop {
-        {
-            let guard = stop.0.lock().unwrap_or_else(|e| e.into_inner());
-            let (guard, _) = stop
-                .1
-                .wait_timeout_while(guard, CHECKPOINT_EVERY, |s| !*s)
-                .unwrap_or_else(|e| e.into_inner());
-            if *guard {
-                return;
-            }
+        if wait_stop(stop, CHECKPOINT_EVERY) {
+            return;
         }
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %e, "passive checkpoint skipped");
+        // (busy, frames in the WAL, frames checkpointed)
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+            Ok(frames) => {
+                let bytes = frames.max(0) as u64 * frame_bytes;
+                shared.wal_bytes.store(bytes, Ordering::Relaxed);
+                if bytes > cfg.wal_size_limit.as_u64() {
+                    restart_wal(&conn, shared, bytes);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "passive checkpoint skipped"),
         }
         since_maintenance += CHECKPOINT_EVERY;
         if since_maintenance >= cfg.maintenance_interval {
@@ -527,6 +663,25 @@ impl Log for SqliteLog {
             *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
             cv.notify_all();
         }
+        // The integrity check's snapshot would keep the final checkpoint from truncating the WAL.
+        let integrity = {
+            let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+            threads
+                .iter()
+                .position(|t| t.thread().name() == Some("log-integrity"))
+                .map(|i| threads.remove(i))
+        };
+        if let Some(t) = integrity {
+            let shared = self.shared.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                while !t.is_finished() {
+                    interrupt_integrity(&shared);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let _ = t.join();
+            })
+            .await;
+        }
         let (reply, rx) = oneshot::channel();
         let r = if self.tx.send(WriterMsg::Close(reply)).await.is_ok() {
             rx.await.unwrap_or(Ok(()))
@@ -670,6 +825,140 @@ impl LogInspector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edge_core::Event;
+    use edge_core::config::ByteSize;
+
+    fn wal_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join("log.db-wal")).map_or(0, |m| m.len())
+    }
+
+    /// A background integrity check holds one read snapshot for as long as it reads the whole
+    /// database, and the WAL cannot restart while it does: under steady ingest into a large log
+    /// the WAL grew by gigabytes during the check (its shared-memory index with it, resident),
+    /// and a check still running at shutdown kept the final checkpoint from truncating the WAL
+    /// (the stop waited 5 s for it, and the next start replayed the whole WAL). The housekeeper
+    /// interrupts the check once the WAL passes `wal_size_limit`; `close` interrupts it too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_background_integrity_check_never_holds_the_wal_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let quiet = LogConfig {
+            integrity_check: IntegrityCheck::Off,
+            synchronous: Synchronous::Normal,
+            ..LogConfig::default()
+        };
+        // A large database (a table of small rows written in C by SQLite itself; the log ignores
+        // tables it does not know), out of the page cache, so that quick_check reads from disk
+        // for a few seconds as it would on a store's SD card.
+        let log = SqliteLog::open(dir.path(), quiet.clone()).unwrap();
+        log.close().await.unwrap();
+        drop(log);
+        let c = Connection::open(dir.path().join("log.db")).unwrap();
+        c.execute_batch(
+            "CREATE TABLE filler(x BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000000)
+             INSERT INTO filler SELECT randomblob(48) FROM n;
+             CREATE INDEX filler_x ON filler(x);
+             PRAGMA wal_checkpoint(TRUNCATE);",
+        )
+        .unwrap();
+        drop(c);
+        let db = File::open(dir.path().join("log.db")).unwrap();
+        db.sync_all().unwrap();
+        nix::fcntl::posix_fadvise(
+            &db,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+
+        let cfg = LogConfig {
+            integrity_check: IntegrityCheck::Background,
+            wal_size_limit: ByteSize::mib(1),
+            ..quiet
+        };
+        let log = Arc::new(SqliteLog::open(dir.path(), cfg).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (log, stop) = (log.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                // ~5000 records/s, the product's ingest target.
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let evs = (0..50)
+                        .map(|_| {
+                            i += 1;
+                            Event::new("pos.transactions", vec![b'y'; 300]).with_event_ts(i as i64)
+                        })
+                        .collect();
+                    log.append(AppendRequest::events(evs)).await.unwrap();
+                }
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut max_wal = 0;
+        while matches!(
+            log.integrity(),
+            IntegrityState::Running | IntegrityState::NotRun
+        ) {
+            max_wal = max_wal.max(wal_len(dir.path()));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the check neither ended nor was postponed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let state = log.integrity();
+        assert!(
+            matches!(state, IntegrityState::Postponed { ref reason } if reason.contains("wal_size_limit")),
+            "the check was postponed for the WAL, got {state:?}"
+        );
+        // With the check out of the way the WAL keeps restarting under steady ingest: it stays
+        // near its limit instead of growing with every commit.
+        let mut after = 0;
+        for _ in 0..150 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            after = after.max(log.shared.wal_bytes.load(Ordering::Relaxed));
+        }
+        eprintln!("largest WAL content in the 3 s after the check: {after} bytes");
+        assert!(
+            after < 4 << 20,
+            "WAL content after the check: {after} bytes"
+        );
+        stop.store(true, Ordering::Relaxed);
+        writer.await.unwrap();
+        eprintln!("largest WAL file while the check ran: {max_wal} bytes");
+
+        // A check running at shutdown does not keep the WAL: close interrupts it and truncates.
+        let log = Arc::into_inner(log).unwrap();
+        log.close().await.unwrap();
+        drop(log);
+        let log = SqliteLog::open(
+            dir.path(),
+            LogConfig {
+                integrity_check: IntegrityCheck::Background,
+                ..LogConfig::default()
+            },
+        )
+        .unwrap();
+        log.append(AppendRequest::events(vec![Event::new(
+            "pos.transactions",
+            b"{}".to_vec(),
+        )]))
+        .await
+        .unwrap();
+        assert_eq!(log.integrity(), IntegrityState::Running);
+        let t = std::time::Instant::now();
+        log.close().await.unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "close took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(wal_len(dir.path()), 0, "the WAL was truncated at close");
+    }
 
     #[tokio::test]
     async fn new_databases_can_return_free_pages_to_the_filesystem() {
