@@ -445,20 +445,31 @@ fn background_integrity(path: &Path, shared: &Shared, stop: &(Mutex<bool>, std::
 /// whole database (so it is interrupted), and under steady writes a passive checkpoint never
 /// catches up with the writer (so a RESTART checkpoint makes the writer wait for at most
 /// [`RESTART_WAIT`] while it copies what the passive one left).
-fn restart_wal(conn: &Connection, shared: &Shared, wal_bytes: u64) {
+/// Returns whether the WAL was restarted.
+fn restart_wal(conn: &Connection, shared: &Shared, wal_bytes: u64) -> bool {
     if interrupt_integrity(shared) {
         tracing::debug!(wal_bytes, "interrupting the integrity check");
     }
     let _ = conn.busy_timeout(RESTART_WAIT);
-    match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0)) {
-        Ok(0) => metrics::counter!("edge_log_wal_restarts_total").increment(1),
-        Ok(_) => tracing::debug!(
-            wal_bytes,
-            "WAL restart deferred: a reader or the writer was busy"
-        ),
-        Err(e) => tracing::debug!(error = %e, "WAL restart checkpoint failed"),
-    }
+    let done = match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0)) {
+        Ok(0) => {
+            metrics::counter!("edge_log_wal_restarts_total").increment(1);
+            true
+        }
+        Ok(_) => {
+            tracing::debug!(
+                wal_bytes,
+                "WAL restart deferred: a reader or the writer was busy"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "WAL restart checkpoint failed");
+            false
+        }
+    };
     let _ = conn.busy_timeout(Duration::from_secs(5));
+    done
 }
 
 /// Interrupts the background integrity check if it runs.
@@ -495,6 +506,9 @@ fn housekeeper(
         .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
         .map_or(4096 + 24, |p| p.max(512) as u64 + 24);
     let mut since_maintenance = Duration::ZERO;
+    // A reader with a long snapshot (e.g. `edge-agent log export` in another process) makes every
+    // RESTART wait in vain while the writer waits too: back off, 0.25 s doubling to 30 s.
+    let (mut restart_failures, mut next_restart) = (0u32, std::time::Instant::now());
     loop {
         if wait_stop(stop, CHECKPOINT_EVERY) {
             return;
@@ -504,8 +518,16 @@ fn housekeeper(
             Ok(frames) => {
                 let bytes = frames.max(0) as u64 * frame_bytes;
                 shared.wal_bytes.store(bytes, Ordering::Relaxed);
-                if bytes > cfg.wal_size_limit.as_u64() {
-                    restart_wal(&conn, shared, bytes);
+                if bytes > cfg.wal_size_limit.as_u64() && std::time::Instant::now() >= next_restart
+                {
+                    if restart_wal(&conn, shared, bytes) {
+                        restart_failures = 0;
+                    } else {
+                        restart_failures = (restart_failures + 1).min(8);
+                        next_restart = std::time::Instant::now()
+                            + (CHECKPOINT_EVERY * (1 << (restart_failures - 1)))
+                                .min(Duration::from_secs(30));
+                    }
                 }
             }
             Err(e) => tracing::debug!(error = %e, "passive checkpoint skipped"),
