@@ -116,10 +116,9 @@ fn drain_with_kills(
         );
         agent.spawn();
     }
-    assert!(
-        distinct(hq, topic, store) > 0,
-        "the agent made progress between the kills"
-    );
+    let reached = distinct(hq, topic, store);
+    eprintln!("{kills} kills; {reached} of {n} records at HQ after the last one");
+    assert!(reached > 0, "the agent made progress between the kills");
 }
 
 #[test]

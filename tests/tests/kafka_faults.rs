@@ -68,7 +68,9 @@ async fn uplink_crashes_during_a_drain_lose_and_repeat_nothing() {
     let mut cfg = private_config(b, DeliveryMode::ExactlyOnce);
     cfg.batch_max_records = 2000;
     let mut store = Store::open();
-    let n = 60_000;
+    // 12 crashes each after 1000-6000 records of progress plus up to 150 ms more: ~80k records
+    // with the streamed uplink; 150k leaves a margin of two.
+    let n = 150_000;
     append(&*store.log, S, 0..n).await;
     append(&*store.log, "pos.scans", 0..5000).await;
     let mut crashes = 0;
@@ -95,6 +97,7 @@ async fn uplink_crashes_during_a_drain_lose_and_repeat_nothing() {
             break;
         }
     }
+    eprintln!("{crashes} crashes; the cursor was at {last} of {n} at the last one");
     assert!(
         crashes >= 10,
         "only {crashes} crashes happened before the drain finished; grow n"
