@@ -585,6 +585,25 @@ impl Store {
     }
 
     /// A component's status field.
+    /// Waits until the uplink cursor of `stream` is at least `at_least`.
+    pub async fn wait_cursor(&self, stream: &str, at_least: u64, timeout: Duration) {
+        let log = self.log.clone();
+        let stream = stream.to_string();
+        wait_until_async(
+            &format!("the uplink cursor of {stream} to reach {at_least}"),
+            timeout,
+            || {
+                let log = log.clone();
+                let stream = stream.clone();
+                async move {
+                    let c = log.cursor("uplink", &stream).await.ok()??;
+                    (c >= at_least).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
     pub fn field(&self, component: &str, key: &str) -> serde_json::Value {
         self.status
             .get(component)

@@ -67,6 +67,20 @@ batch_max_records = 2000
     )
 }
 
+/// `n` 300-byte JSON sales from four POS lanes of `store`, with event ids `{run}-{i}`.
+fn lane_messages(store: &str, run: &str, n: usize) -> Vec<edge_tests::publisher::Message> {
+    (0..n)
+        .map(|i| {
+            json_message(
+                &format!("store/{store}/pos/lane-{}/transactions", i % 4),
+                &format!("{run}-{i}"),
+                i,
+                300,
+            )
+        })
+        .collect()
+}
+
 /// Stops the agent, fills its log with `n` records of `S`, starts it again.
 fn prefill(agent: &mut Agent, n: u64) {
     agent.sigterm();
@@ -206,16 +220,7 @@ fn mqtt_publish_to_log_to_kafka_exactly_once_in_order() {
     );
     let agent = Agent::start(agent_bin!(), &cfg);
     let n = 5000;
-    let msgs: Vec<_> = (0..n)
-        .map(|i| {
-            json_message(
-                &format!("store/{store}/pos/lane-{}/transactions", i % 4),
-                &format!("e2e-{i}"),
-                i,
-                300,
-            )
-        })
-        .collect();
+    let msgs = lane_messages(&store, "e2e", n);
     let (publisher, _) = spawn_publisher(mosq.port, "pos-e2e", msgs, 200, Duration::from_secs(120));
     let report = publisher.join().unwrap();
     assert_eq!(report.acked, n);
@@ -265,16 +270,7 @@ fn kill_9_fifty_times_during_ingest_and_drain_loses_and_repeats_nothing() {
     // 800 messages/s for 50 s: every kill lands in live ingest (asserted below; the 50 kills took
     // ~26 s on the development VM).
     let n = 40_000;
-    let msgs: Vec<_> = (0..n)
-        .map(|i| {
-            json_message(
-                &format!("store/{store}/pos/lane-{}/transactions", i % 4),
-                &format!("soak-{i}"),
-                i,
-                300,
-            )
-        })
-        .collect();
+    let msgs = lane_messages(&store, "soak", n);
     let (publisher, progress) = spawn_paced_publisher(
         mosq.port,
         "pos-soak",

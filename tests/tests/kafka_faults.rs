@@ -18,24 +18,6 @@ use std::time::Duration;
 
 const S: &str = "pos.transactions";
 
-async fn wait_cursor(store: &Store, stream: &str, at_least: u64, timeout: Duration) {
-    let log = store.log.clone();
-    let stream = stream.to_string();
-    wait_until_async(
-        &format!("the uplink cursor of {stream} to reach {at_least}"),
-        timeout,
-        || {
-            let log = log.clone();
-            let stream = stream.clone();
-            async move {
-                let c = log.cursor("uplink", &stream).await.ok()??;
-                (c >= at_least).then_some(())
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_cursor_behind_the_checkpoint_resends_nothing() {
     let b = shared_broker();
@@ -43,7 +25,7 @@ async fn a_local_cursor_behind_the_checkpoint_resends_nothing() {
     let mut store = Store::open();
     append(&*store.log, S, 0..2000).await;
     store.start_uplink(cfg.clone());
-    wait_cursor(&store, S, 2001, Duration::from_secs(60)).await;
+    store.wait_cursor(S, 2001, Duration::from_secs(60)).await;
     store.stop_components().await;
     // The crash window: Kafka committed, the local cursor commit was lost.
     store
@@ -53,7 +35,7 @@ async fn a_local_cursor_behind_the_checkpoint_resends_nothing() {
         .unwrap();
     append(&*store.log, S, 2000..2500).await;
     store.start_uplink(cfg.clone());
-    wait_cursor(&store, S, 2501, Duration::from_secs(60)).await;
+    store.wait_cursor(S, 2501, Duration::from_secs(60)).await;
     let topic = cfg.topic(&store.id, S);
     let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
     hq.wait_for_count(&topic, 2500, Duration::from_secs(30));
@@ -103,8 +85,10 @@ async fn uplink_crashes_during_a_drain_lose_and_repeat_nothing() {
         "only {crashes} crashes happened before the drain finished; grow n"
     );
     store.start_uplink(cfg.clone());
-    wait_cursor(&store, S, n + 1, Duration::from_secs(120)).await;
-    wait_cursor(&store, "pos.scans", 5001, Duration::from_secs(60)).await;
+    store.wait_cursor(S, n + 1, Duration::from_secs(120)).await;
+    store
+        .wait_cursor("pos.scans", 5001, Duration::from_secs(60))
+        .await;
     let t1 = cfg.topic(&store.id, S);
     let t2 = cfg.topic(&store.id, "pos.scans");
     let mut hq = HqConsumer::new(&b.bootstrap(), &[&t1, &t2], true);
@@ -182,7 +166,7 @@ async fn zombie_producers_are_fenced_and_their_records_never_reach_hq() {
 
     // The new incarnation fences it.
     store.start_uplink(cfg.clone());
-    wait_cursor(&store, S, 1001, Duration::from_secs(60)).await;
+    store.wait_cursor(S, 1001, Duration::from_secs(60)).await;
     let z = zombie.clone();
     let commit = tokio::task::spawn_blocking(move || z.commit_transaction(Duration::from_secs(30)))
         .await
@@ -200,7 +184,7 @@ async fn zombie_producers_are_fenced_and_their_records_never_reach_hq() {
         .await
         .unwrap();
     append(&*store.log, S, 1000..2000).await;
-    wait_cursor(&store, S, 2001, Duration::from_secs(60)).await;
+    store.wait_cursor(S, 2001, Duration::from_secs(60)).await;
     let u = usurper.clone();
     let t = topic.clone();
     let begun = tokio::task::spawn_blocking(move || {
@@ -236,10 +220,10 @@ async fn broker_killed_in_the_middle_of_transactions() {
     let n = 150_000;
     append(&*store.log, S, 0..n).await;
     store.start_uplink(cfg.clone());
-    wait_cursor(&store, S, 20_000, Duration::from_secs(60)).await;
+    store.wait_cursor(S, 20_000, Duration::from_secs(60)).await;
     b.stop(true); // kill -9 while transactions are in flight
     b.restart();
-    wait_cursor(&store, S, n + 1, Duration::from_secs(180)).await;
+    store.wait_cursor(S, n + 1, Duration::from_secs(180)).await;
     let topic = cfg.topic(&store.id, S);
     let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
     hq.wait_for_count(&topic, n as usize, Duration::from_secs(60));

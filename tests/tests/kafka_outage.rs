@@ -15,24 +15,6 @@ use std::time::{Duration, Instant};
 
 const S: &str = "pos.transactions";
 
-async fn wait_cursor(store: &Store, stream: &str, at_least: u64, timeout: Duration) {
-    let log = store.log.clone();
-    let stream = stream.to_string();
-    wait_until_async(
-        &format!("the uplink cursor of {stream} to reach {at_least}"),
-        timeout,
-        || {
-            let log = log.clone();
-            let stream = stream.clone();
-            async move {
-                let c = log.cursor("uplink", &stream).await.ok()??;
-                (c >= at_least).then_some(())
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_stopped_for_a_minute_under_load_then_drains_at_once() {
     let outage = Duration::from_secs(
@@ -65,7 +47,7 @@ async fn broker_stopped_for_a_minute_under_load_then_drains_at_once() {
             }
         })
     };
-    wait_cursor(&store, S, 500, Duration::from_secs(60)).await;
+    store.wait_cursor(S, 500, Duration::from_secs(60)).await;
     b.stop(false);
     let down_at = Instant::now();
     let st = &store;
@@ -107,7 +89,7 @@ async fn broker_stopped_for_a_minute_under_load_then_drains_at_once() {
     stop_writer.cancel();
     writer.await.unwrap();
     let n = written.load(Ordering::SeqCst);
-    wait_cursor(&store, S, n + 1, Duration::from_secs(120)).await;
+    store.wait_cursor(S, n + 1, Duration::from_secs(120)).await;
     let topic = cfg.topic(&store.id, S);
     let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
     hq.wait_for_count(&topic, n as usize, Duration::from_secs(60));

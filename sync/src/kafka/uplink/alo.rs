@@ -10,7 +10,7 @@ use super::progress::{Link, report};
 use super::record;
 use super::{
     Batch, Extra, GAP_LANE, Inflight, KafkaProducer, Lanes, Runner, Stop, Token, UNTRACKED_LANE,
-    UplinkError, extra_headers, send_blocking,
+    UplinkError, extra_headers, send_blocking, send_record,
 };
 use edge_core::log::{AppendTicket, LogError};
 use rdkafka::producer::Producer;
@@ -392,23 +392,7 @@ fn send_batch(
     let mode = runner.cfg.key;
     for (i, part) in batch.parts.iter().enumerate() {
         for (j, r) in part.records.iter().enumerate() {
-            let key = record::key_for(mode, store, r);
-            let headers = record::headers_for(store, epoch, r, r.seq < part.replay_until);
-            let token = Box::new(Token {
-                lane: part.lane,
-                seq: r.seq,
-                bytes: record::wire_size(r) as u32,
-            });
-            if let Err(e) = send_blocking(
-                p,
-                &part.topic,
-                key.as_bytes(),
-                &r.event.payload,
-                Some(record::timestamp_for(r)),
-                headers,
-                token,
-                cancel,
-            ) {
+            if let Err(e) = send_record(p, part, r, store, epoch, mode, cancel) {
                 let mut lanes = vec![(part.lane, part.records[j].seq)];
                 for later in &batch.parts[i + 1..] {
                     if let Some(first) = later.records.first() {

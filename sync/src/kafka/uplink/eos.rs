@@ -12,10 +12,10 @@
 //! one starts over from the checkpoint.
 
 use super::progress::{Link, report};
-use super::record::{self, H_EPOCH, H_STORE};
+use super::record::{H_EPOCH, H_STORE};
 use super::{
     Batch, Extra, KafkaProducer, Lanes, Part, Runner, Stop, Token, UNTRACKED_LANE, UplinkError,
-    extra_headers, send_blocking,
+    extra_headers, send_blocking, send_record,
 };
 use crate::kafka::checkpoint::{Checkpoint, StreamCheckpoint, read_checkpoint};
 use crate::kafka::config::{KeyMode, TXN_MAX_OPEN_MS};
@@ -482,28 +482,9 @@ fn execute(
             Some(TxnInput::Records(parts)) => {
                 for part in &parts {
                     for r in &part.records {
-                        let key = record::key_for(sink.key_mode, &sink.store, r);
-                        let headers = record::headers_for(
-                            &sink.store,
-                            &sink.epoch,
-                            r,
-                            r.seq < part.replay_until,
-                        );
-                        let token = Box::new(Token {
-                            lane: part.lane,
-                            seq: r.seq,
-                            bytes: record::wire_size(r) as u32,
-                        });
-                        if let Err(e) = send_blocking(
-                            p,
-                            &part.topic,
-                            key.as_bytes(),
-                            &r.event.payload,
-                            Some(record::timestamp_for(r)),
-                            headers,
-                            token,
-                            cancel,
-                        ) {
+                        if let Err(e) =
+                            send_record(p, part, r, &sink.store, &sink.epoch, sink.key_mode, cancel)
+                        {
                             return Err(abort(p, &e, runner, cancel));
                         }
                     }

@@ -1043,6 +1043,36 @@ impl Runner {
     }
 }
 
+/// Produces one log record of `part` with the documented key, timestamp and identity headers,
+/// tracked by a delivery token (blocking while librdkafka's queue is full).
+pub(crate) fn send_record(
+    producer: &KafkaProducer,
+    part: &Part,
+    r: &Record,
+    store: &str,
+    epoch: &str,
+    key_mode: super::config::KeyMode,
+    cancel: &CancellationToken,
+) -> Result<(), KafkaError> {
+    let key = record::key_for(key_mode, store, r);
+    let headers = record::headers_for(store, epoch, r, r.seq < part.replay_until);
+    let token = Box::new(Token {
+        lane: part.lane,
+        seq: r.seq,
+        bytes: record::wire_size(r) as u32,
+    });
+    send_blocking(
+        producer,
+        &part.topic,
+        key.as_bytes(),
+        &r.event.payload,
+        Some(record::timestamp_for(r)),
+        headers,
+        token,
+        cancel,
+    )
+}
+
 /// Sends one message, waiting (briefly, in this blocking thread) while librdkafka's queue is full.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn send_blocking(
