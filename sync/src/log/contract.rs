@@ -18,6 +18,12 @@ pub(crate) trait Engine {
     fn corrupt_file(dir: &Path, cfg: &LogConfig);
     /// Overwrites one storage page in the middle of the file (damage a per-record CRC cannot see).
     fn corrupt_page(dir: &Path, cfg: &LogConfig);
+    /// From now on, the open log refuses any record with this payload while writing it, inside
+    /// the commit (as storage refuses a value too big or a constraint it breaks), not in the
+    /// checks before it.
+    fn refuse_in_commit(dir: &Path, cfg: &LogConfig, payload: &[u8]);
+    /// Longest entry of the dedup index in bytes (id and source together).
+    fn longest_dedup_entry(dir: &Path, cfg: &LogConfig) -> u64;
 }
 
 pub(crate) struct SqliteFull;
@@ -61,6 +67,28 @@ fn sqlite_corrupt_page(dir: &Path, cfg: &LogConfig) {
     f.sync_all().expect("sync");
 }
 
+fn sqlite_refuse_in_commit(dir: &Path, cfg: &LogConfig, payload: &[u8]) {
+    let conn = rusqlite::Connection::open(sqlite::db_path(dir, cfg)).expect("open");
+    conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+    let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+    // The writer's prepared statements are re-prepared by SQLite after the schema change.
+    conn.execute_batch(&format!(
+        "CREATE TRIGGER refuse_in_commit BEFORE INSERT ON records WHEN NEW.payload = X'{hex}'
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    ))
+    .expect("create trigger");
+}
+
+fn sqlite_longest_dedup_entry(dir: &Path, cfg: &LogConfig) -> u64 {
+    let conn = rusqlite::Connection::open(sqlite::db_path(dir, cfg)).expect("open");
+    conn.query_row(
+        "SELECT coalesce(max(length(CAST(event_id AS BLOB)) + length(CAST(source AS BLOB))), 0) FROM dedup",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .expect("dedup entries") as u64
+}
+
 fn sqlite_corrupt_file(dir: &Path, cfg: &LogConfig) {
     let path = sqlite::db_path(dir, cfg);
     let _ = std::fs::remove_file(format!("{}-wal", path.display()));
@@ -88,6 +116,12 @@ impl Engine for SqliteFull {
     fn corrupt_page(dir: &Path, cfg: &LogConfig) {
         sqlite_corrupt_page(dir, cfg)
     }
+    fn refuse_in_commit(dir: &Path, cfg: &LogConfig, payload: &[u8]) {
+        sqlite_refuse_in_commit(dir, cfg, payload)
+    }
+    fn longest_dedup_entry(dir: &Path, cfg: &LogConfig) -> u64 {
+        sqlite_longest_dedup_entry(dir, cfg)
+    }
 }
 
 impl Engine for SqliteNormal {
@@ -110,6 +144,12 @@ impl Engine for SqliteNormal {
     }
     fn corrupt_page(dir: &Path, cfg: &LogConfig) {
         sqlite_corrupt_page(dir, cfg)
+    }
+    fn refuse_in_commit(dir: &Path, cfg: &LogConfig, payload: &[u8]) {
+        sqlite_refuse_in_commit(dir, cfg, payload)
+    }
+    fn longest_dedup_entry(dir: &Path, cfg: &LogConfig) -> u64 {
+        sqlite_longest_dedup_entry(dir, cfg)
     }
 }
 
@@ -391,6 +431,143 @@ pub(crate) async fn invalid_requests_fail_alone<E: Engine>() {
     let good = log.submit(AppendRequest::one(ev("s", 1))).await.unwrap();
     assert!(matches!(bad.await, Err(LogError::Invalid(_))));
     assert_eq!(good.await.unwrap().appended[0].seq(), 1);
+    log.close().await.unwrap();
+}
+
+/// A request the log refuses while writing it (inside the group commit, after the checks before
+/// it) fails alone: the requests that shared its batch commit, with dense seqs.
+pub(crate) async fn a_request_refused_in_the_commit_fails_alone<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = E::config();
+    let log = E::open(dir.path(), cfg.clone()).unwrap();
+    log.append(AppendRequest::one(ev("s", 0))).await.unwrap();
+    let poison = b"{\"poison\":true}".to_vec();
+    E::refuse_in_commit(dir.path(), &cfg, &poison);
+    // Submitted without waiting, so that the writer seals many of them into each batch.
+    let mut tickets = Vec::new();
+    for i in 1..=600u64 {
+        let req = if i % 20 == 0 {
+            AppendRequest {
+                events: vec![ev("s", i), Event::new("s", poison.clone())],
+                cursors: vec![CursorMove {
+                    cursor: "poisoned".into(),
+                    stream: "s".into(),
+                    next_seq: i,
+                }],
+                kv: vec![(format!("poisoned.{i}"), b"x".to_vec())],
+            }
+        } else {
+            AppendRequest {
+                events: vec![ev("s", i), ev("other.stream", i)],
+                cursors: vec![CursorMove {
+                    cursor: "good".into(),
+                    stream: "s".into(),
+                    next_seq: i,
+                }],
+                kv: vec![],
+            }
+        };
+        tickets.push((i, log.submit(req).await.unwrap()));
+    }
+    let mut seqs = Vec::new();
+    for (i, t) in tickets {
+        match t.await {
+            Ok(o) if i % 20 != 0 => seqs.push(o.appended[0].seq()),
+            Err(LogError::Invalid(_)) if i % 20 == 0 => {}
+            other => panic!("request {i}: unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(seqs, (2..=571).collect::<Vec<u64>>(), "good requests, dense seqs");
+    let got = read_all(&log, "s").await;
+    assert_eq!(got.len(), 571);
+    assert!(got.iter().all(|r| r.event.payload != poison));
+    let want: Vec<u64> = (0..=600).filter(|i| i % 20 != 0 || *i == 0).collect();
+    for (r, i) in got.iter().zip(want) {
+        assert_eq!(r.event.payload, ev("s", i).payload, "record {i} in order");
+    }
+    assert_eq!(read_all(&log, "other.stream").await.len(), 570);
+    // A refused request's side effects are rolled back with it; the others' are committed.
+    assert_eq!(log.cursor("good", "s").await.unwrap(), Some(599));
+    assert_eq!(log.cursor("poisoned", "s").await.unwrap(), None);
+    assert_eq!(log.kv_get("poisoned.20").await.unwrap(), None);
+    // Seqs continue densely after the refusals.
+    let o = log.append(AppendRequest::one(ev("s", 601))).await.unwrap();
+    assert_eq!(o.appended[0], Appended::New { seq: 572 });
+    log.close().await.unwrap();
+    drop(log);
+    let log = E::open(dir.path(), cfg).unwrap();
+    assert_eq!(log.next_seq("s"), Some(573), "stream counters committed as applied");
+    assert_eq!(read_all(&log, "s").await.len(), 572);
+    log.close().await.unwrap();
+}
+
+/// Dedup is scoped per (stream, source): one device's event ids never suppress another's, and
+/// an id of any length is recognised while the dedup index stays bounded per entry.
+pub(crate) async fn event_ids_are_scoped_per_source<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = E::config();
+    let log = E::open(dir.path(), cfg.clone()).unwrap();
+    let sale = |src: &str, id: &str, i: u64| {
+        ev("pos.receipts", i).with_source(src).with_event_id(id)
+    };
+    let long_a = format!("{}a", "r".repeat(4000));
+    let long_b = format!("{}b", "r".repeat(4000));
+    let long_src = "printer-".repeat(100);
+    let out = log
+        .append(AppendRequest::events(vec![
+            sale("printer-1", "0001", 1),
+            sale("printer-2", "0001", 2),
+            sale("printer-1", "0001", 3),
+            ev("pos.receipts", 4).with_event_id("0001"),
+            sale("printer-1", &long_a, 5),
+            sale("printer-1", &long_b, 6),
+            sale("printer-1", &long_a, 7),
+            sale(&long_src, "0001", 8),
+            sale(&long_src, "0001", 9),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.appended,
+        vec![
+            Appended::New { seq: 1 },
+            Appended::New { seq: 2 },
+            Appended::Duplicate { seq: 1 },
+            Appended::New { seq: 3 },
+            Appended::New { seq: 4 },
+            Appended::New { seq: 5 },
+            Appended::Duplicate { seq: 4 },
+            Appended::New { seq: 6 },
+            Appended::Duplicate { seq: 6 },
+        ]
+    );
+    let got = read_all(&log, "pos.receipts").await;
+    assert_eq!(got[3].event.event_id.as_deref(), Some(long_a.as_str()), "the record keeps its full id");
+    assert_eq!(got[5].event.source.as_deref(), Some(long_src.as_str()));
+    log.close().await.unwrap();
+    drop(log);
+    assert!(
+        E::longest_dedup_entry(dir.path(), &cfg) <= 2 * 71,
+        "dedup entries are bounded in bytes"
+    );
+    let log = E::open(dir.path(), cfg).unwrap();
+    let again = log
+        .append(AppendRequest::events(vec![
+            sale("printer-2", "0001", 10),
+            sale("printer-1", &long_b, 11),
+            sale("printer-3", "0001", 12),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.appended,
+        vec![
+            Appended::Duplicate { seq: 2 },
+            Appended::Duplicate { seq: 5 },
+            Appended::New { seq: 7 },
+        ],
+        "the scope survives a restart"
+    );
     log.close().await.unwrap();
 }
 
@@ -938,6 +1115,8 @@ macro_rules! contract_suite {
                 dedup_window_is_bounded,
                 cursors_and_kv_commit_with_events,
                 invalid_requests_fail_alone,
+                a_request_refused_in_the_commit_fails_alone,
+                event_ids_are_scoped_per_source,
                 reads_respect_limits_and_resume,
                 subscribers_wake_on_commit,
                 retention_removes_only_old_mirrored_records,

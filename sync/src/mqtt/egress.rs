@@ -4,13 +4,22 @@
 //! QoS 1, wait until the broker acknowledged every message of the batch, then move the cursor in the
 //! log. A crash or a lost session republishes at most the unacknowledged batch; kiosks that need the
 //! latest value after a restart subscribe to retained topics.
+//!
+//! Poison: a record whose values give no valid MQTT publish (its key substituted into the topic
+//! holds a wildcard, U+0000, ...; see [`super::topic::render_checked`]) is not published. It goes
+//! to the `deadletter` stream with the reason, in the same log request that moves the cursor past
+//! its batch, and is counted in `edge_mqtt_egress_deadletters_total{stream, reason}`. The rule and
+//! every other rule and ingress carry on; before this, the client's refusal failed egress and it
+//! restarted at the same cursor forever.
 
 use super::Link;
 use super::config::{EgressRule, StartAt};
-use super::topic::render;
+use super::topic::{MAX_MQTT_STRING_BYTES, TopicProblem, TopicRefusal, check_mqtt_chars, render_checked};
 use edge_core::State;
 use edge_core::component::{ComponentContext, ComponentError};
-use edge_core::log::{AppendRequest, ReadLimits};
+use edge_core::Record;
+use edge_core::deadletter::{DEFAULT_KEEP_BYTES, DeadLetter};
+use edge_core::log::{AppendRequest, CursorMove, ReadLimits};
 use rumqttc::v5::AsyncClient;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
@@ -125,6 +134,7 @@ async fn run_once(
             let baseline = link.pubacks.load(Ordering::Acquire);
             let mut sent = 0u64;
             let mut skipped = 0u64;
+            let mut dead = Vec::new();
             let now = edge_core::time::now_ms();
             for r in &batch.records {
                 if let Some(max_age) = st.rule.max_age
@@ -135,7 +145,7 @@ async fn run_once(
                 }
                 let key = r.event.key.as_deref().unwrap_or("none");
                 let source = r.event.source.as_deref().unwrap_or("none");
-                let topic = render(
+                let topic = render_checked(
                     &st.rule.topic,
                     &[
                         ("store", &ctx.store_id),
@@ -143,7 +153,17 @@ async fn run_once(
                         ("key", key),
                         ("source", source),
                     ],
-                );
+                )
+                .and_then(|t| check_event_id(r).map(|()| t));
+                let topic = match topic {
+                    Ok(t) => t,
+                    Err(refusal) => {
+                        metrics::counter!("edge_mqtt_egress_deadletters_total", "stream" => st.rule.stream.clone(), "reason" => refusal.problem.label())
+                            .increment(1);
+                        dead.push(dead_letter(&st.rule, r, refusal));
+                        continue;
+                    }
+                };
                 let mut props = PublishProperties {
                     content_type: r
                         .event
@@ -201,12 +221,20 @@ async fn run_once(
                 );
                 continue;
             }
+            if !dead.is_empty() {
+                tracing::warn!(stream = %st.rule.stream, records = dead.len(), "MQTT egress cannot publish records whose values give no valid MQTT topic; they went to the deadletter stream and egress moved on");
+            }
+            // The dead letters commit with the cursor move: once each, even across a crash.
             ctx.log
-                .append(AppendRequest::cursor(
-                    &st.cursor,
-                    &st.rule.stream,
-                    batch.next_seq,
-                ))
+                .append(AppendRequest {
+                    events: dead,
+                    cursors: vec![CursorMove {
+                        cursor: st.cursor.clone(),
+                        stream: st.rule.stream.clone(),
+                        next_seq: batch.next_seq,
+                    }],
+                    kv: Vec::new(),
+                })
                 .await?;
             metrics::counter!("edge_mqtt_egress_published_total", "stream" => st.rule.stream.clone())
                 .increment(sent);
@@ -221,4 +249,44 @@ async fn run_once(
             }
         }
     }
+}
+
+/// The event id goes out as a user property, an MQTT string like the topic.
+fn check_event_id(r: &Record) -> Result<(), TopicRefusal> {
+    let Some(id) = &r.event.event_id else {
+        return Ok(());
+    };
+    let problem = if id.len() > MAX_MQTT_STRING_BYTES {
+        Some(TopicProblem::TooLong)
+    } else {
+        check_mqtt_chars(id).err()
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => Err(TopicRefusal {
+            problem,
+            reason: format!(
+                "the event id {:?} cannot be sent as an MQTT user property",
+                id.chars().take(80).collect::<String>()
+            ),
+        }),
+    }
+}
+
+fn dead_letter(rule: &EgressRule, r: &Record, refusal: TopicRefusal) -> edge_core::Event {
+    let mut d = DeadLetter::new(
+        "mqtt_egress",
+        format!(
+            "MQTT egress cannot publish {} seq {}: {}",
+            rule.stream, r.seq, refusal.reason
+        ),
+    )
+    .field("stream", rule.stream.as_str())
+    .field("seq", r.seq)
+    .field("problem", refusal.problem.label())
+    .field("topic_template", rule.topic.as_str());
+    if let Some(k) = &r.event.key {
+        d = d.field("key", k.as_str());
+    }
+    d.original(&r.event.payload, DEFAULT_KEEP_BYTES).into_event()
 }

@@ -60,6 +60,8 @@ pub(crate) enum Rejection {
     NotJson,
     NotObject,
     NoRule,
+    /// The local log refused the record itself (not a retryable storage error).
+    LogRefused,
 }
 
 impl Rejection {
@@ -69,6 +71,7 @@ impl Rejection {
             Rejection::NotJson => "not_json",
             Rejection::NotObject => "not_object",
             Rejection::NoRule => "no_rule",
+            Rejection::LogRefused => "log_refused",
         }
     }
 }

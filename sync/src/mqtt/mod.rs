@@ -428,8 +428,13 @@ async fn ack_loop(
     let mut degraded = false;
     // Acks in receive order, waiting for room in rumqttc's request channel: (generation, packet).
     let mut unsent: std::collections::VecDeque<(u64, Publish)> = std::collections::VecDeque::new();
+    // The messages of a request the log refused, resubmitted one per request (see below); they
+    // are acked before anything that arrived after them.
+    let mut split: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
     loop {
-        let next = if unsent.is_empty() {
+        let next = if let Some(p) = split.pop_front() {
+            Some(p)
+        } else if unsent.is_empty() {
             pending_rx.recv().await
         } else {
             // Retry the waiting acks soon even if no new message arrives.
@@ -469,14 +474,48 @@ async fn ack_loop(
                         Err(_) => return,
                     }
                 }
+                Err(_) if p.messages.len() > 1 => {
+                    // The log refused the request (a record it cannot take). One message of it
+                    // may be the cause: submit each message on its own, so that only the ones
+                    // the log refuses become dead letters. They are stored after the requests
+                    // already queued behind this one (their seqs are later than their arrival),
+                    // and acked in arrival order.
+                    let events = std::mem::take(&mut p.request.events);
+                    for (m, event) in p.messages.drain(..).zip(events) {
+                        let request = AppendRequest::one(event);
+                        let ticket = match ctx.log.submit(request.clone()).await {
+                            Ok(t) => t,
+                            Err(_) => return,
+                        };
+                        split.push_back(Pending {
+                            messages: vec![m],
+                            request,
+                            ticket,
+                        });
+                    }
+                    break None;
+                }
                 Err(e) => {
-                    // The log refused the request itself (a record it cannot take): keep every
-                    // message of it as a dead letter instead, so none is lost or retried forever.
+                    // The log refused this message's record itself: keep the message as a dead
+                    // letter instead, so it is neither lost nor retried forever.
+                    if p
+                        .messages
+                        .iter()
+                        .all(|(_, _, r)| *r == Some(Rejection::LogRefused))
+                    {
+                        // Even the dead letter was refused: hold the ack and retry with backoff.
+                        tracing::error!(error = %e, "the local log refused a dead letter; the message stays unacked and is retried");
+                        tokio::select! {
+                            _ = ctx.shutdown.all().cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
                     let events = p
                         .messages
                         .iter_mut()
                         .map(|(_, publish, rejected)| {
-                            *rejected = Some(Rejection::NoRule);
+                            *rejected = Some(Rejection::LogRefused);
                             crate::deadletter::DeadLetter::new(
                                 "mqtt",
                                 format!("the local log refused the record: {e}"),

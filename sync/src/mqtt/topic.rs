@@ -4,6 +4,14 @@
 //! `store/+/pos/{device}/transactions` subscribes to `store/+/pos/+/transactions` and, for a message
 //! on `store/12/pos/lane-3/transactions`, yields `device = "lane-3"`. `#` is allowed as the last
 //! level. Egress templates use `{store}`, `{stream}`, `{key}` and `{source}`.
+//!
+//! A value substituted into an egress template comes from a record (a key HQ chose, a device
+//! name), so it is checked before anything is published: [`render_checked`] refuses a topic
+//! the broker or the client cannot take (a wildcard, U+0000 or another character Mosquitto
+//! refuses in an MQTT string, an empty topic, more than 65,535 bytes, a leading `$`). Egress then
+//! dead-letters that one record instead of failing the publish, which restarted egress at the
+//! same cursor forever. Values are Rust strings, so invalid UTF-8 cannot reach a topic (the
+//! downlink decodes Kafka keys lossily).
 
 use std::collections::BTreeMap;
 
@@ -119,6 +127,115 @@ impl TopicPattern {
     }
 }
 
+/// Longest MQTT string (topic, user property), in bytes: a two-byte length prefix.
+pub const MAX_MQTT_STRING_BYTES: usize = 65_535;
+
+/// Why a value cannot go into an MQTT topic or string. The label is the metric's `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicProblem {
+    /// `+` or `#`: a wildcard cannot appear in a topic name.
+    Wildcard,
+    /// U+0000, which no MQTT string may contain.
+    Nul,
+    /// A control character (U+0001 to U+001F, U+007F to U+009F) or a Unicode non-character,
+    /// which Mosquitto refuses as malformed UTF-8 and disconnects the client for.
+    Character,
+    Empty,
+    TooLong,
+    /// A leading `$` makes it a broker topic (`$SYS`, ...), not one we may publish to.
+    Reserved,
+}
+
+impl TopicProblem {
+    pub fn label(self) -> &'static str {
+        match self {
+            TopicProblem::Wildcard => "topic_wildcard",
+            TopicProblem::Nul => "topic_nul",
+            TopicProblem::Character => "topic_character",
+            TopicProblem::Empty => "topic_empty",
+            TopicProblem::TooLong => "topic_too_long",
+            TopicProblem::Reserved => "topic_reserved",
+        }
+    }
+}
+
+/// A topic that could not be formed: which problem, and a sentence naming the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicRefusal {
+    pub problem: TopicProblem,
+    pub reason: String,
+}
+
+/// Whether `s` may be sent as an MQTT UTF-8 string (MQTT 5 section 1.5.4, as Mosquitto enforces
+/// it). Checks the characters only, not the length.
+pub fn check_mqtt_chars(s: &str) -> Result<(), TopicProblem> {
+    for c in s.chars() {
+        let u = c as u32;
+        if u == 0 {
+            return Err(TopicProblem::Nul);
+        }
+        let control = u <= 0x1f || (0x7f..=0x9f).contains(&u);
+        let nonchar = (0xfdd0..=0xfdef).contains(&u) || (u & 0xfffe) == 0xfffe;
+        if control || nonchar {
+            return Err(TopicProblem::Character);
+        }
+    }
+    Ok(())
+}
+
+/// Renders an egress topic template, refusing a topic that cannot be published.
+pub fn render_checked(template: &str, vars: &[(&str, &str)]) -> Result<String, TopicRefusal> {
+    for (name, value) in vars {
+        if !template.contains(&format!("{{{name}}}")) {
+            continue;
+        }
+        let shown: String = value.chars().take(80).collect();
+        let problem = if value.contains(['+', '#']) {
+            Some(TopicProblem::Wildcard)
+        } else {
+            check_mqtt_chars(value).err()
+        };
+        if let Some(problem) = problem {
+            let what = match problem {
+                TopicProblem::Wildcard => "contains the MQTT wildcard '+' or '#'",
+                TopicProblem::Nul => "contains U+0000",
+                _ => "contains a control character or a Unicode non-character",
+            };
+            return Err(TopicRefusal {
+                problem,
+                reason: format!(
+                    "the value {shown:?} of {{{name}}} {what}, so topic template {template:?} gives no valid MQTT topic"
+                ),
+            });
+        }
+    }
+    let topic = render(template, vars);
+    let refuse = |problem, what: String| TopicRefusal {
+        problem,
+        reason: format!("topic template {template:?} gives {what}"),
+    };
+    if topic.is_empty() {
+        return Err(refuse(TopicProblem::Empty, "an empty topic".into()));
+    }
+    if topic.len() > MAX_MQTT_STRING_BYTES {
+        return Err(refuse(
+            TopicProblem::TooLong,
+            format!(
+                "a topic of {} bytes (MQTT allows {MAX_MQTT_STRING_BYTES})",
+                topic.len()
+            ),
+        ));
+    }
+    if topic.starts_with('$') {
+        let shown: String = topic.chars().take(80).collect();
+        return Err(refuse(
+            TopicProblem::Reserved,
+            format!("{shown:?}, a broker topic (leading '$')"),
+        ));
+    }
+    Ok(topic)
+}
+
 /// Renders an egress topic template.
 pub fn render(template: &str, vars: &[(&str, &str)]) -> String {
     let mut out = template.to_string();
@@ -186,6 +303,35 @@ mod tests {
         );
         assert!(TopicPattern::parse("a/b+c").unwrap_err().contains("mixes"));
         assert!(TopicPattern::parse("").is_err());
+    }
+
+    #[test]
+    fn substituted_values_that_break_the_topic_are_refused_with_a_reason() {
+        let t = "store/{store}/prices/{key}";
+        let ok = |key: &str| render_checked(t, &[("store", "s1"), ("key", key)]);
+        assert_eq!(ok("4011").unwrap(), "store/s1/prices/4011");
+        // A key with levels is a valid topic (keys like `store/device` are common).
+        assert_eq!(ok("s1/4011").unwrap(), "store/s1/prices/s1/4011");
+        assert_eq!(ok("").unwrap(), "store/s1/prices/");
+        let e = ok("s1/promo+42").unwrap_err();
+        assert_eq!(e.problem, TopicProblem::Wildcard);
+        assert!(e.reason.contains("s1/promo+42") && e.reason.contains("{key}"), "{}", e.reason);
+        assert_eq!(ok("a#").unwrap_err().problem, TopicProblem::Wildcard);
+        assert_eq!(ok("a\0b").unwrap_err().problem, TopicProblem::Nul);
+        assert_eq!(ok("a\nb").unwrap_err().problem, TopicProblem::Character);
+        assert_eq!(ok("a\u{85}b").unwrap_err().problem, TopicProblem::Character);
+        assert_eq!(ok("a\u{fffe}").unwrap_err().problem, TopicProblem::Character);
+        assert_eq!(ok("a\u{1fffe}").unwrap_err().problem, TopicProblem::Character);
+        assert_eq!(ok("prix-é-✓").unwrap(), "store/s1/prices/prix-é-✓");
+        assert_eq!(
+            ok(&"k".repeat(MAX_MQTT_STRING_BYTES)).unwrap_err().problem,
+            TopicProblem::TooLong
+        );
+        let whole = |key: &str| render_checked("{key}", &[("key", key)]);
+        assert_eq!(whole("").unwrap_err().problem, TopicProblem::Empty);
+        assert_eq!(whole("$SYS/x").unwrap_err().problem, TopicProblem::Reserved);
+        // A placeholder the template does not use is not checked.
+        assert!(render_checked("a/{key}", &[("key", "k"), ("source", "bad+")]).is_ok());
     }
 
     #[test]

@@ -848,6 +848,7 @@ impl LogInspector {
 mod tests {
     use super::*;
     use edge_core::Event;
+    use crate::log::Appended;
     use edge_core::config::ByteSize;
 
     fn wal_len(dir: &Path) -> u64 {
@@ -997,5 +998,68 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(journal, "wal");
+    }
+
+    /// A log written by schema version 1 (dedup keyed by stream and event id) keeps recognising
+    /// its remembered ids after the upgrade, now per source: an entry takes its record's source,
+    /// and an over-long id takes the digest form the writer looks up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migration_2_scopes_remembered_ids_by_their_records_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let long_id = "r".repeat(500);
+        {
+            let c = Connection::open(dir.path().join("log.db")).unwrap();
+            c.execute_batch(include_str!("migrations/0001_init.sql")).unwrap();
+            c.execute_batch(
+                "INSERT INTO meta (key, value) VALUES ('epoch', '6f1c2a52-8f7e-4a43-9a43-2f1e1f1b2c3d');
+                 INSERT INTO streams (id, name, next_seq, record_count, payload_bytes, created_ts)
+                   VALUES (1, 'pos.receipts', 3, 2, 4, 0);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+            for (seq, id) in [(1u64, "r-1"), (2, long_id.as_str())] {
+                let crc = queries::record_crc(
+                    "pos.receipts", seq, 0, 0, None, Some("printer-1"), Some(id), None, None, b"{}",
+                );
+                c.execute(
+                    "INSERT INTO records (id, event_ts, ingest_ts, key, source, event_id, schema, headers, payload, crc)
+                     VALUES (?1, 0, 0, NULL, 'printer-1', ?2, NULL, NULL, CAST('{}' AS BLOB), ?3)",
+                    rusqlite::params![queries::row_id(1, seq), id, i64::from(crc)],
+                )
+                .unwrap();
+                c.execute(
+                    "INSERT INTO dedup (stream_id, event_id, seq) VALUES (1, ?1, ?2)",
+                    rusqlite::params![id, seq as i64],
+                )
+                .unwrap();
+            }
+        }
+        let cfg = LogConfig {
+            integrity_check: IntegrityCheck::Off,
+            ..LogConfig::default()
+        };
+        let log = SqliteLog::open(dir.path(), cfg).unwrap();
+        let sale = |src: &str, id: &str| {
+            Event::new("pos.receipts", &b"{}"[..])
+                .with_source(src)
+                .with_event_id(id)
+        };
+        let out = log
+            .append(AppendRequest::events(vec![
+                sale("printer-1", "r-1"),
+                sale("printer-1", &long_id),
+                sale("printer-2", "r-1"),
+            ]))
+            .await
+            .unwrap();
+        assert_eq!(
+            out.appended,
+            vec![
+                Appended::Duplicate { seq: 1 },
+                Appended::Duplicate { seq: 2 },
+                Appended::New { seq: 3 },
+            ]
+        );
+        log.close().await.unwrap();
     }
 }

@@ -13,7 +13,30 @@ pub const MAX_SEQ: u64 = (1 << SEQ_BITS) - 1;
 pub const MAX_STREAM_ID: i64 = (1 << (63 - SEQ_BITS)) - 1;
 
 /// Numbered migrations; `PRAGMA user_version` holds how many have been applied.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_dedup_per_source.sql"),
+];
+
+/// Longest event id or source kept verbatim in the dedup index. A longer one is kept as
+/// `sha256:` and its 64 hex digits, so an index entry stays under about 200 bytes whatever a
+/// source sends, and the `dedup_window` bounds the index in bytes as well as in entries. The
+/// record itself keeps the full id.
+pub const DEDUP_KEY_MAX_BYTES: usize = 128;
+
+/// The form of an event id or source in the dedup index (see [`DEDUP_KEY_MAX_BYTES`]).
+pub fn dedup_key(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= DEDUP_KEY_MAX_BYTES {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for b in d.as_ref() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    std::borrow::Cow::Owned(out)
+}
 
 pub fn row_id(stream_id: i64, seq: u64) -> i64 {
     (stream_id << SEQ_BITS) | (seq.min(MAX_SEQ) as i64)
@@ -27,6 +50,20 @@ pub fn storage(op: &'static str) -> impl FnOnce(rusqlite::Error) -> LogError {
     move |e| LogError::Storage {
         op,
         reason: e.to_string(),
+    }
+}
+
+/// For a statement that writes one request's data: an error the same request would meet again
+/// (a constraint, a value too big for the storage, a type the column refuses) makes the request
+/// [`LogError::Invalid`], which its source must not retry; anything else is a storage error.
+pub fn refusal(op: &'static str) -> impl FnOnce(rusqlite::Error) -> LogError {
+    move |e| match e.sqlite_error_code() {
+        Some(
+            rusqlite::ErrorCode::ConstraintViolation
+            | rusqlite::ErrorCode::TooBig
+            | rusqlite::ErrorCode::TypeMismatch,
+        ) => LogError::Invalid(format!("the log cannot store it ({op}): {e}")),
+        _ => storage(op)(e),
     }
 }
 
@@ -77,8 +114,30 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
                 params![uuid::Uuid::new_v4().to_string(), now.to_string()],
             )?;
         }
+        if i == 1 {
+            hash_long_dedup_keys(&tx)?;
+        }
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Part of migration 2: entries of version 1 with an id or source over [`DEDUP_KEY_MAX_BYTES`]
+/// take the digest form the writer now looks up.
+fn hash_long_dedup_keys(conn: &Connection) -> rusqlite::Result<()> {
+    let long: Vec<(i64, String, String)> = conn
+        .prepare(
+            "SELECT id, source, event_id FROM dedup
+             WHERE length(CAST(source AS BLOB)) > ?1 OR length(CAST(event_id AS BLOB)) > ?1",
+        )?
+        .query_map([DEDUP_KEY_MAX_BYTES as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut update = conn.prepare("UPDATE dedup SET source = ?2, event_id = ?3 WHERE id = ?1")?;
+    for (id, source, event_id) in long {
+        update.execute(params![id, dedup_key(&source), dedup_key(&event_id)])?;
     }
     Ok(())
 }

@@ -10,7 +10,7 @@
 //! and a lone record never waits for a timer. Tickets are resolved only after COMMIT returned.
 
 use super::Shared;
-use super::queries::{self, row_id, seq_of, storage};
+use super::queries::{self, refusal, row_id, seq_of, storage};
 use crate::deadletter;
 use crate::log::{AppendOutcome, AppendRequest, Appended, LogConfig, LogError, MaintenanceReport};
 use edge_core::{Event, Priority};
@@ -33,6 +33,22 @@ const FS_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Where a request's outcome goes.
 type Reply = oneshot::Sender<Result<AppendOutcome, LogError>>;
+
+/// How the requests of one batch share its transaction.
+#[derive(Clone, Copy)]
+enum Isolation {
+    /// One transaction, no savepoints (the common case).
+    Batch,
+    /// A savepoint per request, after a request failed the batch.
+    PerRequest,
+}
+
+enum ApplyError {
+    /// A statement of one request failed (only with [`Isolation::Batch`]).
+    Request(LogError),
+    /// The transaction itself failed (begin, savepoint, counters, commit): every request fails.
+    Batch(LogError),
+}
 
 pub(super) enum WriterMsg {
     Append(
@@ -290,7 +306,22 @@ impl Writer {
         let before = self.streams.clone();
         let max_id_before = self.max_stream_id;
         let commit_started = Instant::now();
-        let result = self.apply(&accepted);
+        // Fast path: the whole batch in one transaction, no savepoints. When a statement of one
+        // request fails, the transaction is rolled back and the batch applied again with a
+        // savepoint per request, so that request fails alone and the others still commit in
+        // this batch's single fsync. Poison costs one replay of its batch, and nothing when
+        // there is none.
+        let result = match self.apply(&accepted, Isolation::Batch) {
+            Err(ApplyError::Request(e)) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.streams = before.clone();
+                self.max_stream_id = max_id_before;
+                metrics::counter!("edge_log_batch_replays_total").increment(1);
+                tracing::debug!(error = %e, "a request of the batch failed; applying the batch again with a savepoint per request");
+                self.apply(&accepted, Isolation::PerRequest)
+            }
+            other => other,
+        };
         match result {
             Ok(outcomes) => {
                 let commit_secs = commit_started.elapsed().as_secs_f64();
@@ -299,13 +330,23 @@ impl Writer {
                     .record(accepted.iter().map(|(r, _)| r.events.len()).sum::<usize>() as f64);
                 self.publish_heads();
                 self.shared.generation.send_modify(|g| *g += 1);
-                for ((_, reply), outcome) in accepted.into_iter().zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
+                for ((req, reply), outcome) in accepted.into_iter().zip(outcomes) {
+                    if let Err(e) = &outcome {
+                        let reason = if matches!(e, LogError::Invalid(_)) {
+                            "invalid"
+                        } else {
+                            "storage"
+                        };
+                        metrics::counter!("edge_log_appends_refused_total", "reason" => reason)
+                            .increment(req.events.len().max(1) as u64);
+                        tracing::warn!(error = %e, events = req.events.len(), "the log refused one request of a batch; the rest of the batch committed");
+                    }
+                    let _ = reply.send(outcome);
                 }
                 metrics::histogram!("edge_log_append_wait_seconds")
                     .record(started.elapsed().as_secs_f64());
             }
-            Err(e) => {
+            Err(ApplyError::Request(e) | ApplyError::Batch(e)) => {
                 tracing::error!(error = %e, "a log commit failed; the batch is rejected and its sources will retry");
                 metrics::counter!("edge_log_commit_failures_total").increment(1);
                 let _ = self.conn.execute_batch("ROLLBACK");
@@ -318,13 +359,17 @@ impl Writer {
         }
     }
 
+    /// Applies and commits the batch. With [`Isolation::Batch`] the first failing statement fails
+    /// the batch ([`ApplyError::Request`]); with [`Isolation::PerRequest`] each request runs in
+    /// its own savepoint and a failing one is rolled back alone (its `Err` is in the result).
     fn apply(
         &mut self,
         accepted: &[(AppendRequest, Reply)],
-    ) -> Result<Vec<AppendOutcome>, LogError> {
+        isolation: Isolation,
+    ) -> Result<Vec<Result<AppendOutcome, LogError>>, ApplyError> {
         self.conn
             .execute_batch("BEGIN IMMEDIATE")
-            .map_err(storage("beginning a commit"))?;
+            .map_err(|e| ApplyError::Batch(storage("beginning a commit")(e)))?;
         let now = edge_core::time::now_ms();
         let mut touched: Vec<i64> = Vec::new();
         let mut outcomes = Vec::with_capacity(accepted.len());
@@ -336,37 +381,43 @@ impl Writer {
                 max_stream_id,
                 ..
             } = self;
-            let mut ins = Inserter::new(conn)?;
+            let batch = |e| ApplyError::Batch(e);
+            let mut ins = Inserter::new(conn).map_err(batch)?;
             for (req, _) in accepted {
-                let mut appended = Vec::with_capacity(req.events.len());
-                for ev in &req.events {
-                    appended.push(ins.insert(streams, max_stream_id, ev, now, &mut touched)?);
+                match isolation {
+                    Isolation::Batch => {
+                        let o = apply_request(&mut ins, streams, max_stream_id, req, now, &mut touched)
+                            .map_err(ApplyError::Request)?;
+                        outcomes.push(Ok(o));
+                    }
+                    Isolation::PerRequest => {
+                        let streams_before = streams.clone();
+                        let max_id_before = *max_stream_id;
+                        let touched_len = touched.len();
+                        savepoint(conn, "SAVEPOINT request").map_err(batch)?;
+                        match apply_request(&mut ins, streams, max_stream_id, req, now, &mut touched) {
+                            Ok(o) => {
+                                savepoint(conn, "RELEASE request").map_err(batch)?;
+                                outcomes.push(Ok(o));
+                            }
+                            Err(e) => {
+                                savepoint(conn, "ROLLBACK TO request").map_err(batch)?;
+                                savepoint(conn, "RELEASE request").map_err(batch)?;
+                                *streams = streams_before;
+                                *max_stream_id = max_id_before;
+                                touched.truncate(touched_len);
+                                outcomes.push(Err(e));
+                            }
+                        }
+                    }
                 }
-                for c in &req.cursors {
-                    let sid =
-                        ensure_stream(conn, streams, max_stream_id, &c.stream, now, &mut touched)?;
-                    conn.prepare_cached(
-                        "INSERT INTO cursors (name, stream_id, next_seq, updated_ts) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (name, stream_id) DO UPDATE SET next_seq = excluded.next_seq, updated_ts = excluded.updated_ts",
-                    )
-                    .and_then(|mut s| s.execute(params![c.cursor, sid, c.next_seq as i64, now]))
-                    .map_err(storage("moving a cursor"))?;
-                }
-                for (k, v) in &req.kv {
-                    conn.prepare_cached(
-                        "INSERT INTO kv (key, value) VALUES (?1, ?2)
-                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    )
-                    .and_then(|mut s| s.execute(params![k, v]))
-                    .map_err(storage("writing a key"))?;
-                }
-                outcomes.push(AppendOutcome { appended });
             }
         }
-        self.flush_stream_rows(&touched)?;
+        self.flush_stream_rows(&touched)
+            .map_err(ApplyError::Batch)?;
         self.conn
             .execute_batch("COMMIT")
-            .map_err(storage("committing"))?;
+            .map_err(|e| ApplyError::Batch(storage("committing")(e)))?;
         Ok(outcomes)
     }
 
@@ -900,6 +951,47 @@ fn ensure_stream(
     Ok(id)
 }
 
+fn savepoint(conn: &Connection, sql: &str) -> Result<(), LogError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute([]))
+        .map(|_| ())
+        .map_err(storage("isolating a request"))
+}
+
+/// The events, cursor moves and key writes of one request, inside the open transaction.
+fn apply_request(
+    ins: &mut Inserter<'_>,
+    streams: &mut HashMap<String, StreamState>,
+    max_stream_id: &mut i64,
+    req: &AppendRequest,
+    now: i64,
+    touched: &mut Vec<i64>,
+) -> Result<AppendOutcome, LogError> {
+    let conn = ins.conn;
+    let mut appended = Vec::with_capacity(req.events.len());
+    for ev in &req.events {
+        appended.push(ins.insert(streams, max_stream_id, ev, now, touched)?);
+    }
+    for c in &req.cursors {
+        let sid = ensure_stream(conn, streams, max_stream_id, &c.stream, now, touched)?;
+        conn.prepare_cached(
+            "INSERT INTO cursors (name, stream_id, next_seq, updated_ts) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name, stream_id) DO UPDATE SET next_seq = excluded.next_seq, updated_ts = excluded.updated_ts",
+        )
+        .and_then(|mut s| s.execute(params![c.cursor, sid, c.next_seq as i64, now]))
+        .map_err(refusal("moving a cursor"))?;
+    }
+    for (k, v) in &req.kv {
+        conn.prepare_cached(
+            "INSERT INTO kv (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .and_then(|mut s| s.execute(params![k, v]))
+        .map_err(refusal("writing a key"))?;
+    }
+    Ok(AppendOutcome { appended })
+}
+
 /// Prepared statements for one batch: looked up once, not once per record.
 struct Inserter<'c> {
     conn: &'c Connection,
@@ -929,12 +1021,14 @@ impl<'c> Inserter<'c> {
         touched: &mut Vec<i64>,
     ) -> Result<Appended, LogError> {
         let sid = ensure_stream(self.conn, streams, max_stream_id, &ev.stream, now, touched)?;
+        // Dedup is scoped per (stream, source): one device's ids never suppress another's.
+        let dedup_source = queries::dedup_key(ev.source.as_deref().unwrap_or(""));
         if let Some(eid) = &ev.event_id {
             if self.dedup_check.is_none() {
                 self.dedup_check = Some(
                     self.conn
                         .prepare_cached(
-                            "SELECT seq FROM dedup WHERE stream_id = ?1 AND event_id = ?2",
+                            "SELECT seq FROM dedup WHERE stream_id = ?1 AND source = ?2 AND event_id = ?3",
                         )
                         .map_err(storage("checking the dedup window"))?,
                 );
@@ -942,7 +1036,12 @@ impl<'c> Inserter<'c> {
             let dup: Option<i64> = self
                 .dedup_check
                 .as_mut()
-                .map(|s| s.query_row(params![sid, eid], |r| r.get(0)).optional())
+                .map(|s| {
+                    s.query_row(params![sid, dedup_source, queries::dedup_key(eid)], |r| {
+                        r.get(0)
+                    })
+                    .optional()
+                })
                 .transpose()
                 .map_err(storage("checking the dedup window"))?
                 .flatten();
@@ -987,20 +1086,20 @@ impl<'c> Inserter<'c> {
                 &ev.payload[..],
                 i64::from(crc)
             ])
-            .map_err(storage("inserting a record"))?;
+            .map_err(refusal("inserting a record"))?;
         if let Some(eid) = &ev.event_id {
             if self.dedup_add.is_none() {
                 self.dedup_add = Some(
                     self.conn
                         .prepare_cached(
-                            "INSERT INTO dedup (stream_id, event_id, seq) VALUES (?1, ?2, ?3)",
+                            "INSERT INTO dedup (stream_id, source, event_id, seq) VALUES (?1, ?2, ?3, ?4)",
                         )
                         .map_err(storage("remembering an event id"))?,
                 );
             }
             if let Some(s) = self.dedup_add.as_mut() {
-                s.execute(params![sid, eid, seq as i64])
-                    .map_err(storage("remembering an event id"))?;
+                s.execute(params![sid, dedup_source, queries::dedup_key(eid), seq as i64])
+                    .map_err(refusal("remembering an event id"))?;
             }
         }
         st.next_seq += 1;
