@@ -142,9 +142,9 @@ topic = "store/{store}/offers/{key}"
 }
 
 /// A message the local log refuses while writing it is dead-lettered alone, counted as
-/// `log_refused` (not `no_rule`), and the messages around it are stored. The refusal is
-/// injected with a trigger on the agent's database: no real message can make this log refuse
-/// a record today, but the agent must not depend on that.
+/// `log_refused` (not `no_rule`), and the messages around it, which shared its log request, are
+/// stored. The refusal is injected with a trigger on the agent's database: no real message can
+/// make this log refuse a record today, but the agent must not depend on that.
 #[test]
 fn a_message_the_log_refuses_is_dead_lettered_alone_as_log_refused() {
     let broker = Mosquitto::start();
@@ -153,10 +153,14 @@ fn a_message_the_log_refuses_is_dead_lettered_alone_as_log_refused() {
 topic = "pos/{device}/transactions"
 stream = "pos.transactions"
 "#;
+    // The first start creates the agent's persistent session with its subscription.
     let mut agent = Agent::start_with(agent_bin!(), broker.port, extra);
+    wait_for("subscribed", Duration::from_secs(20), || {
+        agent.status()["components"]["mqtt"]["state"] == "up"
+    });
     let (st, _) = agent.sigterm();
     assert!(st.success());
-    let poison = r#"{"event_id":"t2","poison":true}"#;
+    let poison = r#"{"event_id":"t100","poison":true}"#;
     let conn = rusqlite::Connection::open(agent.data_dir().join("log.db")).unwrap();
     let hex: String = poison.bytes().map(|b| format!("{b:02x}")).collect();
     conn.execute_batch(&format!(
@@ -165,11 +169,8 @@ stream = "pos.transactions"
     ))
     .unwrap();
     drop(conn);
-    agent.spawn();
-    wait_for("mqtt up", Duration::from_secs(20), || {
-        agent.status()["components"]["mqtt"]["state"] == "up"
-    });
-    // One burst from one client, so the messages tend to share one log request.
+    // While the agent is away the broker queues the messages for its session; at the resume
+    // they arrive in one burst, so the processor puts many of them into one log request.
     let mut publisher = Command::new("mosquitto_pub")
         .args(["-p", &broker.port.to_string(), "-q", "1"])
         .args(["-t", "pos/lane-1/transactions", "-l"])
@@ -177,20 +178,26 @@ stream = "pos.transactions"
         .spawn()
         .unwrap();
     let mut stdin = publisher.stdin.take().unwrap();
-    for line in [r#"{"event_id":"t1"}"#, poison, r#"{"event_id":"t3"}"#] {
-        writeln!(stdin, "{line}").unwrap();
+    for i in 0..200 {
+        if i == 100 {
+            writeln!(stdin, "{poison}").unwrap();
+        } else {
+            writeln!(stdin, r#"{{"event_id":"t{i}"}}"#).unwrap();
+        }
     }
     drop(stdin);
     assert!(publisher.wait().unwrap().success());
-    wait_records(&agent, "pos.transactions", 2, Duration::from_secs(20));
+    agent.spawn();
+    wait_records(&agent, "pos.transactions", 199, Duration::from_secs(20));
     wait_records(&agent, "deadletter", 1, Duration::from_secs(20));
-    let ids: Vec<String> = agent
+    let ids: std::collections::BTreeSet<String> = agent
         .read_stream("pos.transactions")
         .iter()
         .filter_map(|r| r.event.event_id.clone())
         .collect();
-    assert_eq!(ids.len(), 2);
-    assert!(ids.contains(&"t1".to_string()) && ids.contains(&"t3".to_string()));
+    let want: std::collections::BTreeSet<String> =
+        (0..200).filter(|i| *i != 100).map(|i| format!("t{i}")).collect();
+    assert_eq!(ids, want, "every good message is stored");
     let dead = agent.read_stream("deadletter");
     assert_eq!(dead.len(), 1, "only the refused message is a dead letter");
     let d: serde_json::Value = serde_json::from_slice(&dead[0].event.payload).unwrap();
@@ -208,5 +215,5 @@ stream = "pos.transactions"
         agent.metric(r#"edge_mqtt_deadletters_total{reason="no_rule"}"#),
         0.0
     );
-    assert_eq!(agent.metric("edge_mqtt_ingested_total"), 2.0);
+    assert_eq!(agent.metric("edge_mqtt_ingested_total"), 199.0);
 }
