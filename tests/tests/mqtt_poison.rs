@@ -107,9 +107,11 @@ topic = "store/{store}/offers/{key}"
         "the good prices and the other rule's offer reach the kiosk; agent log:\n{}",
         agent.log()
     );
-    wait_for("price egress cursor at the head", Duration::from_secs(20), || {
-        backlog(&agent, "hq.prices", "mqtt.egress.hq.prices") == 0
-    });
+    wait_for(
+        "price egress cursor at the head",
+        Duration::from_secs(20),
+        || backlog(&agent, "hq.prices", "mqtt.egress.hq.prices") == 0,
+    );
     wait_records(&agent, "deadletter", 1, Duration::from_secs(10));
     let dead = agent.read_stream("deadletter");
     assert_eq!(dead.len(), 1, "the bad price is dead-lettered once");
@@ -132,7 +134,12 @@ topic = "store/{store}/offers/{key}"
     // Ingress is unaffected and the component is up, not degraded.
     let st = Command::new("mosquitto_pub")
         .args(["-p", &broker.port.to_string(), "-q", "1"])
-        .args(["-t", "pos/lane-1/transactions", "-m", r#"{"event_id":"t1"}"#])
+        .args([
+            "-t",
+            "pos/lane-1/transactions",
+            "-m",
+            r#"{"event_id":"t1"}"#,
+        ])
         .status()
         .unwrap();
     assert!(st.success());
@@ -195,8 +202,10 @@ stream = "pos.transactions"
         .iter()
         .filter_map(|r| r.event.event_id.clone())
         .collect();
-    let want: std::collections::BTreeSet<String> =
-        (0..200).filter(|i| *i != 100).map(|i| format!("t{i}")).collect();
+    let want: std::collections::BTreeSet<String> = (0..200)
+        .filter(|i| *i != 100)
+        .map(|i| format!("t{i}"))
+        .collect();
     assert_eq!(ids, want, "every good message is stored");
     let dead = agent.read_stream("deadletter");
     assert_eq!(dead.len(), 1, "only the refused message is a dead letter");

@@ -69,7 +69,8 @@ fn sqlite_corrupt_page(dir: &Path, cfg: &LogConfig) {
 
 fn sqlite_refuse_in_commit(dir: &Path, cfg: &LogConfig, payload: &[u8]) {
     let conn = rusqlite::Connection::open(sqlite::db_path(dir, cfg)).expect("open");
-    conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+    conn.busy_timeout(Duration::from_secs(5))
+        .expect("busy timeout");
     let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
     // The writer's prepared statements are re-prepared by SQLite after the schema change.
     conn.execute_batch(&format!(
@@ -477,7 +478,11 @@ pub(crate) async fn a_request_refused_in_the_commit_fails_alone<E: Engine>() {
             other => panic!("request {i}: unexpected outcome {other:?}"),
         }
     }
-    assert_eq!(seqs, (2..=571).collect::<Vec<u64>>(), "good requests, dense seqs");
+    assert_eq!(
+        seqs,
+        (2..=571).collect::<Vec<u64>>(),
+        "good requests, dense seqs"
+    );
     let got = read_all(&log, "s").await;
     assert_eq!(got.len(), 571);
     assert!(got.iter().all(|r| r.event.payload != poison));
@@ -496,7 +501,11 @@ pub(crate) async fn a_request_refused_in_the_commit_fails_alone<E: Engine>() {
     log.close().await.unwrap();
     drop(log);
     let log = E::open(dir.path(), cfg).unwrap();
-    assert_eq!(log.next_seq("s"), Some(573), "stream counters committed as applied");
+    assert_eq!(
+        log.next_seq("s"),
+        Some(573),
+        "stream counters committed as applied"
+    );
     assert_eq!(read_all(&log, "s").await.len(), 572);
     log.close().await.unwrap();
 }
@@ -507,9 +516,8 @@ pub(crate) async fn event_ids_are_scoped_per_source<E: Engine>() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = E::config();
     let log = E::open(dir.path(), cfg.clone()).unwrap();
-    let sale = |src: &str, id: &str, i: u64| {
-        ev("pos.receipts", i).with_source(src).with_event_id(id)
-    };
+    let sale =
+        |src: &str, id: &str, i: u64| ev("pos.receipts", i).with_source(src).with_event_id(id);
     let long_a = format!("{}a", "r".repeat(4000));
     let long_b = format!("{}b", "r".repeat(4000));
     let long_src = "printer-".repeat(100);
@@ -542,7 +550,11 @@ pub(crate) async fn event_ids_are_scoped_per_source<E: Engine>() {
         ]
     );
     let got = read_all(&log, "pos.receipts").await;
-    assert_eq!(got[3].event.event_id.as_deref(), Some(long_a.as_str()), "the record keeps its full id");
+    assert_eq!(
+        got[3].event.event_id.as_deref(),
+        Some(long_a.as_str()),
+        "the record keeps its full id"
+    );
     assert_eq!(got[5].event.source.as_deref(), Some(long_src.as_str()));
     log.close().await.unwrap();
     drop(log);

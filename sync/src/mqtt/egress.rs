@@ -14,10 +14,12 @@
 
 use super::Link;
 use super::config::{EgressRule, StartAt};
-use super::topic::{MAX_MQTT_STRING_BYTES, TopicProblem, TopicRefusal, check_mqtt_chars, render_checked};
+use super::topic::{
+    MAX_MQTT_STRING_BYTES, TopicProblem, TopicRefusal, check_mqtt_chars, render_checked,
+};
+use edge_core::Record;
 use edge_core::State;
 use edge_core::component::{ComponentContext, ComponentError};
-use edge_core::Record;
 use edge_core::deadletter::{DEFAULT_KEEP_BYTES, DeadLetter};
 use edge_core::log::{AppendRequest, CursorMove, ReadLimits};
 use rumqttc::v5::AsyncClient;
@@ -288,5 +290,6 @@ fn dead_letter(rule: &EgressRule, r: &Record, refusal: TopicRefusal) -> edge_cor
     if let Some(k) = &r.event.key {
         d = d.field("key", k.as_str());
     }
-    d.original(&r.event.payload, DEFAULT_KEEP_BYTES).into_event()
+    d.original(&r.event.payload, DEFAULT_KEEP_BYTES)
+        .into_event()
 }

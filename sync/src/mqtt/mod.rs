@@ -498,8 +498,7 @@ async fn ack_loop(
                 Err(e) => {
                     // The log refused this message's record itself: keep the message as a dead
                     // letter instead, so it is neither lost nor retried forever.
-                    if p
-                        .messages
+                    if p.messages
                         .iter()
                         .all(|(_, _, r)| *r == Some(Rejection::LogRefused))
                     {

@@ -315,13 +315,23 @@ mod tests {
         assert_eq!(ok("").unwrap(), "store/s1/prices/");
         let e = ok("s1/promo+42").unwrap_err();
         assert_eq!(e.problem, TopicProblem::Wildcard);
-        assert!(e.reason.contains("s1/promo+42") && e.reason.contains("{key}"), "{}", e.reason);
+        assert!(
+            e.reason.contains("s1/promo+42") && e.reason.contains("{key}"),
+            "{}",
+            e.reason
+        );
         assert_eq!(ok("a#").unwrap_err().problem, TopicProblem::Wildcard);
         assert_eq!(ok("a\0b").unwrap_err().problem, TopicProblem::Nul);
         assert_eq!(ok("a\nb").unwrap_err().problem, TopicProblem::Character);
         assert_eq!(ok("a\u{85}b").unwrap_err().problem, TopicProblem::Character);
-        assert_eq!(ok("a\u{fffe}").unwrap_err().problem, TopicProblem::Character);
-        assert_eq!(ok("a\u{1fffe}").unwrap_err().problem, TopicProblem::Character);
+        assert_eq!(
+            ok("a\u{fffe}").unwrap_err().problem,
+            TopicProblem::Character
+        );
+        assert_eq!(
+            ok("a\u{1fffe}").unwrap_err().problem,
+            TopicProblem::Character
+        );
         assert_eq!(ok("prix-é-✓").unwrap(), "store/s1/prices/prix-é-✓");
         assert_eq!(
             ok(&"k".repeat(MAX_MQTT_STRING_BYTES)).unwrap_err().problem,

@@ -847,8 +847,8 @@ impl LogInspector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edge_core::Event;
     use crate::log::Appended;
+    use edge_core::Event;
     use edge_core::config::ByteSize;
 
     fn wal_len(dir: &Path) -> u64 {
@@ -1009,7 +1009,8 @@ mod tests {
         let long_id = "r".repeat(500);
         {
             let c = Connection::open(dir.path().join("log.db")).unwrap();
-            c.execute_batch(include_str!("migrations/0001_init.sql")).unwrap();
+            c.execute_batch(include_str!("migrations/0001_init.sql"))
+                .unwrap();
             c.execute_batch(
                 "INSERT INTO meta (key, value) VALUES ('epoch', '6f1c2a52-8f7e-4a43-9a43-2f1e1f1b2c3d');
                  INSERT INTO streams (id, name, next_seq, record_count, payload_bytes, created_ts)
@@ -1019,7 +1020,16 @@ mod tests {
             .unwrap();
             for (seq, id) in [(1u64, "r-1"), (2, long_id.as_str())] {
                 let crc = queries::record_crc(
-                    "pos.receipts", seq, 0, 0, None, Some("printer-1"), Some(id), None, None, b"{}",
+                    "pos.receipts",
+                    seq,
+                    0,
+                    0,
+                    None,
+                    Some("printer-1"),
+                    Some(id),
+                    None,
+                    None,
+                    b"{}",
                 );
                 c.execute(
                     "INSERT INTO records (id, event_ts, ingest_ts, key, source, event_id, schema, headers, payload, crc)

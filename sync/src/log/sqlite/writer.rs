@@ -386,8 +386,9 @@ impl Writer {
             for (req, _) in accepted {
                 match isolation {
                     Isolation::Batch => {
-                        let o = apply_request(&mut ins, streams, max_stream_id, req, now, &mut touched)
-                            .map_err(ApplyError::Request)?;
+                        let o =
+                            apply_request(&mut ins, streams, max_stream_id, req, now, &mut touched)
+                                .map_err(ApplyError::Request)?;
                         outcomes.push(Ok(o));
                     }
                     Isolation::PerRequest => {
@@ -395,7 +396,14 @@ impl Writer {
                         let max_id_before = *max_stream_id;
                         let touched_len = touched.len();
                         savepoint(conn, "SAVEPOINT request").map_err(batch)?;
-                        match apply_request(&mut ins, streams, max_stream_id, req, now, &mut touched) {
+                        match apply_request(
+                            &mut ins,
+                            streams,
+                            max_stream_id,
+                            req,
+                            now,
+                            &mut touched,
+                        ) {
                             Ok(o) => {
                                 savepoint(conn, "RELEASE request").map_err(batch)?;
                                 outcomes.push(Ok(o));
@@ -1098,8 +1106,13 @@ impl<'c> Inserter<'c> {
                 );
             }
             if let Some(s) = self.dedup_add.as_mut() {
-                s.execute(params![sid, dedup_source, queries::dedup_key(eid), seq as i64])
-                    .map_err(refusal("remembering an event id"))?;
+                s.execute(params![
+                    sid,
+                    dedup_source,
+                    queries::dedup_key(eid),
+                    seq as i64
+                ])
+                .map_err(refusal("remembering an event id"))?;
             }
         }
         st.next_seq += 1;
