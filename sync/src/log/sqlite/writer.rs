@@ -8,6 +8,10 @@
 //! passed since the batch began. The batch is one transaction and one fsync (WAL, synchronous=FULL).
 //! While that fsync runs, new requests queue up and form the next batch, so batches grow with load
 //! and a lone record never waits for a timer. Tickets are resolved only after COMMIT returned.
+//!
+//! Poison: one request that fails inside the transaction (a constraint, a value too big, the
+//! stream limit) must not fail the others of its batch. The batch is then rolled back and
+//! applied again with a SAVEPOINT per request; the failing request alone gets its error.
 
 use super::Shared;
 use super::queries::{self, refusal, row_id, seq_of, storage};
