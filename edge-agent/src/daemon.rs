@@ -6,58 +6,24 @@
 //! checkpoint, release the lock).
 
 use crate::config::AgentConfig;
-use crate::report;
+pub use crate::state::DaemonState;
+use crate::supervise::{Build, RestartPolicy, Supervision, supervise};
 use anyhow::Context as _;
-use edge_core::component::{ComponentContext, Task};
+use edge_core::component::{ComponentContext, ComponentError, Task};
 use edge_core::log::{AppendRequest, Log};
 use edge_core::{Event, Shutdown, State, Status};
 use edge_sync::log::SqliteLog;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
-/// Everything the HTTP endpoint and the health reporter need from the running daemon.
-#[derive(Clone)]
-pub struct DaemonState {
-    pub config: Arc<AgentConfig>,
-    pub log: Arc<SqliteLog>,
-    pub status: Status,
-    pub started: Instant,
-    pub ready: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl DaemonState {
-    pub async fn report(&self) -> anyhow::Result<report::StatusReport> {
-        let log = &self.log;
-        let streams = log.streams().await?;
-        let cursors = log.cursors().await?;
-        let mut oldest = BTreeMap::new();
-        for c in &cursors {
-            let ts = log.oldest_from(&c.stream, c.next_seq).await?;
-            oldest.insert((c.stream.clone(), c.next_seq), ts);
-        }
-        let gaps = log.gap_summary().await?.iter().map(|g| g.ranges).sum();
-        Ok(report::build(report::Inputs {
-            store_id: &self.config.agent.store_id,
-            path: log.path().display().to_string(),
-            epoch: log.epoch().to_string(),
-            usage: log.usage().await?,
-            integrity: Some(log.integrity()),
-            streams,
-            cursors,
-            oldest,
-            gaps,
-            components: self.status.snapshot(),
-            daemon_running: true,
-            uptime_s: Some(self.started.elapsed().as_secs_f64()),
-        }))
-    }
-}
-
+/// A component as the supervisor runs it: its context, the task built at start-up, and how to
+/// build it again after a failure.
 struct Component {
     name: String,
-    task: Task,
+    ctx: ComponentContext,
+    build: Build,
+    first: Task,
 }
 
 fn context(state: &DaemonState, shutdown: &Shutdown, name: &str, kind: &str) -> ComponentContext {
@@ -70,46 +36,65 @@ fn context(state: &DaemonState, shutdown: &Shutdown, name: &str, kind: &str) -> 
     }
 }
 
+fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> ComponentError {
+    Box::new(e)
+}
+
+/// Every configured component, each with one build function that the start-up and the supervisor
+/// both call. A component that cannot be built at start-up stops the start (a configuration
+/// problem the operator must see).
 fn build_components(state: &DaemonState, shutdown: &Shutdown) -> anyhow::Result<Vec<Component>> {
     let cfg = &state.config;
-    let mut out = Vec::new();
+    let mut specs: Vec<(String, String, Build)> = Vec::new();
     if cfg.mqtt.enabled {
-        let ctx = context(state, shutdown, "mqtt", "mqtt");
-        let task = edge_sync::mqtt::build(cfg.mqtt.clone(), ctx)
-            .context("cannot start the MQTT bridge")?;
-        out.push(Component {
-            name: "mqtt".into(),
-            task,
-        });
+        let c = cfg.mqtt.clone();
+        specs.push((
+            "mqtt".into(),
+            "mqtt".into(),
+            Box::new(move |ctx| edge_sync::mqtt::build(c.clone(), ctx).map_err(boxed)),
+        ));
     }
     if let Some(k) = &cfg.kafka {
-        let ctx = context(state, shutdown, "uplink", "kafka");
-        let task = edge_sync::kafka::Uplink::new(k.clone(), cfg.log.mirror_cursor.clone())
-            .build(ctx)
-            .context("cannot start the Kafka uplink")?;
-        out.push(Component {
-            name: "uplink".into(),
-            task,
-        });
+        let (c, cursor) = (k.clone(), cfg.log.mirror_cursor.clone());
+        specs.push((
+            "uplink".into(),
+            "kafka".into(),
+            Box::new(move |ctx| {
+                edge_sync::kafka::Uplink::new(c.clone(), cursor.clone())
+                    .build(ctx)
+                    .map_err(boxed)
+            }),
+        ));
         if k.downlink.enabled {
-            let ctx = context(state, shutdown, "downlink", "kafka");
-            let task = edge_sync::kafka::Downlink::new(k.clone())
-                .build(ctx)
-                .context("cannot start the Kafka downlink")?;
-            out.push(Component {
-                name: "downlink".into(),
-                task,
-            });
+            let c = k.clone();
+            specs.push((
+                "downlink".into(),
+                "kafka".into(),
+                Box::new(move |ctx| {
+                    edge_sync::kafka::Downlink::new(c.clone())
+                        .build(ctx)
+                        .map_err(boxed)
+                }),
+            ));
         }
     }
     for d in &cfg.drivers {
-        let ctx = context(state, shutdown, d.name(), d.kind());
-        let task = d
-            .build(ctx)
-            .with_context(|| format!("cannot start driver {}", d.name()))?;
+        let d2 = d.clone();
+        specs.push((
+            d.name().to_string(),
+            d.kind().to_string(),
+            Box::new(move |ctx| d2.build(ctx).map_err(boxed)),
+        ));
+    }
+    let mut out = Vec::new();
+    for (name, kind, build) in specs {
+        let ctx = context(state, shutdown, &name, &kind);
+        let first = build(ctx.clone()).map_err(|e| anyhow::anyhow!("cannot start {name}: {e}"))?;
         out.push(Component {
-            name: d.name().to_string(),
-            task,
+            name,
+            ctx,
+            build,
+            first,
         });
     }
     Ok(out)
@@ -191,6 +176,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         status: Status::new(),
         started,
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        supervision: Supervision::default(),
     };
     let shutdown = Shutdown::new();
 
@@ -203,14 +189,19 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     let mut tasks = JoinSet::new();
     for c in components {
-        let name = c.name;
-        let task = c.task;
+        let name = c.name.clone();
+        let sup = state.supervision.clone();
         tasks.spawn(async move {
-            let r = task.await;
-            if let Err(e) = &r {
-                tracing::error!(component = %name, error = %e, "component stopped with an error; the rest of the agent keeps running");
-            }
-            (name, r.is_ok())
+            let ok = supervise(
+                c.name,
+                c.ctx,
+                c.build,
+                c.first,
+                RestartPolicy::default(),
+                sup,
+            )
+            .await;
+            (name, ok)
         });
     }
     tasks.spawn({

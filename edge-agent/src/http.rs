@@ -1,8 +1,9 @@
-//! The local HTTP endpoint: `/healthz` (the process and its log writer answer), `/readyz` (the log
-//! is open and components are started), `/status` (the JSON status report) and `/metrics`
-//! (Prometheus text format).
+//! The local HTTP endpoint: `/healthz` (liveness: the log writer answers and no component was
+//! given up after a crash loop), `/readyz` (readiness: started, and healthy), `/status` (the JSON
+//! status report) and `/metrics` (Prometheus text format). Both probes answer 503 with the reason
+//! when they fail; `/readyz` lists the components that are down or degraded either way.
 
-use crate::daemon::DaemonState;
+use crate::state::DaemonState;
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::State as AxState;
@@ -42,6 +43,13 @@ struct AppState {
 }
 
 async fn healthz(AxState(s): AxState<AppState>) -> Response {
+    if let Some(why) = s.daemon.unhealthy() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        )
+            .into_response();
+    }
     // The log writer answers (a maintenance round-trip would be too heavy; usage is in memory).
     match s.daemon.log.usage().await {
         Ok(_) => (StatusCode::OK, "ok\n").into_response(),
@@ -50,11 +58,23 @@ async fn healthz(AxState(s): AxState<AppState>) -> Response {
 }
 
 async fn readyz(AxState(s): AxState<AppState>) -> Response {
-    if s.daemon.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    if !s.daemon.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response();
     }
+    if let Some(why) = s.daemon.unhealthy() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        )
+            .into_response();
+    }
+    let mut body = String::from("ready\n");
+    for (name, c) in s.daemon.status.snapshot() {
+        if matches!(c.state, edge_core::State::Down | edge_core::State::Degraded) {
+            body.push_str(&format!("{name}: {}: {}\n", c.state.as_str(), c.detail));
+        }
+    }
+    (StatusCode::OK, body).into_response()
 }
 
 async fn status(AxState(s): AxState<AppState>) -> Response {

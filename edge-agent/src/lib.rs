@@ -12,4 +12,6 @@ pub mod man;
 pub mod memory;
 pub mod report;
 pub mod scrape;
+pub mod state;
+pub mod supervise;
 pub mod systemd;

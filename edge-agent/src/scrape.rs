@@ -7,7 +7,7 @@
 //!
 //! Names: `edge_` prefix, base units in the name (`_bytes`, `_seconds`, `_records`).
 
-use crate::daemon::DaemonState;
+use crate::state::DaemonState;
 use edge_core::State;
 use edge_core::log::Log;
 

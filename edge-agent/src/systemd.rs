@@ -7,14 +7,15 @@
 //!   [`STATUS_EVERY`]; `systemctl status edge-agent` shows it.
 //! * `WATCHDOG=1` is sent only after a health probe succeeded: the log writer answered a round
 //!   trip (an empty request goes through the writer's queue and a commit) within the probe
-//!   timeout, on a reactor that scheduled the probe on time. A wedged writer or a blocked runtime
+//!   timeout, on a reactor that scheduled the probe on time, and no component was given up after a
+//!   crash loop (`supervise`). A wedged writer, a blocked runtime or a crash-looping component
 //!   stops the pings, and systemd restarts the service after `WatchdogSec`.
 //! * `STOPPING=1` is sent when a stop was requested.
 //!
 //! Without `NOTIFY_SOCKET` (not started by systemd: a terminal, a test) every call is a no-op.
 
-use crate::daemon::DaemonState;
 use crate::report::StatusReport;
+use crate::state::DaemonState;
 use edge_core::log::{AppendRequest, Log};
 use sd_notify::NotifyState;
 use std::future::Future;
@@ -144,8 +145,12 @@ where
     }
 }
 
-/// The probe of the running daemon: one round trip through the log writer.
+/// The probe of the running daemon: no component given up after a crash loop, and one round trip
+/// through the log writer.
 async fn log_round_trip(state: &DaemonState) -> Result<(), String> {
+    if let Some(why) = state.unhealthy() {
+        return Err(why);
+    }
     state
         .log
         .append(AppendRequest::default())

@@ -232,6 +232,16 @@ pub struct KafkaConfig {
     pub max_record_bytes: ByteSize,
     /// Transaction timeout at the broker (must not exceed the broker's `transaction.max.timeout.ms`).
     pub transaction_timeout_ms: u64,
+    /// An event time further ahead of the ingest time than this (a device clock running fast) is
+    /// not used as the Kafka timestamp: the record gets the ingest time and keeps the device's time
+    /// in the `edge.event_ts` header. Keep it below the broker's
+    /// `log.message.timestamp.after.max.ms` (1 h by default), which refuses such records.
+    pub event_time_max_ahead_ms: u64,
+    /// The same for an event time further behind the ingest time (a clock reset to an old date):
+    /// such a timestamp would fall outside HQ's retention and be deleted on arrival. 0 = no limit.
+    /// A backlog that waited offline keeps its event times: they are measured against the time
+    /// the agent received the record, not the time it is sent.
+    pub event_time_max_behind_ms: u64,
     /// Bandwidth cap for metered links (record bytes per second); 0 = unlimited.
     pub max_bytes_per_sec: ByteSize,
     /// Create the side topics (and data topics on first use) when they are missing.
@@ -272,6 +282,8 @@ impl Default for KafkaConfig {
             producer_queue_bytes: ByteSize::mib(2),
             max_record_bytes: ByteSize::kib(1000),
             transaction_timeout_ms: 60_000,
+            event_time_max_ahead_ms: 300_000,
+            event_time_max_behind_ms: 7 * 24 * 3_600_000,
             max_bytes_per_sec: ByteSize::b(0),
             create_topics: true,
             topic_partitions: 3,
@@ -315,6 +327,11 @@ const MANAGED_PROPERTIES: &[&str] = &[
     "ssl.certificate.location",
     "ssl.key.location",
     "ssl.endpoint.identification.algorithm",
+    // Certificate verification stays on: `security.verify_hostname` is the only switch, and it
+    // only names the host check.
+    "enable.ssl.certificate.verification",
+    "ssl.ca.certificate.stores",
+    "ssl_engine_callback_data",
     "partitioner",
 ];
 
@@ -482,6 +499,12 @@ impl KafkaConfig {
             problems.push(
                 join(path, "topic_replication_factor"),
                 "must be -1 (broker default) or at least 1",
+            );
+        }
+        if self.event_time_max_ahead_ms > 3_600_000 {
+            problems.push(
+                join(path, "event_time_max_ahead_ms"),
+                "must be at most 3600000 (1 h, Kafka's default log.message.timestamp.after.max.ms): a broker refuses records further ahead",
             );
         }
         if !(100..=60_000).contains(&self.reconnect_backoff_max_ms) {
@@ -652,6 +675,15 @@ impl KafkaConfig {
     /// The cloud topic of a local stream for this store.
     pub fn topic(&self, store: &str, stream: &str) -> String {
         topic_for(&self.topic_template, store, stream)
+    }
+
+    /// When a record's event time is trusted as its Kafka timestamp.
+    pub fn record_time(&self) -> super::record::RecordTime {
+        let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        super::record::RecordTime {
+            max_ahead_ms: ms(self.event_time_max_ahead_ms),
+            max_behind_ms: ms(self.event_time_max_behind_ms),
+        }
     }
 
     /// `transactional.id` of a store's producer.

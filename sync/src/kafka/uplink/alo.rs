@@ -209,10 +209,19 @@ impl Runner {
                     break Stop::Shutdown;
                 }
             }
+            let mut deadletters = Vec::new();
             for part in &batch.parts {
-                for (seq, bytes) in &part.oversize {
-                    extras.push(self.oversize_extra(&part.stream, *seq, *bytes));
+                for r in &part.refused {
+                    extras.push(self.refused_extra(&part.stream, r));
                 }
+                deadletters.extend(self.refused_deadletters(&part.stream, &part.refused));
+            }
+            if !deadletters.is_empty() {
+                // at_least_once: the dead letters are written before their gaps are sent (a
+                // crash in between repeats the gap, never loses the dead letter).
+                self.log()
+                    .append(edge_core::log::AppendRequest::events(deadletters))
+                    .await?;
             }
             self.track(&batch, &extras);
             let sent = {
@@ -292,9 +301,9 @@ impl Runner {
                     done: false,
                     failed: false,
                 })
-                .chain(part.oversize.iter().map(|(seq, _)| Inflight {
-                    seq: *seq,
-                    next: seq + 1,
+                .chain(part.refused.iter().map(|r| Inflight {
+                    seq: r.record.seq,
+                    next: r.record.seq + 1,
                     bytes: 0,
                     done: true,
                     failed: false,
@@ -387,12 +396,10 @@ fn send_batch(
     extras: Vec<Extra>,
     cancel: &CancellationToken,
 ) -> Result<(), Unsent> {
-    let store = &runner.store;
-    let epoch = &runner.epoch_str;
-    let mode = runner.cfg.key;
+    let shape = runner.record_shape();
     for (i, part) in batch.parts.iter().enumerate() {
         for (j, r) in part.records.iter().enumerate() {
-            if let Err(e) = send_record(p, part, r, store, epoch, mode, cancel) {
+            if let Err(e) = send_record(p, part, r, &shape, cancel) {
                 let mut lanes = vec![(part.lane, part.records[j].seq)];
                 for later in &batch.parts[i + 1..] {
                     if let Some(first) = later.records.first() {

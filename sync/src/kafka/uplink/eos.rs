@@ -14,11 +14,12 @@
 use super::progress::{Link, report};
 use super::record::{H_EPOCH, H_STORE};
 use super::{
-    Batch, Extra, KafkaProducer, Lanes, Part, Runner, Stop, Token, UNTRACKED_LANE, UplinkError,
-    extra_headers, send_blocking, send_record,
+    Batch, Extra, KafkaProducer, Lanes, Part, RecordShape, Refused, Runner, Stop, Token,
+    UNTRACKED_LANE, UplinkError, extra_headers, send_blocking, send_record,
 };
 use crate::kafka::checkpoint::{Checkpoint, StreamCheckpoint, read_checkpoint};
-use crate::kafka::config::{KeyMode, TXN_MAX_OPEN_MS};
+use crate::kafka::client::Backoff;
+use crate::kafka::config::TXN_MAX_OPEN_MS;
 use edge_core::log::AppendTicket;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
@@ -37,13 +38,6 @@ const REFRESH_EVERY: Duration = Duration::from_secs(1);
 enum TxnInput {
     Records(Vec<Part>),
     Commit(Vec<Extra>),
-}
-
-/// How records become messages (fixed for a transaction).
-struct TxnSink {
-    store: Arc<str>,
-    epoch: Arc<str>,
-    key_mode: KeyMode,
 }
 
 enum TxnFailure {
@@ -180,6 +174,8 @@ impl Runner {
         let mut commits = self.log().subscribe();
         let mut ticket: Option<AppendTicket> = None;
         let mut prefetched: Option<Batch> = None;
+        let mut abort_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut refusal_mark = 0u64;
         let cancel = self.cancel().clone();
         loop {
             if cancel.is_cancelled() {
@@ -237,21 +233,18 @@ impl Runner {
             // and handed to the blocking sender one at a time, so memory holds a few chunks and
             // librdkafka's bounded queue, however large the transaction is.
             let (chunks, chunks_rx) = tokio::sync::mpsc::channel::<TxnInput>(1);
+            self.set_txn_open(true);
             let run = {
                 let producer = producer.clone();
                 let this = self.clone();
                 let cancel = cancel.clone();
-                let sink = TxnSink {
-                    store: self.store.clone(),
-                    epoch: self.epoch_str.clone(),
-                    key_mode: self.cfg.key,
-                };
+                let sink = self.record_shape();
                 tokio::task::spawn_blocking(move || {
                     execute(&producer, chunks_rx, &sink, &this, &cancel)
                 })
             };
             let mut moved: Vec<(u32, u64)> = Vec::new();
-            let mut oversize: Vec<(Arc<str>, u64, usize)> = Vec::new();
+            let mut refused: Vec<(Arc<str>, Refused)> = Vec::new();
             let mut records = 0usize;
             let mut bytes = 0usize;
             let mut chunk = first;
@@ -280,14 +273,19 @@ impl Runner {
                         Some(m) => m.1 = part.next,
                         None => moved.push((part.lane, part.next)),
                     }
-                    for (seq, b) in &part.oversize {
-                        oversize.push((part.stream.clone(), *seq, *b));
+                    for r in &part.refused {
+                        refused.push((part.stream.clone(), r.clone()));
                     }
                 }
+                let alone = chunk.isolating;
                 if chunks.send(TxnInput::Records(chunk.parts)).await.is_err() {
                     break; // the sender failed; its result says why
                 }
-                if records >= max_records || bytes >= max_bytes || opened.elapsed() >= max_open {
+                if alone
+                    || records >= max_records
+                    || bytes >= max_bytes
+                    || opened.elapsed() >= max_open
+                {
                     break;
                 }
                 let (chunk_records, chunk_bytes) =
@@ -307,6 +305,7 @@ impl Runner {
                 // Abandon the transaction: the sender aborts it when the channel closes.
                 drop(chunks);
                 let _ = run.await;
+                self.set_txn_open(false);
                 match read_failed {
                     Some(e) => return Err(e),
                     None => break,
@@ -314,15 +313,15 @@ impl Runner {
             }
 
             let mut extras: Vec<Extra> = gaps.iter().map(|g| self.gap_extra(g)).collect();
-            for (stream, seq, b) in &oversize {
-                extras.push(self.oversize_extra(stream, *seq, *b));
+            for (stream, r) in &refused {
+                extras.push(self.refused_extra(stream, r));
             }
             if let (true, Some(every)) = (hb_due, hb_every) {
                 extras.push(self.heartbeat_extra().await);
                 next_hb = Instant::now() + every;
             }
             let new_gap_id = gaps.last().map_or(gap_id, |g| g.id);
-            txn += 1;
+            txn = txn.saturating_add(1);
             if !moved.is_empty() || new_gap_id != gap_id {
                 extras.push(self.checkpoint_extra(&lanes, &moved, new_gap_id, txn));
             }
@@ -340,6 +339,7 @@ impl Runner {
                     tokio::join!(run, self.read_batch(&mut lanes, chunk_records, chunk_bytes));
                 (r, Some(p))
             };
+            self.set_txn_open(false);
             match res {
                 Ok(Ok(())) => {
                     metrics::counter!("edge_uplink_transactions_total").increment(1);
@@ -351,6 +351,10 @@ impl Runner {
                         }
                     }
                     let mut req = self.progress_request(&mut lanes, &ids);
+                    for (stream, r) in &refused {
+                        req.events
+                            .extend(self.refused_deadletters(stream, std::slice::from_ref(r)));
+                    }
                     if new_gap_id != gap_id {
                         metrics::counter!("edge_uplink_gaps_reported_total")
                             .increment(gaps.len() as u64);
@@ -366,6 +370,7 @@ impl Runner {
                     self.progress.committed_batch(records);
                     self.made_progress
                         .store(true, std::sync::atomic::Ordering::Relaxed);
+                    abort_backoff.reset();
                     if self.progress.link() != Link::Up {
                         self.report_up();
                     }
@@ -383,9 +388,21 @@ impl Runner {
                         TxnFailure::Aborted(msg) => {
                             metrics::counter!("edge_uplink_aborted_transactions_total")
                                 .increment(1);
-                            self.report_trouble("a transaction", &msg);
                             tracing::warn!(component = "uplink", error = %msg,
                                 "a Kafka transaction was aborted; its records will be sent again from the local log");
+                            // An abort caused by records the broker refused for good is
+                            // productive (the next attempt leaves them out or isolates them):
+                            // retry at once. Any other abort backs off, so nothing spins.
+                            if self.refusals_since(&mut refusal_mark) {
+                                self.report_refused(&msg);
+                            } else {
+                                self.report_trouble("a transaction", &msg);
+                                let delay = abort_backoff.next_delay();
+                                tokio::select! {
+                                    _ = cancel.cancelled() => break,
+                                    _ = tokio::time::sleep(delay) => {}
+                                }
+                            }
                         }
                         TxnFailure::Cancelled => break,
                         TxnFailure::Fatal { fenced, message } => {
@@ -469,7 +486,7 @@ impl Runner {
 fn execute(
     p: &KafkaProducer,
     mut input: tokio::sync::mpsc::Receiver<TxnInput>,
-    sink: &TxnSink,
+    sink: &RecordShape,
     runner: &Runner,
     cancel: &CancellationToken,
 ) -> Result<(), TxnFailure> {
@@ -482,9 +499,7 @@ fn execute(
             Some(TxnInput::Records(parts)) => {
                 for part in &parts {
                     for r in &part.records {
-                        if let Err(e) =
-                            send_record(p, part, r, &sink.store, &sink.epoch, sink.key_mode, cancel)
-                        {
+                        if let Err(e) = send_record(p, part, r, sink, cancel) {
                             return Err(abort(p, &e, runner, cancel));
                         }
                     }

@@ -118,15 +118,25 @@ pub(crate) struct Token {
 /// Delivery outcomes, shared with the producer's polling thread.
 #[derive(Debug, Default)]
 pub(crate) struct Deliveries {
-    /// (lane, seq) of records the broker refused as too large (sent as gaps next time). Only
-    /// such records are kept, and each one once.
-    pub oversize: HashSet<(u32, u64)>,
+    /// Records the broker refused for good, by (lane, seq): sent as gaps with the reason next
+    /// time, and dead-lettered locally. Forgotten once HQ is past them.
+    pub refused: HashMap<(u32, u64), Refusal>,
+    /// Permanent refusals reported since the last read, per lane, not yet attributed: one alone
+    /// is poison; several at once (a broker refuses a whole produce batch) are sent again one
+    /// record at a time to find the poison among them ([`Lane::isolate_until`]).
+    pub suspects: HashMap<u32, Vec<(u64, Refusal)>>,
     /// at_least_once: in-flight records per lane, in send order.
     pub lanes: HashMap<u32, std::collections::VecDeque<Inflight>>,
     pub inflight_bytes: u64,
     pub inflight_records: u64,
     /// Delivery failures since the last look (lane, error), for the log.
     pub failed: Vec<(u32, String)>,
+    /// Lanes whose permanent refusals were attributed (a transaction that aborted with one of
+    /// them was productive: it is retried at once, not after a backoff).
+    pub refusals_seen: u64,
+    /// exactly_once: a transaction is in flight, so its delivery reports may still be arriving;
+    /// refusals are attributed only once it has ended.
+    pub txn_open: bool,
     pub delivered: u64,
 }
 
@@ -138,6 +148,52 @@ pub(crate) struct Inflight {
     pub bytes: u32,
     pub done: bool,
     pub failed: bool,
+}
+
+/// Why the broker refused a record for good: retrying the same record can never succeed, so it
+/// must not block the records behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    /// Metric label (`edge_uplink_records_dropped_total{reason}`).
+    pub label: &'static str,
+    /// The broker's answer.
+    pub message: String,
+}
+
+impl Refusal {
+    /// The refusals that are about the record itself. Everything else (the broker away, a
+    /// timeout, a fenced producer, an authorization problem of the whole store) is retried.
+    pub fn of(e: &KafkaError) -> Option<Refusal> {
+        use rdkafka::error::RDKafkaErrorCode as C;
+        let label = match e.rdkafka_error_code()? {
+            C::MessageSizeTooLarge | C::MessageBatchTooLarge => "too_large",
+            C::InvalidTimestamp => "invalid_timestamp",
+            C::InvalidRecord => "invalid_record",
+            C::InvalidMessage | C::InvalidMessageSize => "corrupt",
+            C::PolicyViolation => "policy_violation",
+            _ => return None,
+        };
+        Some(Refusal {
+            label,
+            message: e.to_string(),
+        })
+    }
+
+    fn too_large(bytes: usize) -> Refusal {
+        Refusal {
+            label: "too_large",
+            message: format!("record of {bytes} bytes exceeds the largest message Kafka accepts"),
+        }
+    }
+}
+
+/// A record the uplink does not send: larger than Kafka accepts, or refused by the broker for
+/// good. It leaves a gap with the reason on `edge.gaps` and a dead letter in the local log.
+#[derive(Debug, Clone)]
+pub(crate) struct Refused {
+    pub record: Record,
+    pub bytes: usize,
+    pub why: Refusal,
 }
 
 /// The producer's context: link errors and delivery reports.
@@ -165,9 +221,14 @@ impl ProducerContext for UplinkContext {
         let err = result.as_ref().err().map(|(e, _)| e.clone());
         if let Some(e) = &err {
             metrics::counter!("edge_uplink_delivery_errors_total").increment(1);
-            if e.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::MessageSizeTooLarge)
+            if let Some(r) = Refusal::of(e)
+                && token.lane != UNTRACKED_LANE
+                && token.lane != GAP_LANE
             {
-                d.oversize.insert((token.lane, token.seq));
+                let list = d.suspects.entry(token.lane).or_default();
+                if list.len() < 10_000 {
+                    list.push((token.seq, r));
+                }
             }
         }
         // Only at_least_once tracks records in flight (exactly_once learns the outcome from the
@@ -243,6 +304,10 @@ pub(crate) struct Lane {
     pub replay_until: u64,
     /// A rewind whose kv entry must be cleared once `committed >= until`.
     pub rewind: Option<Rewind>,
+    /// Records below this are sent one per transaction (exactly_once) or one at a time
+    /// (at_least_once): the broker refused several of them at once and the poison among them
+    /// is not known yet.
+    pub isolate_until: u64,
 }
 
 /// Records of one lane in a batch.
@@ -252,8 +317,8 @@ pub(crate) struct Part {
     pub stream: Arc<str>,
     pub topic: Arc<str>,
     pub records: Vec<Record>,
-    /// Records refused before sending (too large): (seq, bytes).
-    pub oversize: Vec<(u64, usize)>,
+    /// Records not sent: too large, or refused by the broker before.
+    pub refused: Vec<Refused>,
     /// Read position after this part.
     pub next: u64,
     pub replay_until: u64,
@@ -264,12 +329,23 @@ pub(crate) struct Batch {
     pub parts: Vec<Part>,
     pub records: usize,
     pub bytes: usize,
+    /// One record of a lane being isolated: it must travel alone.
+    pub isolating: bool,
 }
 
 impl Batch {
     fn is_empty(&self) -> bool {
         self.parts.is_empty()
     }
+}
+
+/// How records become messages (fixed for a session).
+#[derive(Debug, Clone)]
+pub(crate) struct RecordShape {
+    pub store: Arc<str>,
+    pub epoch: Arc<str>,
+    pub key_mode: super::config::KeyMode,
+    pub time: record::RecordTime,
 }
 
 /// A non-record message (gap, heartbeat, checkpoint).
@@ -336,6 +412,15 @@ impl Runner {
 
     pub fn log(&self) -> &dyn Log {
         &*self.ctx.log
+    }
+
+    pub(crate) fn record_shape(&self) -> RecordShape {
+        RecordShape {
+            store: self.store.clone(),
+            epoch: self.epoch_str.clone(),
+            key_mode: self.cfg.key,
+            time: self.cfg.record_time(),
+        }
     }
 
     pub fn cancel(&self) -> &CancellationToken {
@@ -458,6 +543,34 @@ impl Runner {
         let (link, detail) = self.trouble(what);
         self.progress.set_link(link, Some(error.to_string()));
         report(&self.ctx.status, link, detail);
+    }
+
+    pub(crate) fn set_txn_open(&self, open: bool) {
+        let mut d = self.deliveries.0.lock().unwrap_or_else(|e| e.into_inner());
+        d.txn_open = open;
+    }
+
+    /// Whether the broker refused records for good since the last call (`mark` keeps the count
+    /// the caller saw last).
+    pub fn refusals_since(&self, mark: &mut u64) -> bool {
+        let d = self.deliveries.0.lock().unwrap_or_else(|e| e.into_inner());
+        let new = d.refusals_seen != *mark || !d.suspects.is_empty();
+        *mark = d.refusals_seen;
+        new
+    }
+
+    /// The link is up but the broker refuses records: distinct from "cannot reach Kafka".
+    pub fn report_refused(&self, error: &str) {
+        self.progress
+            .set_link(Link::Refused, Some(error.to_string()));
+        report(
+            &self.ctx.status,
+            Link::Refused,
+            format!(
+                "Kafka at {} refused records ({error}); they go to the dead-letter stream with a gap at HQ, the records behind them carry on",
+                self.cfg.brokers.join(",")
+            ),
+        );
     }
 
     pub fn report_up(&self) {
@@ -635,7 +748,30 @@ impl Runner {
                 .unwrap_or(1)
                 .max(1);
             let cp = cp.filter(|c| c.epoch == self.epoch);
-            let cp_next = cp.and_then(|c| c.next_seq(&stream));
+            let head = self.log().next_seq(&stream).unwrap_or(1);
+            let cp_next = match cp.and_then(|c| c.next_seq(&stream)) {
+                // A checkpoint can never be past what this log holds: one that is was forged,
+                // or belongs to another agent that uses this store's id. Trusting it would mark
+                // unsent records as mirrored.
+                Some(n) if n > head => {
+                    metrics::counter!("edge_uplink_checkpoint_rejected_total").increment(1);
+                    tracing::error!(
+                        component = "uplink",
+                        stream = &*stream,
+                        checkpoint_next_seq = n,
+                        local_next_seq = head,
+                        "the checkpoint in Kafka is past the end of the local log (another agent with this store id, or a forged checkpoint); it is not trusted and the stream resumes from the local cursor"
+                    );
+                    self.ctx.status.field(
+                        "checkpoint_rejected",
+                        format!(
+                            "{stream}: checkpoint next_seq {n} is past the local head {head}; resumed from the local cursor"
+                        ),
+                    );
+                    None
+                }
+                other => other,
+            };
             let rewind: Option<Rewind> = self
                 .log()
                 .kv_get(&self.kv_rewind_key(&stream))
@@ -690,6 +826,7 @@ impl Runner {
                     next: committed,
                     replay_until,
                     rewind,
+                    isolate_until: 0,
                 },
             );
         }
@@ -705,10 +842,7 @@ impl Runner {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Batch, LogError> {
-        let oversize: HashSet<(u32, u64)> = {
-            let d = self.deliveries.0.lock().unwrap_or_else(|e| e.into_inner());
-            d.oversize.clone()
-        };
+        let refused = self.resolve_refusals(lanes);
         let mut pending: Vec<Arc<str>> = lanes
             .map
             .values()
@@ -723,6 +857,39 @@ impl Runner {
         pending.rotate_left(lanes.rr % n);
         lanes.rr = lanes.rr.wrapping_add(1);
         let max_record_bytes = self.cfg.max_record_bytes.as_u64() as usize;
+        // A lane being isolated sends one record at a time, alone, until the poison among the
+        // records the broker refused together is found.
+        for stream in &pending {
+            let Some(lane) = lanes.map.get_mut(stream) else {
+                continue;
+            };
+            if lane.isolate_until <= lane.next {
+                continue;
+            }
+            let busy = {
+                let d = self.deliveries.0.lock().unwrap_or_else(|e| e.into_inner());
+                d.lanes.get(&lane.id).is_some_and(|q| !q.is_empty())
+            };
+            if busy {
+                return Ok(batch);
+            }
+            let limits = ReadLimits {
+                max_records: 1,
+                max_bytes: max_bytes.max(1024),
+            };
+            let rb = self.log().read(stream, lane.next, limits).await?;
+            if rb.next_seq <= lane.next {
+                continue;
+            }
+            let mut part = self.new_part(lane, rb.next_seq);
+            for r in rb.records {
+                self.sort_record(&mut batch, &mut part, r, max_record_bytes, &refused);
+            }
+            lane.next = rb.next_seq;
+            batch.parts.push(part);
+            batch.isolating = true;
+            return Ok(batch);
+        }
         // Two passes: an equal share for every pending lane, then what is left to lanes that
         // filled their share.
         for pass in 0..2 {
@@ -752,30 +919,15 @@ impl Runner {
                 if rb.next_seq <= lane.next {
                     continue;
                 }
-                let mut part = Part {
-                    lane: lane.id,
-                    stream: lane.stream.clone(),
-                    topic: lane.topic.clone(),
-                    records: Vec::with_capacity(rb.records.len()),
-                    oversize: Vec::new(),
-                    next: rb.next_seq,
-                    replay_until: lane.replay_until,
-                };
+                let mut part = self.new_part(lane, rb.next_seq);
                 for r in rb.records {
-                    let size = record::wire_size(&r);
-                    batch.bytes += size;
-                    if size > max_record_bytes || oversize.contains(&(lane.id, r.seq)) {
-                        part.oversize.push((r.seq, size));
-                    } else {
-                        batch.records += 1;
-                        part.records.push(r);
-                    }
+                    self.sort_record(&mut batch, &mut part, r, max_record_bytes, &refused);
                 }
                 lane.next = rb.next_seq;
                 // Merge with this lane's part of the first pass.
                 if let Some(p) = batch.parts.iter_mut().find(|p| p.lane == part.lane) {
                     p.records.append(&mut part.records);
-                    p.oversize.append(&mut part.oversize);
+                    p.refused.append(&mut part.refused);
                     p.next = part.next;
                 } else {
                     batch.parts.push(part);
@@ -783,6 +935,100 @@ impl Runner {
             }
         }
         Ok(batch)
+    }
+
+    fn new_part(&self, lane: &Lane, next: u64) -> Part {
+        Part {
+            lane: lane.id,
+            stream: lane.stream.clone(),
+            topic: lane.topic.clone(),
+            records: Vec::new(),
+            refused: Vec::new(),
+            next,
+            replay_until: lane.replay_until,
+        }
+    }
+
+    /// Puts a record read from the log into the part: to be sent, or refused (too large, or
+    /// refused by the broker before).
+    fn sort_record(
+        &self,
+        batch: &mut Batch,
+        part: &mut Part,
+        r: Record,
+        max_record_bytes: usize,
+        refused: &HashMap<(u32, u64), Refusal>,
+    ) {
+        let size = record::wire_size(&r);
+        batch.bytes += size;
+        let why = if size > max_record_bytes {
+            Some(Refusal::too_large(size))
+        } else {
+            refused.get(&(part.lane, r.seq)).cloned()
+        };
+        match why {
+            Some(why) => part.refused.push(Refused {
+                record: r,
+                bytes: size,
+                why,
+            }),
+            None => {
+                batch.records += 1;
+                part.records.push(r);
+            }
+        }
+    }
+
+    /// Attributes the broker's permanent refusals since the last read (see
+    /// [`Deliveries::suspects`]) and returns the records known to be poison.
+    fn resolve_refusals(&self, lanes: &mut Lanes) -> HashMap<(u32, u64), Refusal> {
+        let mut guard = self.deliveries.0.lock().unwrap_or_else(|e| e.into_inner());
+        let d = &mut *guard;
+        // Attribute a lane's refusals only when every report of what was sent with them is in:
+        // the reports of one refused produce batch arrive one by one, and the first of them
+        // alone is not the poison.
+        let settled: Vec<u32> = d
+            .suspects
+            .keys()
+            .copied()
+            .filter(|l| {
+                !d.txn_open
+                    && d.lanes
+                        .get(l)
+                        .is_none_or(|q| q.iter().all(|e| e.done || e.failed))
+            })
+            .collect();
+        for lane_id in settled {
+            let Some(mut list) = d.suspects.remove(&lane_id) else {
+                continue;
+            };
+            let Some(lane) = lanes.map.values_mut().find(|l| l.id == lane_id) else {
+                continue;
+            };
+            list.sort_by_key(|(seq, _)| *seq);
+            list.dedup_by_key(|(seq, _)| *seq);
+            if let [(seq, why)] = list.as_slice() {
+                tracing::warn!(component = "uplink", stream = &*lane.stream, seq, reason = why.label,
+                    error = %why.message,
+                    "the broker refused a record for good; it goes to the dead-letter stream and HQ sees a gap, the records behind it carry on");
+                d.refused.insert((lane_id, *seq), why.clone());
+            } else if let Some((last, why)) = list.last() {
+                tracing::warn!(component = "uplink", stream = &*lane.stream, records = list.len(),
+                    first_seq = list[0].0, last_seq = last, error = %why.message,
+                    "the broker refused several records at once; sending them again one at a time to find the one it cannot take");
+                lane.isolate_until = lane.isolate_until.max(last.saturating_add(1));
+            }
+            d.refusals_seen += 1;
+        }
+        // Forget what HQ is past.
+        d.refused.retain(|(l, seq), _| {
+            lanes
+                .map
+                .values()
+                .find(|x| x.id == *l)
+                .is_none_or(|x| *seq >= x.committed)
+        });
+        d.refused.clone()
     }
 
     /// Limits of one read from the log within `records` and `bytes` still allowed: a chunk of at
@@ -811,16 +1057,17 @@ impl Runner {
         self.side_extra(&self.cfg.gap_topic, &g.stream, payload, GAP_LANE, g.id)
     }
 
-    /// A gap record for records the uplink could not send (larger than the broker accepts).
-    pub fn oversize_extra(&self, stream: &str, seq: u64, bytes: usize) -> Extra {
-        metrics::counter!("edge_uplink_records_dropped_total", "reason" => "too_large")
-            .increment(1);
+    /// A gap record for a record the uplink does not send (too large, or refused by the broker).
+    pub fn refused_extra(&self, stream: &str, r: &Refused) -> Extra {
+        let seq = r.record.seq;
         tracing::error!(
             component = "uplink",
             stream,
             seq,
-            bytes,
-            "a record is larger than Kafka accepts (kafka.max_record_bytes / the broker's max.message.bytes); it is reported on the gaps topic instead of being sent"
+            bytes = r.bytes,
+            reason = r.why.label,
+            error = %r.why.message,
+            "a record cannot be mirrored; it is reported on the gaps topic and kept in the dead-letter stream"
         );
         let payload = json!({
             "schema": "edge.gap/1",
@@ -831,10 +1078,35 @@ impl Runner {
             "first_seq": seq,
             "last_seq": seq,
             "count": 1,
-            "reason": format!("record of {bytes} bytes exceeds the largest message Kafka accepts"),
+            "reason": format!("refused by Kafka ({}): {}", r.why.label, r.why.message),
+            "kind": "refused",
             "ts": edge_core::time::now_ms(),
         });
         self.side_extra(&self.cfg.gap_topic, stream, payload, UNTRACKED_LANE, seq)
+    }
+
+    /// The local dead letters of refused records, written with the cursor move that passes them
+    /// (after the Kafka commit that carried their gaps), so each is written once.
+    pub fn refused_deadletters(&self, stream: &str, refused: &[Refused]) -> Vec<edge_core::Event> {
+        refused
+            .iter()
+            .map(|r| {
+                metrics::counter!("edge_uplink_records_dropped_total", "reason" => r.why.label)
+                    .increment(1);
+                edge_core::deadletter::DeadLetter::new(
+                    "uplink",
+                    format!("refused by Kafka ({}): {}", r.why.label, r.why.message),
+                )
+                .field("stream", stream)
+                .field("seq", r.record.seq)
+                .field("epoch", &*self.epoch_str)
+                .original(
+                    &r.record.event.payload,
+                    edge_core::deadletter::DEFAULT_KEEP_BYTES,
+                )
+                .into_event()
+            })
+            .collect()
     }
 
     fn side_extra(
@@ -1049,13 +1321,21 @@ pub(crate) fn send_record(
     producer: &KafkaProducer,
     part: &Part,
     r: &Record,
-    store: &str,
-    epoch: &str,
-    key_mode: super::config::KeyMode,
+    shape: &RecordShape,
     cancel: &CancellationToken,
 ) -> Result<(), KafkaError> {
-    let key = record::key_for(key_mode, store, r);
-    let headers = record::headers_for(store, epoch, r, r.seq < part.replay_until);
+    let key = record::key_for(shape.key_mode, &shape.store, r);
+    let (ts, clamped) = shape.time.timestamp(r);
+    if clamped {
+        metrics::counter!("edge_uplink_event_time_replaced_total").increment(1);
+    }
+    let headers = record::headers_for(
+        &shape.store,
+        &shape.epoch,
+        r,
+        r.seq < part.replay_until,
+        clamped,
+    );
     let token = Box::new(Token {
         lane: part.lane,
         seq: r.seq,
@@ -1066,7 +1346,7 @@ pub(crate) fn send_record(
         &part.topic,
         key.as_bytes(),
         &r.event.payload,
-        Some(record::timestamp_for(r)),
+        Some(ts),
         headers,
         token,
         cancel,

@@ -17,6 +17,8 @@ pub enum Link {
     Down,
     AuthFailed,
     Fenced,
+    /// Connected, but the broker refuses some records for good (they are isolated).
+    Refused,
 }
 
 impl Link {
@@ -27,6 +29,7 @@ impl Link {
             Link::Down => "down",
             Link::AuthFailed => "auth_failed",
             Link::Fenced => "fenced",
+            Link::Refused => "refused",
         }
     }
 }
@@ -233,6 +236,7 @@ pub fn report(status: &StatusHandle, link: Link, detail: impl Into<String>) {
     let state = match link {
         Link::Up => State::Up,
         Link::Connecting => State::Starting,
+        Link::Refused => State::Degraded,
         Link::Down | Link::AuthFailed | Link::Fenced => State::Down,
     };
     status.set(state, detail);
