@@ -93,7 +93,18 @@ pub(crate) fn to_event(
         if let Some(s) = stream {
             d = d.field("stream", s);
         }
-        (rej, Box::new(d.into_event().with_event_ts(now_ms)))
+        // The same bytes redelivered on the same topic (the broker resends a message whose
+        // PUBACK a crash lost) are one dead letter: the id makes the log's dedup store it once.
+        let id = format!(
+            "mqtt-dl/{:08x}{:08x}/{}",
+            crc32c::crc32c(topic.as_bytes()),
+            crc32c::crc32c(payload),
+            payload.len()
+        );
+        (
+            rej,
+            Box::new(d.into_event().with_event_ts(now_ms).with_event_id(id)),
+        )
     };
     let Some((rule, vars)) = rules
         .iter()

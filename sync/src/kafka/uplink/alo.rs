@@ -209,20 +209,14 @@ impl Runner {
                     break Stop::Shutdown;
                 }
             }
-            let mut deadletters = Vec::new();
+            let mut refused = Vec::new();
             for part in &batch.parts {
                 for r in &part.refused {
                     extras.push(self.refused_extra(&part.stream, r));
+                    refused.push((part.stream.clone(), r.clone()));
                 }
-                deadletters.extend(self.refused_deadletters(&part.stream, &part.refused));
             }
-            if !deadletters.is_empty() {
-                // at_least_once: the dead letters are written before their gaps are sent (a
-                // crash in between repeats the gap, never loses the dead letter).
-                self.log()
-                    .append(edge_core::log::AppendRequest::events(deadletters))
-                    .await?;
-            }
+            self.write_refused_deadletters(&refused).await;
             self.track(&batch, &extras);
             let sent = {
                 let p = producer.clone();

@@ -312,6 +312,7 @@ impl Runner {
                 }
             }
 
+            self.write_refused_deadletters(&refused).await;
             let mut extras: Vec<Extra> = gaps.iter().map(|g| self.gap_extra(g)).collect();
             for (stream, r) in &refused {
                 extras.push(self.refused_extra(stream, r));
@@ -351,10 +352,6 @@ impl Runner {
                         }
                     }
                     let mut req = self.progress_request(&mut lanes, &ids);
-                    for (stream, r) in &refused {
-                        req.events
-                            .extend(self.refused_deadletters(stream, std::slice::from_ref(r)));
-                    }
                     if new_gap_id != gap_id {
                         metrics::counter!("edge_uplink_gaps_reported_total")
                             .increment(gaps.len() as u64);

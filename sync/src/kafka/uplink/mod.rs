@@ -1085,19 +1085,25 @@ impl Runner {
         self.side_extra(&self.cfg.gap_topic, stream, payload, UNTRACKED_LANE, seq)
     }
 
-    /// The local dead letters of refused records, written with the cursor move that passes them
-    /// (after the Kafka commit that carried their gaps), so each is written once.
-    pub fn refused_deadletters(&self, stream: &str, refused: &[Refused]) -> Vec<edge_core::Event> {
-        refused
+    /// Writes the local dead letters of refused records before the gaps that report them go to
+    /// HQ. Each carries the event id `uplink-refused/<epoch>/<stream>/<seq>`, so the log's dedup
+    /// stores it once however often a crash makes the uplink refuse the record again. A log that
+    /// is full refuses them like any normal-class record: that is counted and logged, and the gap
+    /// at HQ still carries the reason; the stream is not held up for it.
+    pub async fn write_refused_deadletters(&self, refused: &[(Arc<str>, Refused)]) {
+        if refused.is_empty() {
+            return;
+        }
+        let events: Vec<edge_core::Event> = refused
             .iter()
-            .map(|r| {
+            .map(|(stream, r)| {
                 metrics::counter!("edge_uplink_records_dropped_total", "reason" => r.why.label)
                     .increment(1);
                 edge_core::deadletter::DeadLetter::new(
                     "uplink",
                     format!("refused by Kafka ({}): {}", r.why.label, r.why.message),
                 )
-                .field("stream", stream)
+                .field("stream", &**stream)
                 .field("seq", r.record.seq)
                 .field("epoch", &*self.epoch_str)
                 .original(
@@ -1105,8 +1111,17 @@ impl Runner {
                     edge_core::deadletter::DEFAULT_KEEP_BYTES,
                 )
                 .into_event()
+                .with_event_id(format!(
+                    "uplink-refused/{}/{stream}/{}",
+                    self.epoch_str, r.record.seq
+                ))
             })
-            .collect()
+            .collect();
+        if let Err(e) = self.log().append(AppendRequest::events(events)).await {
+            metrics::counter!("edge_uplink_deadletters_lost_total").increment(refused.len() as u64);
+            tracing::error!(component = "uplink", error = %e, records = refused.len(),
+                "the dead letters of records Kafka refused could not be written locally; HQ's gap records keep the reason");
+        }
     }
 
     fn side_extra(
