@@ -15,7 +15,7 @@ bash scripts/kafka.sh fetch
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
 
-# --- POS drivers: coverage-guided fuzzing ------------------------------------------------------
+# --- POS drivers and downlink admission: coverage-guided fuzzing ------------------------------
 # The committed seed corpora plus ~13k seeded mutations already run in every `cargo test`
 # (drivers/tests/fuzz_corpus.rs, under a second). On top, each cargo-fuzz target runs
 # coverage-guided for EDGE_FUZZ_SECONDS (default 15 s in CI, off elsewhere). The nightly sanitizer
@@ -28,10 +28,12 @@ if [ -n "$fuzz_seconds" ] && [ "$fuzz_seconds" != 0 ]; then
     rustup toolchain install nightly --profile minimal
     cargo install cargo-fuzz --locked
   fi
-  for t in escpos_tokenizer scanner_frame scale_frame; do
+  # <crate dir>:<target>; core:downlink_record is the downlink's admission (signatures, commands).
+  for ct in drivers:escpos_tokenizer drivers:scanner_frame drivers:scale_frame core:downlink_record; do
+    crate="${ct%%:*}" t="${ct#*:}"
     echo "== cargo fuzz run $t (${fuzz_seconds}s)"
     work="$(mktemp -d)"
-    (cd drivers && cargo +nightly fuzz run -O "$t" "$work" "fuzz/corpus/$t" -- \
+    (cd "$crate" && cargo +nightly fuzz run -O "$t" "$work" "fuzz/corpus/$t" -- \
       -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 2>&1 \
       | grep -E "^(stat::number_of_executed_units|Done|==[0-9]+==|SUMMARY|.*panicked)" ) \
       || { echo "fuzz target $t failed"; exit 1; }

@@ -7,17 +7,23 @@
 //! * [`shutdown`] is the cancellation plumbing every long-running task selects on.
 //! * [`log`] is the interface of the local log; [`component`] what every component receives;
 //!   [`status`] where components report their state.
+//! * [`signing`] verifies HQ's ed25519 signatures (downlink records, models); [`downlink`] decides
+//!   which HQ records a store applies, and [`command`] parses HQ's commands.
 //!
 //! This crate depends on nothing heavy so that drivers, models and sync never depend on the binary or
 //! on each other.
 
+pub mod command;
 pub mod component;
 pub mod config;
 pub mod deadletter;
+pub mod downlink;
 pub mod event;
+pub mod fuzzing;
 pub mod log;
 pub mod priority;
 pub mod shutdown;
+pub mod signing;
 pub mod status;
 pub mod time;
 

@@ -1,4 +1,5 @@
-//! Command line: `run`, `check-config`, `status`, `doctor`, `log tail|export`, `completions`.
+//! Command line: `run`, `check-config`, `status`, `doctor`, `log tail|export`, `completions`, and
+//! HQ's `keygen` and `sign` for signed downlink records.
 
 use crate::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 use crate::report;
@@ -66,6 +67,46 @@ pub enum Command {
         #[command(subcommand)]
         command: LogCommand,
     },
+    /// For HQ: create an ed25519 key for signing downlink records, and print the config entry
+    /// that makes stores trust it.
+    Keygen {
+        /// The key id records name in edge.sig.key, e.g. hq-2026-11.
+        #[arg(long)]
+        key_id: String,
+        /// Where to write the private key (created with mode 0600; an existing file is kept).
+        #[arg(long)]
+        key_file: PathBuf,
+    },
+    /// For HQ: sign one downlink record and print the headers to send with it (edge.store when
+    /// given, edge.sig, edge.sig.key, edge.sig.ts, edge.sig.expires). Format: docs/KAFKA.md.
+    Sign {
+        /// The private key (from keygen, or a PKCS#8 PEM from `openssl genpkey -algorithm ed25519`).
+        #[arg(long)]
+        key_file: PathBuf,
+        #[arg(long)]
+        key_id: String,
+        /// The local stream the record is applied to (hq.prices, hq.campaigns, hq.models,
+        /// hq.commands); the signature is not valid for another stream.
+        #[arg(long)]
+        stream: String,
+        /// The record key (e.g. the store id); without it, the record is sent with a null key.
+        #[arg(long)]
+        key: Option<String>,
+        /// The edge.store header to send (signed too).
+        #[arg(long)]
+        store: Option<String>,
+        /// The payload file exactly as it is sent (`-`: standard input).
+        #[arg(long, required_unless_present = "tombstone")]
+        payload_file: Option<PathBuf>,
+        /// Sign a tombstone (a record with a null payload).
+        #[arg(long, conflicts_with = "payload_file")]
+        tombstone: bool,
+        /// The signature is not valid after this long (e.g. 24h); default: no expiry.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+        #[arg(long, value_enum, default_value_t = HeaderFormat::Lines)]
+        format: HeaderFormat,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to standard output.
     Completions {
         #[arg(value_enum)]
@@ -85,6 +126,14 @@ pub enum Format {
     Jsonl,
     /// A short human line per record.
     Text,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum HeaderFormat {
+    /// One `name=value` line per header (kcat's -H syntax).
+    Lines,
+    /// One JSON object.
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -163,6 +212,62 @@ pub fn main() -> ExitCode {
             fsync_time,
             service_user,
         } => doctor(&config, json, fsync_time, service_user),
+        Command::Keygen { key_id, key_file } => match crate::hq_sign::keygen(&key_id, &key_file) {
+            Ok(entry) => {
+                print!("{entry}");
+                eprintln!(
+                    "edge-agent: wrote the private key to {} (keep it at HQ; stores need only the public key above)",
+                    key_file.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("edge-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Sign {
+            key_file,
+            key_id,
+            stream,
+            key,
+            store,
+            payload_file,
+            tombstone,
+            expires_in,
+            format,
+        } => {
+            let r = crate::hq_sign::load_key(&key_id, &key_file).and_then(|k| {
+                let payload = match (&payload_file, tombstone) {
+                    (Some(f), false) => Some(crate::hq_sign::read_payload(f)?),
+                    _ => None,
+                };
+                let req = crate::hq_sign::Request {
+                    stream: &stream,
+                    key: key.as_deref(),
+                    store: store.as_deref(),
+                    payload: payload.as_deref(),
+                    expires_in,
+                };
+                crate::hq_sign::sign(&k, &req, edge_core::time::now_ms())
+            });
+            match r {
+                Ok(h) => {
+                    print!(
+                        "{}",
+                        match format {
+                            HeaderFormat::Lines => crate::hq_sign::render_lines(&h),
+                            HeaderFormat::Json => crate::hq_sign::render_json(&h),
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edge-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "edge-agent", &mut std::io::stdout());

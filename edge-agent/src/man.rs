@@ -107,6 +107,8 @@ mod tests {
             "edge-agent-doctor.1",
             "edge-agent-log-export.1",
             "edge-agent-completions.1",
+            "edge-agent-keygen.1",
+            "edge-agent-sign.1",
         ] {
             assert!(dir.path().join(page).is_file(), "missing {page}");
         }

@@ -336,6 +336,7 @@ fn dashboard_uses_only_emitted_metrics(scrape: &str) {
         // The Kafka uplink and downlink (a [kafka] section; not configured in this run).
         "edge_uplink_records_total",
         "edge_downlink_records_applied_total",
+        "edge_downlink_refused_total",
         "edge_uplink_backlog_records",
         "edge_uplink_oldest_unsent_age_seconds",
         "edge_kafka_client_errors_total",

@@ -754,3 +754,34 @@ pub async fn append(log: &dyn Log, stream: &str, range: std::ops::Range<u64>) {
             .expect("append");
     }
 }
+
+/// HQ's signing key in tests (a fixed seed, so failures are reproducible).
+pub fn hq_signing_key() -> edge_core::signing::SigningKey {
+    edge_core::signing::SigningKey::from_seed("hq-test-1", [0x42; 32]).expect("valid key id")
+}
+
+/// Makes `cfg`'s downlink trust `key` (`[[kafka.downlink.keys]]`).
+pub fn trust_hq_key(cfg: &mut KafkaConfig, key: &edge_core::signing::SigningKey) {
+    cfg.downlink.keys.push(edge_sync::kafka::HqKey {
+        id: key.id().to_string(),
+        public_key: key.public_key().to_base64(),
+        not_after: None,
+    });
+}
+
+/// The signature headers HQ sends with a record for local `stream` (see docs/KAFKA.md).
+pub fn hq_signature(
+    key: &edge_core::signing::SigningKey,
+    stream: &str,
+    record_key: Option<&str>,
+    store_header: Option<&str>,
+    payload: &str,
+) -> Vec<(&'static str, String)> {
+    let fields = edge_core::signing::SignedFields {
+        stream,
+        store: store_header.map(str::as_bytes),
+        key: record_key.map(str::as_bytes),
+        payload: Some(payload.as_bytes()),
+    };
+    key.sign(&fields, edge_core::time::now_ms(), None).headers()
+}

@@ -1,6 +1,6 @@
 //! The downlink against a real Kafka broker: HQ records for this store (or all stores) reach the
 //! local streams exactly once, with their offsets in the same SQLite transaction; aborted HQ
-//! transactions never arrive; an `hq.commands` remirror makes the uplink send a stream again.
+//! transactions never arrive; a signed `hq.commands` remirror makes the uplink send a stream again.
 
 #![allow(clippy::unwrap_used)] // test code: a failed set-up step should fail the test loudly
 
@@ -8,8 +8,8 @@ use edge_core::Record;
 use edge_core::log::{Log, ReadLimits};
 use edge_sync::kafka::{DeliveryMode, DownlinkTopic, KafkaConfig};
 use edge_tests::kafka::{
-    HqConsumer, Store, append, create_topic, hq_producer, hq_send, private_config, shared_broker,
-    unique, wait_until_async,
+    HqConsumer, Store, append, create_topic, hq_producer, hq_send, hq_signature, hq_signing_key,
+    private_config, shared_broker, trust_hq_key, unique, wait_until_async,
 };
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -34,14 +34,8 @@ async fn read_stream(log: &dyn Log, stream: &str) -> Vec<Record> {
 fn downlink_config(base: KafkaConfig, prices: &str, commands: &str) -> KafkaConfig {
     let mut cfg = base;
     cfg.downlink.topics = vec![
-        DownlinkTopic {
-            topic: prices.into(),
-            stream: "hq.prices".into(),
-        },
-        DownlinkTopic {
-            topic: commands.into(),
-            stream: "hq.commands".into(),
-        },
+        DownlinkTopic::new(prices, "hq.prices"),
+        DownlinkTopic::new(commands, "hq.commands"),
     ];
     cfg.downlink.metadata_refresh_ms = 1000;
     cfg
@@ -245,11 +239,13 @@ async fn a_remirror_command_from_hq_sends_a_stream_again() {
     let commands = unique("hq.commands");
     create_topic(&b.bootstrap(), &prices).await;
     create_topic(&b.bootstrap(), &commands).await;
-    let cfg = downlink_config(
+    let mut cfg = downlink_config(
         private_config(b, DeliveryMode::ExactlyOnce),
         &prices,
         &commands,
     );
+    let hq_key = hq_signing_key();
+    trust_hq_key(&mut cfg, &hq_key);
     let mut store = Store::open();
     let s = "pos.transactions";
     append(&*store.log, s, 0..300).await;
@@ -258,17 +254,14 @@ async fn a_remirror_command_from_hq_sends_a_stream_again() {
     let topic = cfg.topic(&store.id, s);
     let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
     assert_eq!(hq.wait_for_count(&topic, 300, Duration::from_secs(60)), 300);
-    // HQ lost seq >= 251 and asks for them again.
+    // HQ lost seq >= 251 and asks for them again (commands are signed).
     let p = hq_producer(&b.bootstrap());
-    hq_send(
-        &p,
-        &commands,
-        Some(&store.id),
-        &format!(
-            "{{\"schema\":\"edge.command/1\",\"command\":\"remirror\",\"stream\":\"{s}\",\"from_seq\":251}}"
-        ),
-        &[],
+    let cmd = format!(
+        "{{\"schema\":\"edge.command/1\",\"command\":\"remirror\",\"stream\":\"{s}\",\"from_seq\":251}}"
     );
+    let sig = hq_signature(&hq_key, "hq.commands", Some(&store.id), None, &cmd);
+    let sig: Vec<(&str, &str)> = sig.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    hq_send(&p, &commands, Some(&store.id), &cmd, &sig);
     assert_eq!(hq.wait_for_count(&topic, 350, Duration::from_secs(60)), 350);
     hq.poll_for(Duration::from_secs(2));
     let seen = hq.on(&topic);

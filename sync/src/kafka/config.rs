@@ -5,6 +5,8 @@
 //! files that hold them, read when the component starts, and nothing here prints their contents.
 
 use edge_core::config::{ByteSize, Problems, check_stream_name, join};
+use edge_core::downlink::TopicPolicy;
+use edge_core::signing::{KeyError, PublicKey, Verifier};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -142,6 +144,61 @@ pub struct SecurityConfig {
 pub struct DownlinkTopic {
     pub topic: String,
     pub stream: String,
+    /// Refuse (dead-letter) records without a valid HQ signature. Default: true for the commands
+    /// stream (`kafka.commands_stream`), false for the others. Signed records are verified on
+    /// every topic, so a bad signature is refused whatever this says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_signature: Option<bool>,
+}
+
+impl DownlinkTopic {
+    /// A topic with the default signature policy.
+    pub fn new(topic: impl Into<String>, stream: impl Into<String>) -> DownlinkTopic {
+        DownlinkTopic {
+            topic: topic.into(),
+            stream: stream.into(),
+            require_signature: None,
+        }
+    }
+
+    /// Whether this topic refuses unsigned records (`commands_stream`: the uplink's commands).
+    pub fn requires_signature(&self, commands_stream: &str) -> bool {
+        self.require_signature
+            .unwrap_or(self.stream == commands_stream)
+    }
+}
+
+/// `[[kafka.downlink.keys]]`: one HQ public key the store trusts for signed downlink records.
+/// Several keys may be listed at once (rotation); records name theirs in `edge.sig.key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HqKey {
+    /// The key id, e.g. `hq-2026-11` (letters, digits, `.`, `_`, `-`).
+    pub id: String,
+    /// Base64 of the 32-byte ed25519 public key (what `edge-agent keygen` prints), or of its DER
+    /// SubjectPublicKeyInfo (the body of an openssl `PUBLIC KEY` PEM).
+    pub public_key: String,
+    /// After this time (RFC 3339, e.g. "2027-06-01T00:00:00Z") the key verifies nothing, whatever
+    /// a record claims about when it was signed.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub not_after: Option<std::time::SystemTime>,
+}
+
+impl HqKey {
+    fn not_after_ms(&self) -> Option<i64> {
+        self.not_after.map(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        })
+    }
+
+    pub fn public_key(&self) -> Result<PublicKey, KeyError> {
+        PublicKey::from_base64(&self.id, &self.public_key, self.not_after_ms())
+    }
 }
 
 /// Where the downlink starts on a partition it has no stored offset for.
@@ -160,6 +217,8 @@ pub enum StartFrom {
 pub struct DownlinkConfig {
     pub enabled: bool,
     pub topics: Vec<DownlinkTopic>,
+    /// HQ's public keys (`[[kafka.downlink.keys]]`).
+    pub keys: Vec<HqKey>,
     pub start_from: StartFrom,
     /// Records applied per local transaction at most.
     pub batch_max_records: usize,
@@ -175,11 +234,9 @@ impl Default for DownlinkConfig {
             enabled: true,
             topics: ["hq.prices", "hq.campaigns", "hq.models", "hq.commands"]
                 .into_iter()
-                .map(|t| DownlinkTopic {
-                    topic: t.into(),
-                    stream: t.into(),
-                })
+                .map(|t| DownlinkTopic::new(t, t))
                 .collect(),
+            keys: Vec::new(),
             start_from: StartFrom::Earliest,
             batch_max_records: 1000,
             batch_max_wait_ms: 20,
@@ -646,6 +703,24 @@ impl KafkaConfig {
             if !seen.insert(&t.topic) {
                 problems.push(join(&p, "topic"), format!("{:?} is listed twice", t.topic));
             }
+            if t.require_signature == Some(true) && d.keys.is_empty() {
+                problems.push(
+                    join(&p, "require_signature"),
+                    "is true but no HQ public key is configured; add [[kafka.downlink.keys]] (edge-agent keygen prints one)",
+                );
+            }
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for (i, k) in d.keys.iter().enumerate() {
+            let p = format!("{}[{i}]", join(path, "keys"));
+            match k.public_key() {
+                Ok(_) => {}
+                Err(KeyError::Id(e)) => problems.push(join(&p, "id"), e),
+                Err(e) => problems.push(join(&p, "public_key"), e.to_string()),
+            }
+            if !ids.insert(&k.id) {
+                problems.push(join(&p, "id"), format!("{:?} is listed twice", k.id));
+            }
         }
         if !(1..=100_000).contains(&d.batch_max_records) {
             problems.push(
@@ -670,6 +745,36 @@ impl KafkaConfig {
         } else {
             Err(KafkaConfigError::Invalid(p))
         }
+    }
+
+    /// The downlink's policy per HQ topic.
+    pub fn downlink_policies(&self) -> Vec<(String, TopicPolicy)> {
+        self.downlink
+            .topics
+            .iter()
+            .map(|t| {
+                (
+                    t.topic.clone(),
+                    TopicPolicy {
+                        stream: t.stream.as_str().into(),
+                        require_signature: t.requires_signature(&self.commands_stream),
+                        commands: t.stream == self.commands_stream,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The verifier of HQ's signatures. Keys that do not parse are left out (`validate` reports
+    /// them, and `check` refuses such a config).
+    pub fn downlink_verifier(&self) -> Verifier {
+        Verifier::new(
+            self.downlink
+                .keys
+                .iter()
+                .filter_map(|k| k.public_key().ok())
+                .collect(),
+        )
     }
 
     /// The cloud topic of a local stream for this store.
@@ -878,6 +983,98 @@ mod tests {
             assert!(p.iter().any(|l| l.starts_with(e)), "missing {e} in {p:#?}");
         }
         assert_eq!(p.len(), expect.len(), "{p:#?}");
+    }
+
+    const HQ_KEY: &str = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
+
+    #[test]
+    fn commands_require_signatures_by_default_and_prices_do_not() {
+        let c = parse(r#"brokers = ["127.0.0.1:9092"]"#).unwrap();
+        // No keys and the default policy is a valid config: commands are refused, prices apply.
+        assert!(problems(&c).is_empty(), "{:?}", problems(&c));
+        let p: BTreeMap<String, bool> = c
+            .downlink_policies()
+            .into_iter()
+            .map(|(t, p)| (t, p.require_signature))
+            .collect();
+        assert!(p["hq.commands"]);
+        assert!(!p["hq.prices"] && !p["hq.campaigns"] && !p["hq.models"]);
+        assert!(c.downlink_verifier().is_empty());
+        let c = parse(&format!(
+            r#"
+            brokers = ["127.0.0.1:9092"]
+            [downlink]
+            topics = [
+                {{ topic = "hq.prices", stream = "hq.prices", require_signature = true }},
+                {{ topic = "hq.commands", stream = "hq.commands", require_signature = false }},
+            ]
+            [[downlink.keys]]
+            id = "hq-2026-05"
+            public_key = "{HQ_KEY}"
+            not_after = "2026-12-31T00:00:00Z"
+            [[downlink.keys]]
+            id = "hq-2026-11"
+            public_key = "MCowBQYDK2VwAyEA11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="
+            "#
+        ))
+        .unwrap();
+        assert!(problems(&c).is_empty(), "{:?}", problems(&c));
+        let p = c.downlink_policies();
+        assert!(p[0].1.require_signature && !p[0].1.commands);
+        assert!(!p[1].1.require_signature && p[1].1.commands);
+        let v = c.downlink_verifier();
+        assert_eq!(v.keys().len(), 2);
+        assert_eq!(v.keys()[0].to_base64(), v.keys()[1].to_base64());
+    }
+
+    #[test]
+    fn bad_keys_and_signatures_without_keys_are_reported_with_their_paths() {
+        let c = parse(&format!(
+            r#"
+            brokers = ["127.0.0.1:9092"]
+            [downlink]
+            topics = [{{ topic = "hq.prices", stream = "hq.prices", require_signature = true }}]
+            [[downlink.keys]]
+            id = "hq 1"
+            public_key = "{HQ_KEY}"
+            [[downlink.keys]]
+            id = "hq-2"
+            public_key = "c2hvcnQ="
+            [[downlink.keys]]
+            id = "hq-2"
+            public_key = "{HQ_KEY}"
+            "#
+        ))
+        .unwrap();
+        let p = problems(&c);
+        let expect = [
+            "kafka.downlink.keys[0].id:",
+            "kafka.downlink.keys[1].public_key: is not an ed25519 public key",
+            "kafka.downlink.keys[2].id: \"hq-2\" is listed twice",
+        ];
+        for e in expect {
+            assert!(p.iter().any(|l| l.starts_with(e)), "missing {e} in {p:#?}");
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+        let c = parse(
+            r#"
+            brokers = ["127.0.0.1:9092"]
+            [downlink]
+            topics = [{ topic = "hq.prices", stream = "hq.prices", require_signature = true }]
+            "#,
+        )
+        .unwrap();
+        let p = problems(&c);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].starts_with(
+                "kafka.downlink.topics[0].require_signature: is true but no HQ public key"
+            ),
+            "{p:#?}"
+        );
+        let e = parse("brokers = [\"a:1\"]\n[[downlink.keys]]\nid = \"k\"\npublic_key = \"x\"\nnot_after = \"soon\"")
+            .unwrap_err();
+        assert!(e.to_string().contains("not_after"), "{e}");
     }
 
     #[test]

@@ -5,19 +5,26 @@
 //!   they came from are one log request, so they commit in one SQLite transaction: after a crash
 //!   the downlink seeks to the stored offsets and neither loses nor repeats a record. No consumer
 //!   group offsets are used (the log is the only place offsets live).
-//! * **Only this store's records.** A record is kept when its `edge.store` header is this store or
-//!   `*`; without that header, when its key is empty, `*`, this store id or starts with
-//!   `<store>/`. Skipped records still move the stored offset.
+//! * **Only this store's records, only HQ's.** Each record passes [`edge_core::downlink::admit`]:
+//!   it is for this store (`edge.store` header, else its key), its signature verifies against the
+//!   configured HQ keys (`[[kafka.downlink.keys]]`; required on `hq.commands` by default), and a
+//!   command names this store and parses. Skipped records still move the stored offset.
+//! * **One bad record costs one record.** A refused record goes to `deadletter` with its reason in
+//!   the same transaction as the batch, and its offset is committed with it: it is counted
+//!   (`edge_downlink_refused_total{reason}`, status `refused_records`) and never retried.
 //! * **read_committed**: aborted HQ transactions never reach the store.
 //! * Memory is bounded by librdkafka's fetch queue (`queued.max.messages.kbytes`) and one batch.
 
 use super::checkpoint::ArcContext;
 use super::client::{Backoff, LinkContext};
 use super::config::{KafkaConfig, KafkaConfigError, StartFrom};
-use super::record::{H_EVENT_ID, H_SCHEMA, H_STORE};
+use super::record::{H_EVENT_ID, H_SCHEMA};
 use edge_core::Event;
 use edge_core::component::{ComponentContext, ComponentError, Task};
+use edge_core::deadletter::{DEFAULT_KEEP_BYTES, DeadLetter};
+use edge_core::downlink::{Admission, Incoming, Refusal, TopicPolicy, admit};
 use edge_core::log::{AppendRequest, LogError};
+use edge_core::signing::Verifier;
 use edge_core::status::State;
 use rdkafka::ClientConfig;
 use rdkafka::Message;
@@ -51,21 +58,7 @@ pub fn offset_key(topic: &str, partition: i32) -> String {
     format!("downlink.offset.{topic}.{partition}")
 }
 
-/// Whether a record is meant for `store` (see the module docs).
-pub fn for_store(store: &str, key: Option<&[u8]>, header_store: Option<&[u8]>) -> bool {
-    if let Some(h) = header_store {
-        return h == b"*" || h == store.as_bytes();
-    }
-    match key {
-        None | Some(b"") | Some(b"*") => true,
-        Some(k) => {
-            k == store.as_bytes()
-                || (k.len() > store.len()
-                    && k.starts_with(store.as_bytes())
-                    && k[store.len()] == b'/')
-        }
-    }
-}
+pub use edge_core::downlink::for_store;
 
 enum Stop {
     Shutdown,
@@ -87,7 +80,35 @@ struct Consumed {
     topic: String,
     partition: i32,
     offset: i64,
-    event: Option<Event>,
+    verdict: Verdict,
+}
+
+enum Verdict {
+    Apply(Event),
+    /// Another store's record (or a topic no longer configured).
+    Skip,
+    /// Not applied: its dead letter goes to the log instead.
+    Refuse {
+        refusal: Refusal,
+        dead_letter: Event,
+    },
+}
+
+/// The most recent refusal, for `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+struct LastRefusal {
+    reason: &'static str,
+    detail: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    at_ms: i64,
+}
+
+/// What the downlink applies each topic with.
+struct Policies {
+    topics: HashMap<String, TopicPolicy>,
+    verifier: Verifier,
 }
 
 impl Downlink {
@@ -120,12 +141,28 @@ async fn run(
         Duration::from_millis(200),
         Duration::from_millis(cfg.reconnect_backoff_max_ms.max(1000)),
     );
-    let routes: HashMap<String, Arc<str>> = cfg
-        .downlink
+    let routes = Policies {
+        topics: cfg.downlink_policies().into_iter().collect(),
+        verifier: cfg.downlink_verifier(),
+    };
+    let mut signed_topics: Vec<&str> = routes
         .topics
         .iter()
-        .map(|t| (t.topic.clone(), Arc::from(t.stream.as_str())))
+        .filter(|(_, p)| p.require_signature)
+        .map(|(t, _)| t.as_str())
         .collect();
+    signed_topics.sort_unstable();
+    ctx.status
+        .field("signature_keys", routes.verifier.keys().len());
+    ctx.status
+        .field("signature_required", signed_topics.clone());
+    if routes.verifier.is_empty() && !signed_topics.is_empty() {
+        tracing::warn!(
+            component = "downlink",
+            topics = signed_topics.join(","),
+            "no HQ public key is configured ([[kafka.downlink.keys]]): every record of these topics is refused as unsigned"
+        );
+    }
     ctx.status.field(
         "topics",
         cfg.downlink
@@ -164,6 +201,9 @@ async fn run(
 struct Stats {
     applied: u64,
     skipped: u64,
+    refused: u64,
+    refused_by_reason: BTreeMap<&'static str, u64>,
+    last_refusal: Option<LastRefusal>,
     applied_in_session: u64,
 }
 
@@ -187,7 +227,7 @@ async fn session(
     base: &ClientConfig,
     ctx: &ComponentContext,
     link: &Arc<LinkContext>,
-    routes: &HashMap<String, Arc<str>>,
+    routes: &Policies,
     stats: &mut Stats,
 ) -> Stop {
     let mut c = base.clone();
@@ -306,6 +346,14 @@ async fn session(
             batch_deadline = None;
             ctx.status.field("records_applied_total", stats.applied);
             ctx.status.field("records_skipped_total", stats.skipped);
+            ctx.status.field("refused_records", stats.refused);
+            if let Some(last) = &stats.last_refusal {
+                ctx.status.field(
+                    "refused_by_reason",
+                    serde_json::json!(stats.refused_by_reason),
+                );
+                ctx.status.field("last_refusal", serde_json::json!(last));
+            }
         }
     }
 }
@@ -381,67 +429,113 @@ async fn discover(
     Ok(missing)
 }
 
-fn detach(
-    store: &str,
-    routes: &HashMap<String, Arc<str>>,
-    m: &rdkafka::message::BorrowedMessage<'_>,
-) -> Consumed {
+fn detach(store: &str, routes: &Policies, m: &rdkafka::message::BorrowedMessage<'_>) -> Consumed {
     let topic = m.topic().to_string();
-    let mut header_store = None;
-    let mut event_id = None;
-    let mut schema = None;
-    let mut headers = Vec::new();
-    if let Some(h) = m.headers() {
-        for x in h.iter() {
-            let Some(v) = x.value else { continue };
-            match x.key {
-                H_STORE => header_store = Some(v.to_vec()),
-                H_EVENT_ID => event_id = std::str::from_utf8(v).ok().map(str::to_string),
-                H_SCHEMA => schema = std::str::from_utf8(v).ok().map(str::to_string),
-                _ => {}
-            }
-            if let Ok(v) = std::str::from_utf8(v) {
-                headers.push((x.key.to_string(), v.to_string()));
+    let raw: Vec<(&str, Option<&[u8]>)> = m
+        .headers()
+        .map(|h| h.iter().map(|x| (x.key, x.value)).collect())
+        .unwrap_or_default();
+    let verdict = match routes.topics.get(&topic) {
+        None => Verdict::Skip,
+        Some(policy) => {
+            let rec = Incoming {
+                key: m.key(),
+                payload: m.payload(),
+                headers: &raw,
+            };
+            match admit(
+                store,
+                policy,
+                &routes.verifier,
+                &rec,
+                edge_core::time::now_ms(),
+            ) {
+                Admission::OtherStore => Verdict::Skip,
+                Admission::Apply { .. } => Verdict::Apply(to_event(&policy.stream, m, &raw)),
+                Admission::Refuse(refusal) => {
+                    let dead_letter = dead_letter(&policy.stream, m, &raw, &refusal);
+                    Verdict::Refuse {
+                        refusal,
+                        dead_letter,
+                    }
+                }
             }
         }
-    }
-    let keep = for_store(store, m.key(), header_store.as_deref());
-    let event = match (keep, routes.get(&topic)) {
-        (true, Some(stream)) => {
-            let mut e = Event::new(stream.clone(), m.payload().unwrap_or_default().to_vec());
-            if let Some(ts) = m.timestamp().to_millis() {
-                e = e.with_event_ts(ts);
-            }
-            if let Some(k) = m.key() {
-                e = e.with_key(String::from_utf8_lossy(k).into_owned());
-            }
-            e = e.with_source(format!("kafka:{topic}"));
-            if let Some(id) = event_id {
-                e = e.with_event_id(id);
-            }
-            if let Some(s) = schema {
-                e = e.with_schema(s);
-            }
-            for (k, v) in headers {
-                e = e.with_header(k, v);
-            }
-            e = e
-                .with_header("kafka.topic", topic.clone())
-                .with_header("kafka.partition", m.partition().to_string())
-                .with_header("kafka.offset", m.offset().to_string());
-            if m.payload().is_none() {
-                e = e.with_header("kafka.tombstone", "1");
-            }
-            Some(e)
-        }
-        _ => None,
     };
     Consumed {
         topic,
         partition: m.partition(),
         offset: m.offset(),
-        event,
+        verdict,
     }
+}
+
+fn utf8_headers<'a>(
+    raw: &'a [(&'a str, Option<&'a [u8]>)],
+) -> impl Iterator<Item = (&'a str, &'a str)> {
+    raw.iter()
+        .filter_map(|(k, v)| Some((*k, std::str::from_utf8((*v)?).ok()?)))
+}
+
+fn to_event(
+    stream: &Arc<str>,
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    raw: &[(&str, Option<&[u8]>)],
+) -> Event {
+    let topic = m.topic();
+    let mut e = Event::new(stream.clone(), m.payload().unwrap_or_default().to_vec());
+    if let Some(ts) = m.timestamp().to_millis() {
+        e = e.with_event_ts(ts);
+    }
+    if let Some(k) = m.key() {
+        e = e.with_key(String::from_utf8_lossy(k).into_owned());
+    }
+    e = e.with_source(format!("kafka:{topic}"));
+    for (k, v) in utf8_headers(raw) {
+        match k {
+            H_EVENT_ID => e = e.with_event_id(v),
+            H_SCHEMA => e = e.with_schema(v),
+            _ => {}
+        }
+        e = e.with_header(k, v);
+    }
+    e = e
+        .with_header("kafka.topic", topic)
+        .with_header("kafka.partition", m.partition().to_string())
+        .with_header("kafka.offset", m.offset().to_string());
+    if m.payload().is_none() {
+        e = e.with_header("kafka.tombstone", "1");
+    }
+    e
+}
+
+/// The `deadletter/1` record of a refused HQ record: the reason, where it came from, its key and
+/// headers, and its payload (truncated).
+fn dead_letter(
+    stream: &str,
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    raw: &[(&str, Option<&[u8]>)],
+    refusal: &Refusal,
+) -> Event {
+    let headers: serde_json::Map<String, serde_json::Value> = utf8_headers(raw)
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(v)))
+        .collect();
+    DeadLetter::new(
+        "downlink",
+        format!("{refusal}; the HQ record is not applied"),
+    )
+    .field("refusal", refusal.reason())
+    .field("topic", m.topic())
+    .field("partition", m.partition())
+    .field("offset", m.offset())
+    .field("stream", stream)
+    .field(
+        "key",
+        m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+    )
+    .field("headers", headers)
+    .original(m.payload().unwrap_or_default(), DEFAULT_KEEP_BYTES)
+    .into_event()
 }
 
 /// Applies a batch: its records for this store and the next offset of every partition it
@@ -455,6 +549,7 @@ async fn apply(
     let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut req = AppendRequest::default();
     let mut skipped = 0u64;
+    let mut refused = Vec::new();
     for c in batch {
         let known = assigned
             .get(&c.topic)
@@ -471,9 +566,26 @@ async fn apply(
             continue;
         }
         next.insert((c.topic.clone(), c.partition), c.offset + 1);
-        match c.event {
-            Some(e) => req.events.push(e),
-            None => skipped += 1,
+        match c.verdict {
+            Verdict::Apply(e) => req.events.push(e),
+            Verdict::Skip => skipped += 1,
+            Verdict::Refuse {
+                refusal,
+                dead_letter,
+            } => {
+                req.events.push(dead_letter);
+                refused.push((
+                    refusal.reason(),
+                    LastRefusal {
+                        reason: refusal.reason(),
+                        detail: refusal.to_string(),
+                        topic: c.topic.clone(),
+                        partition: c.partition,
+                        offset: c.offset,
+                        at_ms: edge_core::time::now_ms(),
+                    },
+                ));
+            }
         }
     }
     if next.is_empty() {
@@ -482,37 +594,32 @@ async fn apply(
     for ((t, p), o) in &next {
         req.kv.push((offset_key(t, *p), o.to_string().into_bytes()));
     }
-    let applied = req.events.len() as u64;
+    let applied = (req.events.len() - refused.len()) as u64;
     ctx.log.append(req).await?;
     for ((t, p), o) in next {
         assigned.entry(t).or_default().insert(p, o);
     }
     stats.applied += applied;
-    stats.applied_in_session += applied + skipped;
+    stats.applied_in_session += applied + skipped + refused.len() as u64;
     stats.skipped += skipped;
+    if let Some((_, last)) = refused.last() {
+        tracing::warn!(
+            component = "downlink",
+            refused = refused.len(),
+            topic = last.topic,
+            offset = last.offset,
+            "refused HQ record(s) and wrote them to deadletter; the downlink goes on: {}",
+            last.detail
+        );
+    }
+    for (reason, last) in refused {
+        metrics::counter!("edge_downlink_refused_total", "reason" => reason).increment(1);
+        *stats.refused_by_reason.entry(reason).or_default() += 1;
+        stats.refused += 1;
+        stats.last_refusal = Some(last);
+    }
     metrics::counter!("edge_downlink_records_applied_total").increment(applied);
     metrics::counter!("edge_downlink_records_skipped_total", "reason" => "other_store")
         .increment(skipped);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_for_this_store_or_all_stores() {
-        assert!(for_store("s1", None, None));
-        assert!(for_store("s1", Some(b"*"), None));
-        assert!(for_store("s1", Some(b""), None));
-        assert!(for_store("s1", Some(b"s1"), None));
-        assert!(for_store("s1", Some(b"s1/lane-2"), None));
-        assert!(!for_store("s1", Some(b"s10"), None));
-        assert!(!for_store("s1", Some(b"s2"), None));
-        assert!(!for_store("s1", Some(b"s1x/a"), None));
-        // The header decides when present.
-        assert!(for_store("s1", Some(b"sku-9"), Some(b"*")));
-        assert!(for_store("s1", Some(b"sku-9"), Some(b"s1")));
-        assert!(!for_store("s1", None, Some(b"s2")));
-    }
 }

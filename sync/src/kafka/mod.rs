@@ -6,7 +6,9 @@
 
 mod checkpoint;
 pub mod client;
-pub mod command;
+/// HQ's commands (parsed in `edge-core`, where the downlink's admission check and its fuzz target
+/// use them too).
+pub use edge_core::command;
 pub mod config;
 pub mod downlink;
 mod probe;
@@ -18,7 +20,7 @@ pub use checkpoint::{
     CHECKPOINT_SCHEMA, Checkpoint, CheckpointError, StreamCheckpoint, read_checkpoint,
 };
 pub use config::{
-    Compression, DeliveryMode, DownlinkConfig, DownlinkTopic, KafkaConfig, KafkaConfigError,
+    Compression, DeliveryMode, DownlinkConfig, DownlinkTopic, HqKey, KafkaConfig, KafkaConfigError,
     KeyMode, SaslMechanism, SecurityConfig, SecurityProtocol, StartFrom,
 };
 pub use downlink::{Downlink, DownlinkError};
