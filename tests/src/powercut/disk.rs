@@ -189,7 +189,7 @@ pub struct Stats {
 }
 
 /// What a power cut dropped.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct CutReport {
     /// Unsynced bytes (writes not covered by an fsync of their file).
     pub unsynced_bytes: u64,
@@ -197,6 +197,8 @@ pub struct CutReport {
     pub unsynced_files: usize,
     /// Namespace changes (create, rename, unlink, ...) not committed by a directory fsync.
     pub uncommitted_namespace_ops: usize,
+    /// Unsynced bytes per file (path in the volatile view).
+    pub unsynced_by_file: BTreeMap<String, u64>,
     /// Counters of the power-on that ended.
     pub stats: Stats,
 }
@@ -317,12 +319,27 @@ impl Disk {
             stats: self.stats,
             ..CutReport::default()
         };
-        for n in self.nodes.values() {
-            if let Kind::File(f) = &n.kind {
-                let bytes = f.pending.bytes();
-                r.unsynced_bytes += bytes;
-                if bytes > 0 || f.cut.is_some() || f.size != f.durable_len {
-                    r.unsynced_files += 1;
+        let mut dirs = vec![(ROOT, PathBuf::new())];
+        while let Some((dir, rel)) = dirs.pop() {
+            let Some(Node {
+                kind: Kind::Dir(d), ..
+            }) = self.nodes.get(&dir)
+            else {
+                continue;
+            };
+            for (name, ino) in &d.entries {
+                match self.nodes.get(ino).map(|n| &n.kind) {
+                    Some(Kind::Dir(_)) => dirs.push((*ino, rel.join(name))),
+                    Some(Kind::File(f)) => {
+                        let bytes = f.pending.bytes();
+                        r.unsynced_bytes += bytes;
+                        if bytes > 0 || f.cut.is_some() || f.size != f.durable_len {
+                            r.unsynced_files += 1;
+                            r.unsynced_by_file
+                                .insert(rel.join(name).display().to_string(), bytes);
+                        }
+                    }
+                    None => {}
                 }
             }
         }
@@ -732,7 +749,11 @@ impl Disk {
     }
 
     fn durable_file_path(&mut self, ino: u64) -> Result<PathBuf, Errno32> {
-        let (parent, name) = self.file_state(ino)?.link.clone().ok_or(Errno::EIO as i32)?;
+        let (parent, name) = self
+            .file_state(ino)?
+            .link
+            .clone()
+            .ok_or(Errno::EIO as i32)?;
         Ok(self.backing.join(self.rel_dir(parent)?).join(name))
     }
 

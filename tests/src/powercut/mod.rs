@@ -135,10 +135,7 @@ impl PowerCutFs {
             // connection (ENODEV on /dev/fuse).
             if let Err(e) = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH)
             {
-                eprintln!(
-                    "powercut-fs: detaching {}: {e}",
-                    self.mountpoint.display()
-                );
+                eprintln!("powercut-fs: detaching {}: {e}", self.mountpoint.display());
             }
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
