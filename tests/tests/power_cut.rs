@@ -393,6 +393,14 @@ fn run_power_cuts(synchronous: &str, cycles: usize, per_lane: usize, rate: f64) 
             cuts_mid_commit += 1;
         }
         wal_bytes_dropped += wal;
+        eprintln!(
+            "{synchronous} cut {c}: dropped {} unsynced bytes ({:?}), {} uncommitted namespace changes; {} fsyncs, {} directory fsyncs since power-on",
+            cut.unsynced_bytes,
+            cut.unsynced_by_file,
+            cut.uncommitted_namespace_ops,
+            cut.stats.fsyncs,
+            cut.stats.dir_fsyncs
+        );
         fs = mount(&backing, &data);
         // What survived is a consistent log that still holds everything that survived before.
         let now: HashSet<String> = check_consistent(&data, &format!("after cut {c}"))
