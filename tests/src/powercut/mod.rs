@@ -54,6 +54,9 @@
 //! Mounting needs root (or `fusermount3` from the `fuse3` package) and `/dev/fuse`.
 
 mod disk;
+#[cfg(test)]
+mod disk_tests;
+mod extents;
 mod fuse;
 
 pub use disk::{CutReport, Stats};
