@@ -16,9 +16,10 @@
 //!   was never fsynced is gone after the cut, its content freed like an orphan inode.
 //! * **Lost at the cut:** every `write` and `ftruncate` after the file's last fsync (reads show
 //!   them until then), every uncommitted namespace change, and the kernel's page cache (it dies
-//!   with the mount). Torn writes and reordering *within* an unsynced range are not modelled:
-//!   an unsynced byte range is lost whole, a synced one survives whole. That is kinder than a
-//!   real disk for data never synced, and exactly as strict as it for what a program relies on.
+//!   with the mount). A real disk may keep any subset of the unsynced writes, torn at sector
+//!   boundaries; this model keeps none of them. That is the strictest test of "was it
+//!   acknowledged before its fsync", but it does not exercise recovery from a partly persisted
+//!   tail (SQLite's WAL frame checksums are what handles that on real hardware).
 //! * **Not modelled:** permissions, owners and times (kept in memory, taken from the backing
 //!   files at power-on), hard links, symlinks, renaming directories (ENOTSUP), xattrs. File
 //!   locks (`fcntl`, `flock`) are the kernel's local locks: this filesystem does not claim the
