@@ -13,6 +13,7 @@ APT_PACKAGES=(
   mosquitto mosquitto-clients   # the store's MQTT broker and an independent client
   socat                         # serial PTY pairs for driver tests
   sqlite3                       # inspecting logs by hand in docs and tests
+  fuse3                         # fusermount3 for the power-cut test's FUSE filesystem (tests/src/powercut/)
   build-essential pkg-config cmake
   libssl-dev libcurl4-openssl-dev libsasl2-dev zlib1g-dev
   # packaging checks (scripts/build-deb.sh, scripts/test-install.sh): lintian, systemd-analyze

@@ -59,6 +59,14 @@ listen = "127.0.0.1:{http_port}"
 impl Agent {
     /// Writes `config` (with `{data_dir}` and `{http_port}` replaced) and starts the agent.
     pub fn start(bin: PathBuf, config: &str) -> Agent {
+        let mut a = Self::configure(bin, config);
+        a.spawn();
+        a
+    }
+
+    /// Like [`Agent::start`] without starting it: for tests that prepare the data directory
+    /// (mount a filesystem on it, say) before the first [`Agent::spawn`].
+    pub fn configure(bin: PathBuf, config: &str) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let http_port = free_port();
         let text = config
@@ -66,16 +74,14 @@ impl Agent {
             .replace("{http_port}", &http_port.to_string());
         let path = dir.path().join("config.toml");
         std::fs::write(&path, text).expect("write config");
-        let mut a = Agent {
+        Agent {
             bin,
             dir,
             config: path,
             http_port,
             child: None,
             starts: 0,
-        };
-        a.spawn();
-        a
+        }
     }
 
     /// Standard config for a broker on `mqtt_port` plus `extra` TOML.

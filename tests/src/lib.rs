@@ -1,11 +1,12 @@
 //! Harnesses for end-to-end tests: real Mosquitto brokers on free ports, the real agent as a child
-//! process, and an MQTT publisher that knows which of its messages the broker acknowledged.
+//! process, a FUSE filesystem that loses unsynced writes at a simulated power cut, and an MQTT publisher that knows which of its messages the broker acknowledged.
 //!
 //! Tests poll for conditions with deadlines ([`wait_for`]); nothing sleeps to synchronise.
 
 pub mod agent;
 pub mod kafka;
 pub mod mosquitto;
+pub mod powercut;
 pub mod publisher;
 
 use std::time::{Duration, Instant};
