@@ -7,12 +7,15 @@
 //! * [`shutdown`] is the cancellation plumbing every long-running task selects on.
 //! * [`log`] is the interface of the local log; [`component`] what every component receives;
 //!   [`status`] where components report their state.
+//! * [`backoff`] is the one retry backoff, [`cursor`] the one durable-cursor reader of a stream.
 //!
 //! This crate depends on nothing heavy so that drivers, models and sync never depend on the binary or
 //! on each other.
 
+pub mod backoff;
 pub mod component;
 pub mod config;
+pub mod cursor;
 pub mod deadletter;
 pub mod event;
 pub mod log;
