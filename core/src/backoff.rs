@@ -40,12 +40,12 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// Doubles from `min` to `max` (a `max` below `min` is taken as `min`), with +-25 % jitter
-    /// ([`Jitter::Spread`] of 0.25).
+    /// Doubles from `min` to `max`, with +-25 % jitter ([`Jitter::Spread`] of 0.25). A `max`
+    /// below `min` caps every delay (and every step after the first) at `max`.
     pub fn new(min: Duration, max: Duration) -> Backoff {
         Backoff {
             min,
-            max: max.max(min),
+            max,
             step: min,
             jitter: Jitter::Spread(0.25),
             capped: true,
@@ -193,6 +193,17 @@ mod tests {
         assert_eq!(got, [100 * MS, 200 * MS, 400 * MS, 500 * MS, 500 * MS]);
         b.reset();
         assert_eq!(b.next_delay(), 100 * MS);
+    }
+
+    #[test]
+    fn a_max_below_min_caps_every_delay() {
+        for jitter in [Jitter::None, Jitter::Full, Jitter::Spread(0.25)] {
+            let mut b = Backoff::new(200 * MS, 100 * MS).with_jitter(jitter);
+            for _ in 0..10 {
+                let d = b.next_delay();
+                assert!(d <= 100 * MS, "{jitter:?}: {d:?}");
+            }
+        }
     }
 
     #[test]

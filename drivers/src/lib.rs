@@ -20,8 +20,8 @@
 //! POS devices: [`printer`] (`escpos_tap`, `printer_proxy`) on top of [`escpos`] (tokenizer, code
 //! pages, receipt segmentation) and [`receipt`] (templates, transactions); [`scanner`]; [`scale`];
 //! [`display`] (customer pole display). [`serial`] is the shared serial transport and [`link`] the
-//! up/down reporting, backpressure and dead letters every device driver uses. The configuration
-//! reference is `docs/CONFIGURATION-drivers.md`, the payload schemas `docs/schemas/`.
+//! up/down reporting, device backoff, backpressure and dead letters every device driver uses. The
+//! configuration reference is `docs/CONFIGURATION-drivers.md`, the payload schemas `docs/schemas/`.
 
 #[cfg(feature = "ble")]
 pub mod ble;
