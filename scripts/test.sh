@@ -10,10 +10,14 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo clippy -p edge-drivers --no-default-features (POS-only build: no ble, no camera)"
+cargo clippy -p edge-drivers --no-default-features --all-targets --locked -- -D warnings
 echo "== Kafka broker jars (scripts/kafka.sh fetch; cached outside the clone)"
 bash scripts/kafka.sh fetch
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
+echo "== cargo test -p edge-drivers --no-default-features"
+cargo test -p edge-drivers --no-default-features --locked -- --test-threads="${TEST_THREADS:-2}"
 
 # --- POS drivers and downlink admission: coverage-guided fuzzing ------------------------------
 # The committed seed corpora plus ~13k seeded mutations already run in every `cargo test`

@@ -7,7 +7,7 @@
 
 use crate::log::Log;
 use crate::shutdown::Shutdown;
-use crate::status::StatusHandle;
+use crate::status::{Status, StatusHandle};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -36,5 +36,42 @@ impl std::fmt::Debug for ComponentContext {
             .field("store_id", &self.store_id)
             .field("component", &self.status.name())
             .finish()
+    }
+}
+
+impl ComponentContext {
+    /// A context for tests and benchmarks: store `test-store`, a new [`Shutdown`], the component
+    /// registered as `name` (kind `name`) in a new [`Status`] registry (reach it with
+    /// `ctx.status.registry()`), and the system temp directory as `data_dir`. The `with_*` methods
+    /// change one part, e.g. to share one shutdown or one registry between components.
+    pub fn for_test(log: Arc<dyn Log>, name: &str) -> ComponentContext {
+        ComponentContext {
+            store_id: Arc::from("test-store"),
+            log,
+            shutdown: Shutdown::new(),
+            status: Status::new().register(name, name),
+            data_dir: std::env::temp_dir(),
+        }
+    }
+
+    pub fn with_store(mut self, store_id: &str) -> ComponentContext {
+        self.store_id = Arc::from(store_id);
+        self
+    }
+
+    pub fn with_shutdown(mut self, shutdown: &Shutdown) -> ComponentContext {
+        self.shutdown = shutdown.clone();
+        self
+    }
+
+    /// Registers the component (same name) in `registry` with `kind`, instead of its own registry.
+    pub fn with_status(mut self, registry: &Status, kind: &str) -> ComponentContext {
+        self.status = registry.register(self.status.name(), kind);
+        self
+    }
+
+    pub fn with_data_dir(mut self, dir: impl Into<PathBuf>) -> ComponentContext {
+        self.data_dir = dir.into();
+        self
     }
 }

@@ -9,13 +9,16 @@
 //!   [`status`] where components report their state.
 //! * [`signing`] verifies HQ's ed25519 signatures (downlink records, models); [`downlink`] decides
 //!   which HQ records a store applies, and [`command`] parses HQ's commands.
+//! * [`backoff`] is the one retry backoff, [`cursor`] the one durable-cursor reader of a stream.
 //!
 //! This crate depends on nothing heavy so that drivers, models and sync never depend on the binary or
 //! on each other.
 
+pub mod backoff;
 pub mod command;
 pub mod component;
 pub mod config;
+pub mod cursor;
 pub mod deadletter;
 pub mod downlink;
 pub mod event;

@@ -167,12 +167,12 @@ async fn latency(n: usize) {
     );
     let shutdown = Shutdown::new();
     let status = Status::new();
-    let ctx = |name: &str| ComponentContext {
-        store_id: Arc::from("bench"),
-        log: log.clone(),
-        shutdown: shutdown.clone(),
-        status: status.register(name, "bench"),
-        data_dir: dir.path().to_path_buf(),
+    let ctx = |name: &str| {
+        ComponentContext::for_test(log.clone(), name)
+            .with_store("bench")
+            .with_shutdown(&shutdown)
+            .with_status(&status, "bench")
+            .with_data_dir(dir.path())
     };
     // Baseline 1: the log alone, the same two records per receipt.
     let mut h_log = hist();

@@ -12,9 +12,11 @@
 
 use crate::link::DeviceLink;
 use crate::serial::{LineSettings, SerialConfig};
+use crate::{Driver, DriverError};
 use edge_core::component::{ComponentContext, Task};
 use edge_core::config::{Problems, check_stream_name, join};
-use edge_core::log::{AppendRequest, ReadLimits};
+use edge_core::cursor::{CursorReader, Start};
+use edge_core::log::ReadLimits;
 use edge_core::{Record, State};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -77,8 +79,20 @@ fn default_idle() -> Vec<String> {
     vec!["WELCOME".into(), String::new()]
 }
 
-impl CustomerDisplayConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+impl Driver for CustomerDisplayConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn exclusive_resources(&self) -> Vec<String> {
+        vec![self.serial.path.clone()]
+    }
+
+    fn build(&self, ctx: ComponentContext) -> Result<Task, DriverError> {
+        Ok(build(self.clone(), ctx))
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         self.serial.validate(&join(path, "serial"), problems);
         if self.lane.trim().is_empty() {
             problems.push(join(path, "lane"), "must name the lane, e.g. \"3\"");
@@ -190,14 +204,19 @@ async fn run(
     cfg: &CustomerDisplayConfig,
     ctx: &ComponentContext,
 ) -> Result<(), edge_core::log::LogError> {
-    let cursor = format!("display.{}", cfg.name);
-    let mut next = match ctx.log.cursor(&cursor, &cfg.stream).await? {
-        Some(n) => n,
-        // First start: offers from before the display existed are not replayed.
-        None => ctx.log.next_seq(&cfg.stream).unwrap_or(1),
-    };
+    // First start: offers from before the display existed are not replayed.
+    let mut offers = CursorReader::open(
+        ctx.log.clone(),
+        format!("display.{}", cfg.name),
+        cfg.stream.clone(),
+        Start::Latest,
+    )
+    .await?
+    .with_limits(ReadLimits {
+        max_records: 200,
+        max_bytes: 1 << 20,
+    });
     let mut link = DeviceLink::new(ctx.clone(), "customer_display", cfg.serial.path.clone());
-    let mut changes = ctx.log.subscribe();
     let settings = cfg.serial.settings(LineSettings::N81_9600);
     let idle = |i: usize| cfg.idle_lines.get(i).cloned().unwrap_or_default();
     let idle_screen = screen(cfg.command_set, cfg.columns, &idle(0), &idle(1));
@@ -236,28 +255,14 @@ async fn run(
         let mut scratch = [0u8; 64];
         let why = loop {
             // Offers first, then wait for a change, the end of a shown offer, or the device.
-            let batch = ctx
-                .log
-                .read(
-                    &cfg.stream,
-                    next,
-                    ReadLimits {
-                        max_records: 200,
-                        max_bytes: 1 << 20,
-                    },
-                )
-                .await?;
-            if !batch.records.is_empty() || batch.next_seq != next {
+            if let Some(batch) = offers.try_batch().await? {
                 let mut out = Vec::new();
                 for r in &batch.records {
                     if let Some(bytes) = consider(cfg, r, &mut st) {
                         out = bytes;
                     }
                 }
-                next = batch.next_seq;
-                ctx.log
-                    .append(AppendRequest::cursor(&cursor, &cfg.stream, next))
-                    .await?;
+                offers.commit(batch.next_seq).await?;
                 if !out.is_empty() {
                     if let Err(e) = port.write_all(&out).await {
                         break format!("writing to the display failed: {e} (unplugged?)");
@@ -276,8 +281,8 @@ async fn run(
                     port.write_all(&idle_screen).await.ok();
                     return Ok(());
                 }
-                c = changes.changed() => {
-                    if c.is_err() {
+                open = offers.wait_for_commit() => {
+                    if !open {
                         return Ok(()); // the log is closed
                     }
                 }

@@ -1,19 +1,33 @@
 //! Device drivers: each turns a device (or a simulation of one) into events in the local log.
 //!
 //! A driver is configured by one variant of the closed [`DriverConfig`] enum (`[[drivers]]` entries
-//! in the agent config, `type = "..."`). [`DriverConfig::build`] checks what it can without I/O and
+//! in the agent config, `type = "..."`). Each variant's config implements [`Driver`]: its name, the
+//! devices it opens exclusively, `validate` (every problem with its path, no I/O) and `build`, which
 //! returns a [`Task`] that owns the device: its reconnect loop, its status, and its writes to the
 //! log. A driver never blocks the reactor on device I/O and never drops an event silently: what it
 //! cannot store is counted by reason.
 //!
+//! **Adding a driver** is one module with a config type that implements [`Driver`], plus one line in
+//! the `drivers!` registration below (variant, config type, `type` name). Nothing else matches on the
+//! variants.
+//!
+//! **Families and features.** Drivers that need system libraries or heavy crates are grouped into
+//! families behind cargo features (see [`family`]): `ble` (BLE beacons; today the simulated beacon
+//! sightings of [`simulated`]) and `camera` (no driver yet), both on by default. A POS-only build
+//! (`--no-default-features`) still accepts a config that names a missing family and reports it as a
+//! config problem with its path, instead of failing to parse.
+//!
 //! POS devices: [`printer`] (`escpos_tap`, `printer_proxy`) on top of [`escpos`] (tokenizer, code
 //! pages, receipt segmentation) and [`receipt`] (templates, transactions); [`scanner`]; [`scale`];
 //! [`display`] (customer pole display). [`serial`] is the shared serial transport and [`link`] the
-//! up/down reporting, backoff, backpressure and dead letters every device driver uses. The
+//! up/down reporting, device backoff, backpressure and dead letters every device driver uses. The
 //! configuration reference is `docs/CONFIGURATION-drivers.md`, the payload schemas `docs/schemas/`.
 
+#[cfg(feature = "ble")]
+pub mod ble;
 pub mod display;
 pub mod escpos;
+pub mod family;
 pub mod fuzzing;
 pub mod link;
 pub mod printer;
@@ -34,91 +48,84 @@ pub enum DriverError {
     Build { name: String, reason: String },
 }
 
-/// One `[[drivers]]` entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum DriverConfig {
-    /// Generated POS transactions, scans and beacon sightings, for demos and for stores where a
-    /// device is not installed yet.
-    Simulated(simulated::SimulatedConfig),
+/// What every driver's config provides; [`DriverConfig`] dispatches to it.
+pub trait Driver {
+    /// The driver's unique name (component name in status and metrics).
+    fn name(&self) -> &str;
+
+    /// Device paths or addresses this driver opens exclusively (a path named twice is an error).
+    fn exclusive_resources(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Checks the config without I/O; every problem is pushed with its path under `path`.
+    fn validate(&self, path: &str, problems: &mut Problems);
+
+    /// Builds the running driver. Fails only on what `validate` cannot see.
+    fn build(&self, ctx: ComponentContext) -> Result<Task, DriverError>;
+}
+
+/// The registration point: one line per driver. It defines the [`DriverConfig`] variants (serde
+/// `type` = the quoted name), [`DriverConfig::kind`] and the one dispatch to [`Driver`].
+macro_rules! drivers {
+    ($( $(#[$doc:meta])* $variant:ident($config:ty) = $kind:literal, )*) => {
+        /// One `[[drivers]]` entry.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "type")]
+        pub enum DriverConfig {
+            $( $(#[$doc])* #[serde(rename = $kind)] $variant($config), )*
+        }
+
+        impl DriverConfig {
+            /// Every `type` this build accepts.
+            pub const KINDS: &[&str] = &[$($kind),*];
+
+            /// The driver's `type` (its component kind in status).
+            pub fn kind(&self) -> &'static str {
+                match self { $( DriverConfig::$variant(_) => $kind, )* }
+            }
+
+            /// The driver behind this entry.
+            pub fn as_driver(&self) -> &dyn Driver {
+                match self { $( DriverConfig::$variant(c) => c as &dyn Driver, )* }
+            }
+        }
+    };
+}
+
+drivers! {
+    /// Generated POS transactions, scans and (feature `ble`) beacon sightings, for demos and for
+    /// stores where a device is not installed yet.
+    Simulated(simulated::SimulatedConfig) = "simulated",
     /// Read-only tap on the serial line between a POS and its ESC/POS receipt printer.
-    EscposTap(printer::EscposTapConfig),
+    EscposTap(printer::EscposTapConfig) = "escpos_tap",
     /// TCP (9100) pass-through in front of the receipt printer (network or serial).
-    PrinterProxy(printer::PrinterProxyConfig),
+    PrinterProxy(printer::PrinterProxyConfig) = "printer_proxy",
     /// Barcode scanner on a serial line.
-    Scanner(scanner::ScannerConfig),
+    Scanner(scanner::ScannerConfig) = "scanner",
     /// Scale polled over a serial line (Toledo 8217 or SMA).
-    Scale(scale::ScaleConfig),
+    Scale(scale::ScaleConfig) = "scale",
     /// Customer pole display showing offers for a lane.
-    CustomerDisplay(display::CustomerDisplayConfig),
+    CustomerDisplay(display::CustomerDisplayConfig) = "customer_display",
 }
 
 impl DriverConfig {
     /// The driver's unique name (component name in status and metrics).
     pub fn name(&self) -> &str {
-        match self {
-            DriverConfig::Simulated(c) => &c.name,
-            DriverConfig::EscposTap(c) => &c.name,
-            DriverConfig::PrinterProxy(c) => &c.name,
-            DriverConfig::Scanner(c) => &c.name,
-            DriverConfig::Scale(c) => &c.name,
-            DriverConfig::CustomerDisplay(c) => &c.name,
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            DriverConfig::Simulated(_) => "simulated",
-            DriverConfig::EscposTap(_) => "escpos_tap",
-            DriverConfig::PrinterProxy(_) => "printer_proxy",
-            DriverConfig::Scanner(_) => "scanner",
-            DriverConfig::Scale(_) => "scale",
-            DriverConfig::CustomerDisplay(_) => "customer_display",
-        }
+        self.as_driver().name()
     }
 
     /// Device paths or addresses this driver opens exclusively (a path named twice is an error).
     pub fn exclusive_resources(&self) -> Vec<String> {
-        match self {
-            DriverConfig::Simulated(_) => Vec::new(),
-            DriverConfig::EscposTap(c) => vec![c.serial.path.clone()],
-            DriverConfig::PrinterProxy(c) => c.exclusive_resources(),
-            DriverConfig::Scanner(c) => vec![c.serial.path.clone()],
-            DriverConfig::Scale(c) => vec![c.serial.path.clone()],
-            DriverConfig::CustomerDisplay(c) => vec![c.serial.path.clone()],
-        }
+        self.as_driver().exclusive_resources()
     }
 
     pub fn validate(&self, path: &str, problems: &mut Problems) {
-        match self {
-            DriverConfig::Simulated(c) => c.validate(path, problems),
-            DriverConfig::EscposTap(c) => c.validate(path, problems),
-            DriverConfig::PrinterProxy(c) => c.validate(path, problems),
-            DriverConfig::Scanner(c) => c.validate(path, problems),
-            DriverConfig::Scale(c) => c.validate(path, problems),
-            DriverConfig::CustomerDisplay(c) => c.validate(path, problems),
-        }
+        self.as_driver().validate(path, problems)
     }
 
     pub fn build(&self, ctx: ComponentContext) -> Result<Task, DriverError> {
-        match self {
-            DriverConfig::Simulated(c) => Ok(simulated::build(c.clone(), ctx)),
-            DriverConfig::EscposTap(c) => {
-                printer::build_tap(c.clone(), ctx).map_err(|reason| DriverError::Build {
-                    name: c.name.clone(),
-                    reason,
-                })
-            }
-            DriverConfig::PrinterProxy(c) => {
-                printer::build_proxy(c.clone(), ctx).map_err(|reason| DriverError::Build {
-                    name: c.name.clone(),
-                    reason,
-                })
-            }
-            DriverConfig::Scanner(c) => Ok(scanner::build(c.clone(), ctx)),
-            DriverConfig::Scale(c) => Ok(scale::build(c.clone(), ctx)),
-            DriverConfig::CustomerDisplay(c) => Ok(display::build(c.clone(), ctx)),
-        }
+        self.as_driver().build(ctx)
     }
 }
 
@@ -178,9 +185,79 @@ mod tests {
             let mut p = Problems::new();
             validate_drivers(&doc.drivers, "drivers", &mut p);
             assert!(p.is_empty(), "{p}\n{src}");
+            // The registered kind is the `type` the entry was written with.
+            let raw: toml::Table = toml::from_str(&src).unwrap_or_else(|e| panic!("{e}"));
+            let types = raw["drivers"].as_array().map(|a| {
+                a.iter()
+                    .map(|d| d["type"].as_str().unwrap_or_default().to_string())
+                    .collect::<Vec<_>>()
+            });
+            let kinds: Vec<String> = doc.drivers.iter().map(|d| d.kind().to_string()).collect();
+            assert_eq!(types, Some(kinds), "{src}");
             blocks += 1;
         }
         assert!(blocks >= 7, "{blocks} examples");
+    }
+
+    /// Every registered driver round-trips through its `type`, and `kind()` is that `type`.
+    #[test]
+    fn every_registered_kind_is_its_serde_type() {
+        for kind in DriverConfig::KINDS {
+            let src = format!("[[drivers]]\ntype = \"{kind}\"\n");
+            let Err(e) = toml::from_str::<Doc>(&src) else {
+                continue; // a type with no required keys (e.g. `simulated`) parses as is
+            };
+            let e = e.to_string();
+            assert!(
+                !e.contains("unknown variant"),
+                "{kind} is a registered type: {e}"
+            );
+        }
+        let d: Doc = toml::from_str("[[drivers]]\ntype = \"simulated\"\nname = \"sim\"\n").unwrap();
+        assert_eq!(d.drivers[0].kind(), "simulated");
+        assert_eq!(d.drivers[0].name(), "sim");
+        assert!(d.drivers[0].exclusive_resources().is_empty());
+        let bad = toml::from_str::<Doc>("[[drivers]]\ntype = \"bluetooth\"\nname = \"x\"\n");
+        let e = bad.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("unknown variant `bluetooth`, expected one of `simulated`, `escpos_tap`"),
+            "{e}"
+        );
+    }
+
+    /// Without the `ble` feature, simulated beacon sightings are off by default, and asking for
+    /// them is a config problem that names the feature (not a parse error).
+    #[cfg(not(feature = "ble"))]
+    #[test]
+    fn without_ble_simulated_sightings_are_a_config_problem() {
+        let d: Doc = toml::from_str("[[drivers]]\ntype = \"simulated\"\nname = \"sim\"\n").unwrap();
+        let mut p = Problems::new();
+        validate_drivers(&d.drivers, "drivers", &mut p);
+        assert!(p.is_empty(), "a POS-only simulated lane is valid: {p}");
+        let d: Doc = toml::from_str(
+            "[[drivers]]\ntype = \"simulated\"\nname = \"sim\"\nsightings_per_second = 2.0\n",
+        )
+        .unwrap();
+        let mut p = Problems::new();
+        validate_drivers(&d.drivers, "drivers", &mut p);
+        let text = p.to_string();
+        assert!(
+            text.contains("drivers[0].sightings_per_second: generating beacon sightings needs the `ble` feature"),
+            "{text}"
+        );
+    }
+
+    #[cfg(feature = "ble")]
+    #[test]
+    fn with_ble_simulated_sightings_are_on_by_default() {
+        let d: Doc = toml::from_str("[[drivers]]\ntype = \"simulated\"\nname = \"sim\"\n").unwrap();
+        let DriverConfig::Simulated(c) = &d.drivers[0] else {
+            panic!("a simulated driver")
+        };
+        assert_eq!(c.sightings_per_second, 2.0);
+        let mut p = Problems::new();
+        validate_drivers(&d.drivers, "drivers", &mut p);
+        assert!(p.is_empty(), "{p}");
     }
 
     #[test]

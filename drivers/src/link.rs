@@ -1,7 +1,9 @@
 //! What every device driver does around its device: report it up or down (status, the
 //! `edge_device_up` metric and an `agent.device/1` record in `agent.health`), back off with jitter
-//! between attempts, store events with backpressure, and dead-letter what it cannot parse.
+//! between attempts ([`device_backoff`]), store events with backpressure, and
+//! dead-letter what it cannot parse.
 
+use edge_core::backoff::{Backoff, Jitter, sleep_unless_cancelled};
 use edge_core::component::ComponentContext;
 use edge_core::deadletter::DeadLetter;
 use edge_core::log::{AppendOutcome, AppendRequest, LogError};
@@ -9,35 +11,10 @@ use edge_core::{Event, State};
 use serde_json::json;
 use std::time::Duration;
 
-/// Exponential backoff with full jitter between `min` and the current ceiling.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    ceiling: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff {
-            min,
-            max: max.max(min),
-            ceiling: min,
-        }
-    }
-
-    /// The next delay: uniformly random in [min, ceiling], then the ceiling doubles (up to max).
-    pub fn next_delay(&mut self) -> Duration {
-        let lo = self.min.as_millis() as u64;
-        let hi = (self.ceiling.as_millis() as u64).max(lo);
-        let d = Duration::from_millis(fastrand::u64(lo..=hi));
-        self.ceiling = (self.ceiling * 2).min(self.max);
-        d
-    }
-
-    pub fn reset(&mut self) {
-        self.ceiling = self.min;
-    }
+/// The backoff of device drivers: full jitter in `[min, ceiling]`, the ceiling doubling to `max`,
+/// so that devices that failed together do not retry together.
+pub fn device_backoff(min: Duration, max: Duration) -> Backoff {
+    Backoff::new(min, max).with_jitter(Jitter::Full)
 }
 
 /// One device of a driver: its up/down state as status, metric and health records.
@@ -59,12 +36,12 @@ impl DeviceLink {
             kind,
             device,
             up: None,
-            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+            backoff: device_backoff(Duration::from_millis(200), Duration::from_secs(10)),
         }
     }
 
     pub fn with_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.backoff = Backoff::new(min, max);
+        self.backoff = device_backoff(min, max);
         self
     }
 
@@ -100,10 +77,7 @@ impl DeviceLink {
                 .increment(1);
             self.health("down", &reason.to_string()).await;
         }
-        tokio::select! {
-            _ = self.ctx.shutdown.intake().cancelled() => false,
-            _ = tokio::time::sleep(delay) => true,
-        }
+        sleep_unless_cancelled(delay, self.ctx.shutdown.intake()).await
     }
 
     /// Writes the state change to `agent.health`. Best effort with a short deadline: a full or
@@ -148,7 +122,7 @@ pub async fn store(
     ctx: &ComponentContext,
     events: Vec<Event>,
 ) -> Result<Option<AppendOutcome>, LogError> {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    let mut backoff = device_backoff(Duration::from_millis(50), Duration::from_secs(5));
     let mut paused = false;
     loop {
         match ctx.log.append(AppendRequest::events(events.clone())).await {
@@ -167,9 +141,8 @@ pub async fn store(
                         "the local log is full; this device's events wait until the uplink frees space",
                     );
                 }
-                tokio::select! {
-                    _ = ctx.shutdown.intake().cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                if !backoff.sleep(ctx.shutdown.intake()).await {
+                    return Ok(None);
                 }
             }
             Err(e) => return Err(e),
@@ -203,26 +176,4 @@ pub fn fnv64(data: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_is_jittered_bounded_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
-        let mut seen = Vec::new();
-        for _ in 0..10 {
-            let d = b.next_delay();
-            assert!(d >= Duration::from_millis(100) && d <= Duration::from_millis(800));
-            seen.push(d);
-        }
-        assert!(
-            seen.windows(2).any(|w| w[0] != w[1]),
-            "jitter varies delays"
-        );
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
-    }
 }

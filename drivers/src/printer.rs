@@ -18,6 +18,7 @@ use crate::escpos::{CodePage, EndReason, Receipt, Segmenter, SegmenterConfig};
 use crate::link::{DeviceLink, dead_letter, fnv64};
 use crate::receipt::{self, LineKind, Template, TemplateConfig, TxContext};
 use crate::serial::{LineSettings, SerialConfig};
+use crate::{Driver, DriverError};
 use edge_core::component::{ComponentContext, Task};
 use edge_core::config::{Problems, join};
 use edge_core::event::base64_encode;
@@ -191,15 +192,41 @@ fn validate_common(
     template.validate(&join(path, "template"), problems);
 }
 
-impl EscposTapConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+impl Driver for EscposTapConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn exclusive_resources(&self) -> Vec<String> {
+        vec![self.serial.path.clone()]
+    }
+
+    fn build(&self, ctx: ComponentContext) -> Result<Task, DriverError> {
+        build_tap(self.clone(), ctx).map_err(|reason| DriverError::Build {
+            name: self.name.clone(),
+            reason,
+        })
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         self.serial.validate(&join(path, "serial"), problems);
         validate_common(&self.lane, &self.receipt, &self.template, path, problems);
     }
 }
 
-impl PrinterProxyConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+impl Driver for PrinterProxyConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn build(&self, ctx: ComponentContext) -> Result<Task, DriverError> {
+        build_proxy(self.clone(), ctx).map_err(|reason| DriverError::Build {
+            name: self.name.clone(),
+            reason,
+        })
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         validate_common(&self.lane, &self.receipt, &self.template, path, problems);
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             problems.push(
@@ -240,7 +267,7 @@ impl PrinterProxyConfig {
         }
     }
 
-    pub fn exclusive_resources(&self) -> Vec<String> {
+    fn exclusive_resources(&self) -> Vec<String> {
         let mut v = vec![format!("tcp-listen:{}", self.listen)];
         if let Some(s) = &self.printer.serial {
             v.push(s.path.clone());
@@ -832,7 +859,7 @@ async fn proxy_loop(
 /// Reports the printer down without sleeping: the next POS connection retries at once (the POS
 /// paces its retries; the proxy must not add its own delay to a print job).
 async fn printer_down(link: &mut DeviceLink, why: String) {
-    link.backoff = crate::link::Backoff::new(Duration::ZERO, Duration::ZERO);
+    link.backoff = crate::link::device_backoff(Duration::ZERO, Duration::ZERO);
     link.down_and_wait(why).await;
 }
 
@@ -951,7 +978,6 @@ async fn store_and_wait(
 mod tests {
     use super::*;
     use crate::escpos::{EndReason, Segmenter};
-    use edge_core::{Shutdown, Status};
     use serde_json::Value;
     use std::sync::Arc;
 
@@ -968,13 +994,7 @@ mod tests {
             edge_sync::log::SqliteLog::open(dir.path(), edge_sync::log::LogConfig::default())
                 .unwrap(),
         );
-        let ctx = ComponentContext {
-            store_id: Arc::from("s1"),
-            log,
-            shutdown: Shutdown::new(),
-            status: Status::new().register("p", "escpos_tap"),
-            data_dir: dir.path().to_path_buf(),
-        };
+        let ctx = ComponentContext::for_test(log, "p").with_store("s1");
         let opts = ReceiptOptions::default();
         let mut proc = ReceiptProcessor::new(
             "s1",

@@ -17,6 +17,7 @@
 
 use crate::link::{DeviceLink, dead_letter, store};
 use crate::serial::{LineSettings, SerialConfig};
+use crate::{Driver, DriverError};
 use edge_core::component::{ComponentContext, Task};
 use edge_core::config::{Problems, join};
 use edge_core::{Event, State};
@@ -87,8 +88,22 @@ impl ScaleConfig {
             ScaleProtocol::Sma => LineSettings::N81_9600,
         }
     }
+}
 
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+impl Driver for ScaleConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn exclusive_resources(&self) -> Vec<String> {
+        vec![self.serial.path.clone()]
+    }
+
+    fn build(&self, ctx: ComponentContext) -> Result<Task, DriverError> {
+        Ok(build(self.clone(), ctx))
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         self.serial.validate(&join(path, "serial"), problems);
         if self.lane.trim().is_empty() {
             problems.push(join(path, "lane"), "must name the lane, e.g. \"3\"");
@@ -452,7 +467,7 @@ async fn run(cfg: &ScaleConfig, ctx: &ComponentContext) {
                 if missed == cfg.offline_after
                     || (!answered_once && missed == 1 && link_is_starting(ctx))
                 {
-                    link.backoff = crate::link::Backoff::new(Duration::ZERO, Duration::ZERO);
+                    link.backoff = crate::link::device_backoff(Duration::ZERO, Duration::ZERO);
                     // Keep polling: a scale that is switched off answers again when switched on.
                     let _ = link.down_and_wait(format!("the scale on {} does not answer ({settings}; is it switched on and set to the {:?} protocol?)", cfg.serial.path, cfg.protocol)).await;
                 }
@@ -507,7 +522,7 @@ async fn run(cfg: &ScaleConfig, ctx: &ComponentContext) {
         };
         drop(port);
         link.backoff =
-            crate::link::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+            crate::link::device_backoff(Duration::from_millis(200), Duration::from_secs(10));
         if !link.down_and_wait(why).await {
             return;
         }

@@ -9,6 +9,7 @@
 
 use crate::link::{DeviceLink, dead_letter, store};
 use crate::serial::{LineSettings, SerialConfig};
+use crate::{Driver, DriverError};
 use edge_core::component::{ComponentContext, Task};
 use edge_core::config::{Problems, join};
 use edge_core::{Event, State};
@@ -100,8 +101,20 @@ fn default_weighed() -> Vec<WeighedPrefix> {
     }]
 }
 
-impl ScannerConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+impl Driver for ScannerConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn exclusive_resources(&self) -> Vec<String> {
+        vec![self.serial.path.clone()]
+    }
+
+    fn build(&self, ctx: ComponentContext) -> Result<Task, DriverError> {
+        Ok(build(self.clone(), ctx))
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         self.serial.validate(&join(path, "serial"), problems);
         if self.lane.trim().is_empty() {
             problems.push(join(path, "lane"), "must name the lane, e.g. \"3\"");

@@ -1,7 +1,13 @@
 //! Simulated devices for demos and tests: a POS lane producing transactions and item scans, and a
 //! set of BLE beacons producing sightings. Payloads follow the documented schemas
 //! (`docs/schemas/`), so everything downstream sees realistic data.
+//!
+//! The beacon sightings belong to the `ble` family (`ble::simulated`): without the `ble`
+//! feature `sightings_per_second` defaults to 0, and a config that sets it above 0 is a config
+//! problem that names the feature.
 
+use crate::{Driver, DriverError};
+use edge_core::backoff::{Backoff, Jitter};
 use edge_core::component::{ComponentContext, Task};
 use edge_core::config::{Problems, join};
 use edge_core::log::{AppendRequest, LogError};
@@ -18,7 +24,8 @@ pub struct SimulatedConfig {
     pub lane: String,
     /// Completed sales per minute (0 disables); each sale also produces one scan per line.
     pub transactions_per_minute: f64,
-    /// Beacon sightings per second (0 disables), spread over `beacons` beacons.
+    /// Beacon sightings per second (0 disables), spread over `beacons` beacons. Needs the `ble`
+    /// feature (default 2, or 0 in a build without `ble`).
     pub sightings_per_second: f64,
     pub beacons: u32,
     /// Stop after this many transactions (0 = run until shutdown). Useful for tests.
@@ -31,15 +38,23 @@ impl Default for SimulatedConfig {
             name: "simulated".into(),
             lane: "lane-1".into(),
             transactions_per_minute: 12.0,
-            sightings_per_second: 2.0,
+            sightings_per_second: if cfg!(feature = "ble") { 2.0 } else { 0.0 },
             beacons: 4,
             max_transactions: 0,
         }
     }
 }
 
-impl SimulatedConfig {
-    pub fn validate(&self, path: &str, problems: &mut Problems) {
+impl Driver for SimulatedConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn build(&self, ctx: ComponentContext) -> Result<Task, DriverError> {
+        Ok(build(self.clone(), ctx))
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
         if !(0.0..=600_000.0).contains(&self.transactions_per_minute) {
             problems.push(
                 join(path, "transactions_per_minute"),
@@ -50,6 +65,12 @@ impl SimulatedConfig {
             problems.push(
                 join(path, "sightings_per_second"),
                 "must be between 0 and 100000",
+            );
+        }
+        if !cfg!(feature = "ble") && self.sightings_per_second > 0.0 {
+            problems.push(
+                join(path, "sightings_per_second"),
+                crate::family::missing::<crate::family::Ble>("generating beacon sightings"),
             );
         }
         if self.sightings_per_second > 0.0 && self.beacons == 0 {
@@ -130,26 +151,10 @@ fn transaction(store: &str, lane: &str, n: u64, now_ms: i64) -> (Event, Vec<Even
     (tx, scans)
 }
 
-fn sighting(store: &str, beacons: u32, now_ms: i64) -> Event {
-    let b = fastrand::u32(0..beacons.max(1));
-    let rssi = -40 - fastrand::i32(0..50);
-    let payload = json!({
-        "schema": "beacon.sighting/1", "store": store, "beacon": format!("sim-beacon-{b}"),
-        "uuid": "f7826da6-4fa2-4e98-8024-bc5b71e0893e", "major": 1, "minor": b,
-        "rssi": rssi, "tx_power": -59, "receiver": "sim-receiver-1", "ts": now_ms,
-    });
-    Event::new(
-        "beacon.sightings",
-        serde_json::to_vec(&payload).unwrap_or_default(),
-    )
-    .with_event_ts(now_ms)
-    .with_source("sim-receiver-1")
-    .with_schema("beacon.sighting/1")
-}
-
 /// Appends with backpressure: a full log is retried (the simulation pauses), a closed log ends it.
 async fn store(ctx: &ComponentContext, events: Vec<Event>) -> Result<bool, LogError> {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff =
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).with_jitter(Jitter::None);
     loop {
         match ctx.log.append(AppendRequest::events(events.clone())).await {
             Ok(_) => return Ok(true),
@@ -158,22 +163,35 @@ async fn store(ctx: &ComponentContext, events: Vec<Event>) -> Result<bool, LogEr
                     State::Degraded,
                     "the local log is full; the simulation is paused",
                 );
-                tokio::select! {
-                    _ = ctx.shutdown.intake().cancelled() => return Ok(false),
-                    _ = tokio::time::sleep(delay) => {}
+                if !backoff.sleep(ctx.shutdown.intake()).await {
+                    return Ok(false);
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(e),
         }
     }
 }
 
+#[cfg(feature = "ble")]
+fn sightings(ctx: &ComponentContext, cfg: &SimulatedConfig) -> Vec<Event> {
+    vec![crate::ble::simulated::sighting(
+        &ctx.store_id,
+        cfg.beacons,
+        edge_core::time::now_ms(),
+    )]
+}
+
+/// Without `ble` the sighting tick never runs (and validation refuses `sightings_per_second > 0`).
+#[cfg(not(feature = "ble"))]
+fn sightings(_ctx: &ComponentContext, _cfg: &SimulatedConfig) -> Vec<Event> {
+    Vec::new()
+}
+
 pub fn build(cfg: SimulatedConfig, ctx: ComponentContext) -> Task {
     Box::pin(async move {
         let tx_every = (cfg.transactions_per_minute > 0.0)
             .then(|| Duration::from_secs_f64(60.0 / cfg.transactions_per_minute));
-        let sight_every = (cfg.sightings_per_second > 0.0)
+        let sight_every = (cfg!(feature = "ble") && cfg.sightings_per_second > 0.0)
             .then(|| Duration::from_secs_f64(1.0 / cfg.sightings_per_second));
         let far = Duration::from_secs(365 * 24 * 3600);
         let mut tx_tick = tokio::time::interval(tx_every.unwrap_or(far));
@@ -197,9 +215,7 @@ pub fn build(cfg: SimulatedConfig, ctx: ComponentContext) -> Task {
                     scans.push(tx);
                     scans
                 }
-                _ = sight_tick.tick(), if sight_every.is_some() => {
-                    vec![sighting(&ctx.store_id, cfg.beacons, edge_core::time::now_ms())]
-                }
+                _ = sight_tick.tick(), if sight_every.is_some() => sightings(&ctx, &cfg),
             };
             if !store(&ctx, events).await? {
                 break;
@@ -215,7 +231,6 @@ pub fn build(cfg: SimulatedConfig, ctx: ComponentContext) -> Task {
 mod tests {
     use super::*;
     use edge_core::log::Log;
-    use edge_core::{Shutdown, Status};
     use std::sync::Arc;
 
     #[tokio::test]
@@ -225,15 +240,9 @@ mod tests {
             edge_sync::log::SqliteLog::open(dir.path(), edge_sync::log::LogConfig::default())
                 .unwrap(),
         );
-        let shutdown = Shutdown::new();
-        let status = Status::new();
-        let ctx = ComponentContext {
-            store_id: Arc::from("store-42"),
-            log: log.clone(),
-            shutdown: shutdown.clone(),
-            status: status.register("sim", "simulated"),
-            data_dir: dir.path().to_path_buf(),
-        };
+        let ctx = ComponentContext::for_test(log.clone(), "sim").with_store("store-42");
+        let shutdown = ctx.shutdown.clone();
+        let status = ctx.status.registry().clone();
         let cfg = SimulatedConfig {
             transactions_per_minute: 60_000.0,
             sightings_per_second: 0.0,

@@ -14,8 +14,8 @@
 //!   config) and is not restarted.
 
 use edge_core::State;
+use edge_core::backoff::Backoff;
 use edge_core::component::{ComponentContext, ComponentError, Task};
-use edge_sync::kafka::client::Backoff;
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, RwLock};

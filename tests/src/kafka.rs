@@ -597,13 +597,11 @@ impl Store {
     }
 
     fn ctx(&self, name: &str) -> ComponentContext {
-        ComponentContext {
-            store_id: Arc::from(self.id.as_str()),
-            log: self.log.clone(),
-            shutdown: self.shutdown.clone(),
-            status: self.status.register(name, name),
-            data_dir: self.dir.path().to_path_buf(),
-        }
+        ComponentContext::for_test(self.log.clone(), name)
+            .with_store(&self.id)
+            .with_shutdown(&self.shutdown)
+            .with_status(&self.status, name)
+            .with_data_dir(self.dir.path())
     }
 
     pub fn start_uplink(&mut self, cfg: KafkaConfig) {

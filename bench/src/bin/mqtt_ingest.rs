@@ -119,13 +119,11 @@ async fn agent(port: u16, a: &Args, round: usize) -> (f64, f64) {
         }],
         ..MqttConfig::default()
     };
-    let ctx = ComponentContext {
-        store_id: Arc::from("bench"),
-        log: log.clone(),
-        shutdown: shutdown.clone(),
-        status: status.register("mqtt", "mqtt"),
-        data_dir: dir.path().to_path_buf(),
-    };
+    let ctx = ComponentContext::for_test(log.clone(), "mqtt")
+        .with_store("bench")
+        .with_shutdown(&shutdown)
+        .with_status(&status, "mqtt")
+        .with_data_dir(dir.path());
     let task = tokio::spawn(edge_sync::mqtt::build(cfg, ctx).expect("bridge"));
     while status.get("mqtt").map(|s| s.state) != Some(edge_core::State::Up) {
         tokio::time::sleep(Duration::from_millis(5)).await;

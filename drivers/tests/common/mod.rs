@@ -99,13 +99,11 @@ impl Harness {
     }
 
     pub fn ctx(&self, name: &str, kind: &str) -> ComponentContext {
-        ComponentContext {
-            store_id: Arc::from("store-7"),
-            log: self.log.clone(),
-            shutdown: self.shutdown.clone(),
-            status: self.status.register(name, kind),
-            data_dir: self.dir.path().to_path_buf(),
-        }
+        ComponentContext::for_test(self.log.clone(), name)
+            .with_store("store-7")
+            .with_shutdown(&self.shutdown)
+            .with_status(&self.status, kind)
+            .with_data_dir(self.dir.path())
     }
 
     /// All records of a stream.

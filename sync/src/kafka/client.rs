@@ -241,35 +241,8 @@ impl ClientContext for LinkContext {
 /// For group-less consumers that only ask for metadata (`probe`).
 impl rdkafka::consumer::ConsumerContext for LinkContext {}
 
-/// Jittered exponential backoff for reconnect loops.
-#[derive(Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    /// The next delay (with +-25 % jitter), doubling up to the maximum.
-    pub fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let jitter = 0.75 + fastrand::f64() * 0.5;
-        base.mul_f64(jitter).min(self.max)
-    }
-
-    pub fn reset(&mut self) {
-        self.next = self.min;
-    }
-}
+/// The reconnect backoff of the uplink and downlink: the core one, with its default +-25 % jitter.
+pub use edge_core::backoff::Backoff;
 
 #[cfg(test)]
 mod tests {
@@ -319,17 +292,5 @@ mod tests {
             None
         );
         assert_eq!(c.gate("another kind of message"), Some(0));
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
-        let d1 = b.next_delay();
-        assert!(d1 >= Duration::from_millis(75) && d1 <= Duration::from_millis(125));
-        for _ in 0..10 {
-            assert!(b.next_delay() <= Duration::from_millis(1000));
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(125));
     }
 }

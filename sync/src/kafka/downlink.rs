@@ -181,10 +181,8 @@ async fn run(
             }
             Stop::Retry(detail) => {
                 ctx.status.set(State::Down, detail);
-                let d = backoff.next_delay();
-                tokio::select! {
-                    _ = ctx.shutdown.intake().cancelled() => break,
-                    _ = tokio::time::sleep(d) => {}
+                if !backoff.sleep(ctx.shutdown.intake()).await {
+                    break;
                 }
             }
         }

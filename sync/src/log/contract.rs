@@ -1113,6 +1113,137 @@ pub(crate) async fn free_space_floor_evicts_like_an_exceeded_budget<E: Engine>()
     log.close().await.unwrap();
 }
 
+/// Seqs of a batch's records.
+fn seqs(b: &ReadBatch) -> Vec<u64> {
+    b.records.iter().map(|r| r.seq).collect()
+}
+
+/// The core cursor reader on this engine: in order, again until committed, waits for commits,
+/// resumes from the committed cursor after re-creation and after a reopen of the log.
+pub(crate) async fn cursor_reader_reads_in_order_waits_and_resumes<E: Engine>() {
+    use edge_core::cursor::{CursorReader, Start};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> = Arc::new(open::<E>(dir.path()));
+    log.append(AppendRequest::events((1..=5).map(|i| ev("s", i)).collect()))
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let limits = ReadLimits {
+        max_records: 2,
+        max_bytes: 1 << 20,
+    };
+    let mut r = CursorReader::open(log.clone(), "reader", "s", Start::Earliest)
+        .await
+        .unwrap()
+        .with_limits(limits);
+    let b = r.next_batch(&cancel).await.unwrap().expect("a batch");
+    assert_eq!(seqs(&b), [1, 2]);
+    let again = r.next_batch(&cancel).await.unwrap().expect("a batch");
+    assert_eq!(seqs(&again), [1, 2], "an uncommitted batch is read again");
+    r.commit(b.next_seq).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(b) = r.try_batch().await.unwrap() {
+        got.extend(seqs(&b));
+        r.commit(b.next_seq).await.unwrap();
+    }
+    assert_eq!(got, [3, 4, 5], "the rest, in order");
+    assert_eq!(r.next_seq(), 6);
+    assert_eq!(log.cursor("reader", "s").await.unwrap(), Some(6));
+
+    // Caught up: the reader waits until a new record is committed.
+    let waiting = tokio::spawn(async move {
+        let c = CancellationToken::new();
+        let b = r.next_batch(&c).await;
+        (r, b)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "a caught-up reader waits");
+    log.append(AppendRequest::one(ev("s", 6))).await.unwrap();
+    let (r, b) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("woken by the commit")
+        .unwrap();
+    assert_eq!(seqs(&b.unwrap().expect("a batch")), [6]);
+    drop(r); // seq 6 was read, not committed
+
+    // Re-created with the same names: from the committed cursor.
+    let mut r = CursorReader::open(log.clone(), "reader", "s", Start::Latest)
+        .await
+        .unwrap();
+    assert_eq!(r.next_seq(), 6, "a committed cursor wins over the start");
+    let b = r.try_batch().await.unwrap().expect("seq 6 again");
+    assert_eq!(seqs(&b), [6]);
+    r.commit(b.next_seq).await.unwrap();
+    assert!(r.try_batch().await.unwrap().is_none());
+    drop(r);
+
+    // A new cursor at the head, remembered or not.
+    let mut late = CursorReader::open(log.clone(), "late", "s", Start::Latest)
+        .await
+        .unwrap();
+    assert_eq!(late.next_seq(), 7);
+    assert!(late.try_batch().await.unwrap().is_none());
+    assert_eq!(
+        log.cursor("late", "s").await.unwrap(),
+        None,
+        "open writes nothing"
+    );
+    late.remember_start().await.unwrap();
+    assert_eq!(log.cursor("late", "s").await.unwrap(), Some(7));
+    drop(late);
+
+    // Across a restart of the log.
+    log.close().await.unwrap();
+    drop(log);
+    let log: Arc<dyn Log> = Arc::new(open::<E>(dir.path()));
+    log.append(AppendRequest::one(ev("s", 7))).await.unwrap();
+    let mut r = CursorReader::open(log.clone(), "reader", "s", Start::Earliest)
+        .await
+        .unwrap();
+    let b = r
+        .try_batch()
+        .await
+        .unwrap()
+        .expect("the record after the cursor");
+    assert_eq!(seqs(&b), [7]);
+    drop(r);
+    log.close().await.unwrap();
+}
+
+/// A reader waiting for records returns when its cancel token fires.
+pub(crate) async fn cursor_reader_stops_on_shutdown<E: Engine>() {
+    use edge_core::cursor::{CursorReader, Start};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> = Arc::new(open::<E>(dir.path()));
+    log.append(AppendRequest::one(ev("s", 1))).await.unwrap();
+    let mut r = CursorReader::open(log.clone(), "reader", "s", Start::Latest)
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let waiting = tokio::spawn(async move { r.next_batch(&c).await.map(|b| b.is_some()) });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiting.is_finished(), "nothing after the head: it waits");
+    cancel.cancel();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("returns once cancelled")
+        .unwrap()
+        .unwrap();
+    assert!(!got, "a cancelled wait returns no batch");
+    // Cancelled before the call: no read, even with records to read.
+    let mut r = CursorReader::open(log.clone(), "other", "s", Start::Earliest)
+        .await
+        .unwrap();
+    assert!(r.next_batch(&cancel).await.unwrap().is_none());
+    drop(r);
+    log.close().await.unwrap();
+}
+
 macro_rules! contract_suite {
     ($name:ident, $engine:ty) => {
         mod $name {
@@ -1139,6 +1270,8 @@ macro_rules! contract_suite {
                 unreadable_database_is_moved_aside_with_new_epoch,
                 integrity_check_reports_a_damaged_page,
                 free_space_floor_evicts_like_an_exceeded_budget,
+                cursor_reader_reads_in_order_waits_and_resumes,
+                cursor_reader_stops_on_shutdown,
             );
         }
     };

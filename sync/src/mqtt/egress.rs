@@ -19,9 +19,11 @@ use super::topic::{
 };
 use edge_core::Record;
 use edge_core::State;
+use edge_core::backoff::{Backoff, Jitter, sleep_unless_cancelled};
 use edge_core::component::{ComponentContext, ComponentError};
+use edge_core::cursor::{CursorReader, Start};
 use edge_core::deadletter::{DEFAULT_KEEP_BYTES, DeadLetter};
-use edge_core::log::{AppendRequest, CursorMove, ReadLimits};
+use edge_core::log::ReadLimits;
 use rumqttc::v5::AsyncClient;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
@@ -35,8 +37,7 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct RuleState {
     rule: EgressRule,
-    cursor: String,
-    next_seq: u64,
+    reader: CursorReader,
 }
 
 /// Runs egress until shutdown; an error (a log read failing, the client gone) is reported and the
@@ -47,11 +48,13 @@ pub(crate) async fn run(
     link: Arc<Link>,
     ctx: ComponentContext,
 ) {
-    let mut delay = Duration::from_millis(500);
+    let mut backoff =
+        Backoff::new(Duration::from_millis(500), Duration::from_secs(30)).with_jitter(Jitter::None);
     loop {
         match run_once(&rules, &client, &link, &ctx).await {
             Ok(()) => return,
             Err(e) => {
+                let delay = backoff.next_delay();
                 metrics::counter!("edge_mqtt_egress_errors_total").increment(1);
                 ctx.status.set(
                     State::Degraded,
@@ -59,11 +62,9 @@ pub(crate) async fn run(
                         "MQTT egress failed: {e}; restarting from the durable cursors in {delay:?}"
                     ),
                 );
-                tokio::select! {
-                    _ = ctx.shutdown.all().cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
+                if !sleep_unless_cancelled(delay, ctx.shutdown.all()).await {
+                    return;
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -77,26 +78,24 @@ async fn run_once(
 ) -> Result<(), ComponentError> {
     let mut states = Vec::new();
     for rule in rules.iter().cloned() {
-        let cursor = rule.cursor_name();
-        let next_seq = match ctx.log.cursor(&cursor, &rule.stream).await? {
-            Some(s) => s,
-            None => {
-                let start = match rule.start_at {
-                    StartAt::Earliest => 1,
-                    StartAt::Latest => ctx.log.next_seq(&rule.stream).unwrap_or(1),
-                };
-                // Remember the start so a restart neither skips nor replays.
-                ctx.log
-                    .append(AppendRequest::cursor(&cursor, &rule.stream, start))
-                    .await?;
-                start
-            }
+        let start = match rule.start_at {
+            StartAt::Earliest => Start::Earliest,
+            StartAt::Latest => Start::Latest,
         };
-        states.push(RuleState {
-            rule,
-            cursor,
-            next_seq,
+        let mut reader = CursorReader::open(
+            ctx.log.clone(),
+            rule.cursor_name(),
+            rule.stream.clone(),
+            start,
+        )
+        .await?
+        .with_limits(ReadLimits {
+            max_records: BATCH,
+            max_bytes: 4 << 20,
         });
+        // Remember the start so a restart neither skips nor replays.
+        reader.remember_start().await?;
+        states.push(RuleState { rule, reader });
     }
     let mut commits = ctx.log.subscribe();
     let mut connected = link.connected.subscribe();
@@ -115,24 +114,9 @@ async fn run_once(
             if stop.is_cancelled() {
                 return Ok(());
             }
-            let head = ctx.log.next_seq(&st.rule.stream).unwrap_or(1);
-            if st.next_seq >= head {
+            let Some(batch) = st.reader.try_batch().await? else {
                 continue;
-            }
-            let batch = ctx
-                .log
-                .read(
-                    &st.rule.stream,
-                    st.next_seq,
-                    ReadLimits {
-                        max_records: BATCH,
-                        max_bytes: 4 << 20,
-                    },
-                )
-                .await?;
-            if batch.next_seq <= st.next_seq {
-                continue;
-            }
+            };
             let baseline = link.pubacks.load(Ordering::Acquire);
             let mut sent = 0u64;
             let mut skipped = 0u64;
@@ -227,20 +211,9 @@ async fn run_once(
                 tracing::warn!(stream = %st.rule.stream, records = dead.len(), "MQTT egress cannot publish records whose values give no valid MQTT topic; they went to the deadletter stream and egress moved on");
             }
             // The dead letters commit with the cursor move: once each, even across a crash.
-            ctx.log
-                .append(AppendRequest {
-                    events: dead,
-                    cursors: vec![CursorMove {
-                        cursor: st.cursor.clone(),
-                        stream: st.rule.stream.clone(),
-                        next_seq: batch.next_seq,
-                    }],
-                    kv: Vec::new(),
-                })
-                .await?;
+            st.reader.commit_with(batch.next_seq, dead).await?;
             metrics::counter!("edge_mqtt_egress_published_total", "stream" => st.rule.stream.clone())
                 .increment(sent);
-            st.next_seq = batch.next_seq;
             published_any = true;
         }
         if !published_any {

@@ -32,6 +32,7 @@ pub mod topic;
 pub use config::{EgressRule, IngressRule, MqttConfig, MqttTls, StartAt};
 
 use edge_core::State;
+use edge_core::backoff::{Backoff, Jitter};
 use edge_core::component::{ComponentContext, Task};
 use edge_core::log::{AppendRequest, AppendTicket, LogError};
 use ingress::{CompiledRule, Limits, Rejection};
@@ -227,7 +228,11 @@ async fn poll_loop(
     stop: CancellationToken,
 ) {
     let broker = format!("{}:{}", cfg.host, cfg.port);
-    let mut backoff = cfg.reconnect_min;
+    // 0.5..1.5 times a step that doubles from reconnect_min to reconnect_max, back to
+    // reconnect_min on every CONNACK.
+    let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max)
+        .with_jitter(Jitter::Spread(0.5))
+        .may_exceed_max();
     loop {
         let ev = tokio::select! {
             _ = stop.cancelled() => break,
@@ -236,7 +241,7 @@ async fn poll_loop(
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 let generation = link.generation.fetch_add(1, Ordering::AcqRel) + 1;
-                backoff = cfg.reconnect_min;
+                backoff.reset();
                 if !ack.session_present && !filters.is_empty() {
                     // A new session has no subscriptions (first start, or the broker lost it).
                     if let Err(e) = client.try_subscribe_many(filters.clone()) {
@@ -311,7 +316,6 @@ async fn poll_loop(
                 if stop.is_cancelled() {
                     break;
                 }
-                let jittered = backoff.mul_f64(0.5 + fastrand::f64());
                 let what = match &e {
                     rumqttc::v5::ConnectionError::ConnectionRefused(code) => format!(
                         "the MQTT broker {broker} refused the connection ({code:?}): check mqtt.username, mqtt.password_file and the broker's ACL"
@@ -326,11 +330,9 @@ async fn poll_loop(
                     State::Down,
                     format!("{what}; retrying (backoff up to {:?})", cfg.reconnect_max),
                 );
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(jittered) => {}
+                if !backoff.sleep(&stop).await {
+                    break;
                 }
-                backoff = (backoff * 2).min(cfg.reconnect_max);
             }
         }
     }
@@ -449,7 +451,8 @@ async fn ack_loop(
             }
         };
         let Some(mut p) = next else { break };
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+            .with_jitter(Jitter::None);
         let outcome = loop {
             match (&mut p.ticket).await {
                 Ok(o) => break Some(o),
@@ -464,11 +467,9 @@ async fn ack_loop(
                         );
                         degraded = true;
                     }
-                    tokio::select! {
-                        _ = ctx.shutdown.all().cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                    if !backoff.sleep(ctx.shutdown.all()).await {
+                        return;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                     match ctx.log.submit(p.request.clone()).await {
                         Ok(t) => p.ticket = t,
                         Err(_) => return,
@@ -504,11 +505,9 @@ async fn ack_loop(
                     {
                         // Even the dead letter was refused: hold the ack and retry with backoff.
                         tracing::error!(error = %e, "the local log refused a dead letter; the message stays unacked and is retried");
-                        tokio::select! {
-                            _ = ctx.shutdown.all().cancelled() => return,
-                            _ = tokio::time::sleep(delay) => {}
+                        if !backoff.sleep(ctx.shutdown.all()).await {
+                            return;
                         }
-                        delay = (delay * 2).min(Duration::from_secs(5));
                     }
                     let events = p
                         .messages

@@ -18,8 +18,8 @@ use super::{
     UNTRACKED_LANE, UplinkError, extra_headers, send_blocking, send_record,
 };
 use crate::kafka::checkpoint::{Checkpoint, StreamCheckpoint, read_checkpoint};
-use crate::kafka::client::Backoff;
 use crate::kafka::config::TXN_MAX_OPEN_MS;
+use edge_core::backoff::Backoff;
 use edge_core::log::AppendTicket;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
