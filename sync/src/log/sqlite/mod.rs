@@ -13,7 +13,10 @@
 //!
 //! A lock file next to the database (`flock`) keeps a second agent from opening the same log.
 
+mod evict;
+mod quarantine;
 pub(crate) mod queries;
+mod retention;
 mod writer;
 
 use super::{
