@@ -7,6 +7,7 @@ pub mod agent;
 pub mod kafka;
 pub mod mosquitto;
 pub mod publisher;
+pub mod tmpfs;
 
 use std::time::{Duration, Instant};
 

@@ -17,6 +17,7 @@ mod evict;
 mod quarantine;
 pub(crate) mod queries;
 mod retention;
+mod space;
 mod writer;
 
 use super::{
@@ -211,6 +212,7 @@ impl SqliteLog {
             full: AtomicBool::new(false),
             usage: Mutex::new(DiskUsage {
                 budget_bytes: cfg.disk_budget.as_u64(),
+                min_free_bytes: cfg.min_free_disk.as_u64(),
                 ..Default::default()
             }),
             integrity: Mutex::new(IntegrityState::NotRun),
@@ -224,7 +226,7 @@ impl SqliteLog {
             *shared.integrity.lock().unwrap_or_else(|e| e.into_inner()) = state;
         }
 
-        let writer = Writer::new(conn, cfg.clone(), dir.clone(), shared.clone())?;
+        let writer = Writer::new(conn, cfg.clone(), &path, shared.clone())?;
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
         let mut threads = Vec::new();
         threads.push(
@@ -826,23 +828,24 @@ impl LogInspector {
         )
     }
 
+    /// Disk use as the files show it. The per-class figures and the full state are the running
+    /// writer's (the daemon's `/status`); here they are empty and `full` is false.
     pub fn usage(&self) -> Result<DiskUsage, LogError> {
         let (used, file) =
             queries::page_usage(&self.conn).map_err(storage("measuring disk use"))?;
         let wal = PathBuf::from(format!("{}-wal", self.path.display()));
-        let fs_free = self
-            .path
-            .parent()
-            .and_then(|d| nix::sys::statvfs::statvfs(d).ok())
-            .map(|s| s.blocks_available() * s.fragment_size())
-            .unwrap_or(0);
+        let fs_free = self.path.parent().and_then(space::fs_free).unwrap_or(0);
         Ok(DiskUsage {
             used_bytes: used,
             file_bytes: file,
+            reclaimable_bytes: file.saturating_sub(used),
             wal_bytes: std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0),
+            reserve_bytes: space::reserve_bytes(&self.path),
+            moved_aside_bytes: space::moved_aside_bytes(&self.path),
             budget_bytes: self.config.disk_budget.as_u64(),
             fs_free_bytes: fs_free,
-            full: false,
+            min_free_bytes: self.config.min_free_disk.as_u64(),
+            ..Default::default()
         })
     }
 }

@@ -5,10 +5,12 @@ use super::evict::EVICT_CHUNK;
 use super::queries::storage;
 use super::writer::Writer;
 use crate::log::{LogError, MaintenanceReport};
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 
 /// Dedup entries forgotten per maintenance pass at most (bounds the pass's duration).
 const DEDUP_PRUNE_CHUNK: i64 = 200_000;
+/// Reported gap markers pruned per maintenance pass at most.
+const GAP_PRUNE_CHUNK: i64 = 10_000;
 
 impl Writer {
     fn retention(&mut self, report: &mut MaintenanceReport) -> Result<(), LogError> {
@@ -48,17 +50,91 @@ impl Writer {
         Ok(())
     }
 
+    /// The id of the last gap the uplink reported to HQ (`<mirror_cursor>.gap_id`, written by
+    /// the uplink after the Kafka commit that carried it).
+    fn reported_gap_id(&self) -> Result<i64, LogError> {
+        let v: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT value FROM kv WHERE key = ?1")
+            .and_then(|mut s| {
+                s.query_row([format!("{}.gap_id", self.cfg.mirror_cursor)], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(storage("reading the reported gap id"))?;
+        Ok(v.and_then(|v| String::from_utf8(v).ok())
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .unwrap_or(0)
+            .max(0))
+    }
+
+    /// Deletes gap markers HQ already has, folding their counts into `gap_totals` in the same
+    /// transaction, so the summary in status keeps counting them.
+    fn prune_gaps(&mut self, report: &mut MaintenanceReport) -> Result<(), LogError> {
+        let reported = self.reported_gap_id()?;
+        if reported == 0 {
+            return Ok(());
+        }
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(storage("beginning to prune gaps"))?;
+        let r = (|| -> Result<u64, LogError> {
+            let upto: Option<i64> = self
+                .conn
+                .query_row(
+                    "SELECT max(id) FROM (SELECT id FROM gaps WHERE id <= ?1 ORDER BY id LIMIT ?2)",
+                    params![reported, GAP_PRUNE_CHUNK],
+                    |r| r.get(0),
+                )
+                .map_err(storage("selecting reported gaps"))?;
+            let Some(upto) = upto else {
+                return Ok(0);
+            };
+            self.conn
+                .execute(
+                    "INSERT INTO gap_totals (stream_id, kind, ranges, records)
+                     SELECT stream_id, substr(reason, 1, instr(reason || ':', ':') - 1) AS k,
+                            count(*), coalesce(sum(count), 0)
+                       FROM gaps WHERE id <= ?1 GROUP BY stream_id, k
+                     ON CONFLICT (stream_id, kind) DO UPDATE SET
+                       ranges = ranges + excluded.ranges, records = records + excluded.records",
+                    [upto],
+                )
+                .map_err(storage("counting pruned gaps"))?;
+            let n = self
+                .conn
+                .execute("DELETE FROM gaps WHERE id <= ?1", [upto])
+                .map_err(storage("pruning reported gaps"))?;
+            Ok(n as u64)
+        })();
+        match r {
+            Ok(n) => {
+                self.conn
+                    .execute_batch("COMMIT")
+                    .map_err(storage("committing pruned gaps"))?;
+                report.gaps_pruned += n;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
     pub(super) fn maintain(&mut self) -> Result<MaintenanceReport, LogError> {
         let mut report = MaintenanceReport::default();
         self.retention(&mut report)?;
         self.prune_dedup(&mut report)?;
-        self.refresh_fs_low(true);
+        self.prune_gaps(&mut report)?;
+        self.refresh_fs(true);
+        self.measure_classes();
         if self.over_limits()? {
             self.evict(&mut report)?;
         } else {
-            self.set_full(false);
+            self.set_full(None);
+            self.reclaim(&mut report)?;
         }
-        report.full = self.full;
+        report.full = self.space.full;
         if report.retention_deleted + report.mirrored_evicted + report.unmirrored_evicted > 0 {
             self.shared.generation.send_modify(|g| *g += 1);
         }

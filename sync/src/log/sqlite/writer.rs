@@ -16,12 +16,14 @@
 //! applied again with a SAVEPOINT per request; the failing request alone gets its error.
 
 use super::Shared;
+use super::evict::Space;
 use super::queries::{self, refusal, row_id, storage};
+use super::space::{MovedAside, Reserve};
 use crate::log::{AppendOutcome, AppendRequest, Appended, LogConfig, LogError, MaintenanceReport};
 use edge_core::Event;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
@@ -86,18 +88,17 @@ pub(super) struct Writer {
     pub(super) shared: Arc<Shared>,
     pub(super) streams: HashMap<String, StreamState>,
     pub(super) max_stream_id: i64,
-    pub(super) full: bool,
-    pub(super) last_fs_check: Option<Instant>,
-    pub(super) fs_low: bool,
+    pub(super) space: Space,
 }
 
 impl Writer {
     pub(super) fn new(
         conn: Connection,
         cfg: LogConfig,
-        data_dir: PathBuf,
+        db: &Path,
         shared: Arc<Shared>,
     ) -> Result<Writer, LogError> {
+        let data_dir = db.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut streams = HashMap::new();
         let mut max_stream_id = 0;
         {
@@ -130,9 +131,17 @@ impl Writer {
             shared,
             streams,
             max_stream_id,
-            full: false,
-            last_fs_check: None,
-            fs_low: false,
+            space: Space {
+                full: false,
+                full_cause: None,
+                last_fs_check: None,
+                last_reclaim: None,
+                fs_free: None,
+                recheck: false,
+                reserve: Reserve::open(db),
+                aside: MovedAside::rotate(db),
+                classes: Default::default(),
+            },
         };
         w.publish_heads();
         Ok(w)
@@ -142,6 +151,7 @@ impl Writer {
         let window = self.cfg.commit_window();
         let max_records = self.cfg.max_batch_records;
         // Budget state of an existing database is known before the first append.
+        self.measure_classes();
         self.check_budget();
         while let Some(first) = rx.blocking_recv() {
             let started = Instant::now();
@@ -239,7 +249,7 @@ impl Writer {
                 WriterMsg::Append(req, reply) => {
                     if let Some(e) = validate(&req) {
                         replies.push((reply, Err(e)));
-                    } else if self.full && !req.events.is_empty() {
+                    } else if self.space.full && !req.events.is_empty() {
                         metrics::counter!("edge_log_appends_refused_total", "reason" => "full")
                             .increment(req.events.len() as u64);
                         replies.push((reply, Err(LogError::Full)));
@@ -316,6 +326,8 @@ impl Writer {
             Err(ApplyError::Request(e) | ApplyError::Batch(e)) => {
                 tracing::error!(error = %e, "a log commit failed; the batch is rejected and its sources will retry");
                 metrics::counter!("edge_log_commit_failures_total").increment(1);
+                // A full filesystem is the usual cause: look at it now, not within a second.
+                self.space.recheck = true;
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.streams = before;
                 self.max_stream_id = max_id_before;
