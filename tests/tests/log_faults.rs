@@ -365,7 +365,7 @@ fn a_floor_below_the_wal_limit_is_refused_by_check_config() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = small_disk_config(broker.port, &dir.path().join("data"))
         .replace("min_free_disk = \"8 MiB\"", "min_free_disk = \"1 MiB\"")
-        .replace("{http_port}", "0");
+        .replace("{http_port}", &edge_tests::free_port().to_string());
     let path = dir.path().join("config.toml");
     std::fs::write(&path, cfg).unwrap();
     let out = Command::new(agent_bin!())

@@ -82,7 +82,7 @@ impl Writer {
     }
 
     /// Measures the pages and publishes the whole usage report.
-    fn pages(&self) -> Result<Pages, LogError> {
+    pub(super) fn pages(&self) -> Result<Pages, LogError> {
         let (used, file) =
             queries::page_usage(&self.conn).map_err(storage("measuring disk use"))?;
         let p = Pages {

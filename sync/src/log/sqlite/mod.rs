@@ -1006,6 +1006,53 @@ mod tests {
         assert_eq!(journal, "wal");
     }
 
+    /// A moved-aside damaged database counts against the budget: only the newest is kept (older
+    /// ones are deleted at open), and when the budget needs the room it goes before any
+    /// unmirrored record, with no gap (it is not a record of this log).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn moved_aside_databases_are_rotated_and_count_against_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("log.db.corrupt-100"), vec![0u8; 4096]).unwrap();
+        std::fs::write(dir.path().join("log.db.corrupt-200"), vec![0u8; 300 << 10]).unwrap();
+        std::fs::write(dir.path().join("log.db.corrupt-200-wal"), vec![0u8; 4096]).unwrap();
+        let cfg = LogConfig {
+            integrity_check: IntegrityCheck::Off,
+            disk_budget: ByteSize::mib(1),
+            min_free_disk: ByteSize::b(0),
+            ..LogConfig::default()
+        };
+        let log = SqliteLog::open(dir.path(), cfg).unwrap();
+        assert!(
+            !dir.path().join("log.db.corrupt-100").exists(),
+            "the older copy was rotated out"
+        );
+        let u = log.usage().await.unwrap();
+        assert_eq!(u.moved_aside_bytes, (300 << 10) + 4096, "{u:?}");
+        // 0.6 MB of low records: with the copy the budget is exceeded, without it not.
+        for chunk in 0..6 {
+            log.append(AppendRequest::events(
+                (0..100)
+                    .map(|i| {
+                        Event::new("beacon.sightings", vec![b'x'; 1000])
+                            .with_event_ts(chunk * 100 + i)
+                    })
+                    .collect(),
+            ))
+            .await
+            .unwrap();
+        }
+        log.maintain().await.unwrap();
+        let u = log.usage().await.unwrap();
+        assert_eq!(u.moved_aside_bytes, 0, "the copy made room: {u:?}");
+        assert!(!dir.path().join("log.db.corrupt-200").exists());
+        assert!(
+            log.gaps(0, 10).await.unwrap().is_empty(),
+            "no unmirrored record was evicted while the copy could go"
+        );
+        assert_eq!(log.next_seq("beacon.sightings"), Some(601));
+        log.close().await.unwrap();
+    }
+
     /// A log written by schema version 1 (dedup keyed by stream and event id) keeps recognising
     /// its remembered ids after the upgrade, now per source: an entry takes its record's source,
     /// and an over-long id takes the digest form the writer looks up.

@@ -124,7 +124,7 @@ impl Writer {
                 streams.insert(name, st);
             }
         }
-        let w = Writer {
+        let mut w = Writer {
             conn,
             cfg,
             data_dir,
@@ -144,6 +144,10 @@ impl Writer {
             },
         };
         w.publish_heads();
+        // The usage report is true from the start (status right after open, the first check).
+        w.refresh_fs(true);
+        w.measure_classes();
+        w.pages()?;
         Ok(w)
     }
 
