@@ -19,7 +19,7 @@
 
 use crate::{Event, Priority, Record};
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -34,8 +34,10 @@ pub const DEADLETTER_STREAM: &str = "deadletter";
 pub enum LogError {
     #[error("the local log is closed; the agent is shutting down")]
     Closed,
+    /// Intake is paused: the budget or the free-space floor is reached and nothing more may be
+    /// evicted. [`DiskUsage::full_cause`] and the rest of [`DiskUsage`] say what holds the space.
     #[error(
-        "the disk budget is exhausted and only unmirrored protected records remain; intake is paused until the uplink catches up or the budget is raised"
+        "the local log is full: the disk budget or the free-space floor is reached and only unmirrored protected records are left to evict; intake is paused until the uplink catches up or space is freed (status shows what holds the space)"
     )]
     Full,
     #[error("the local log at {path} could not be opened: {reason}")]
@@ -219,19 +221,98 @@ pub struct GapSummary {
     pub records: u64,
 }
 
-/// Disk use of the log.
+/// Disk use of the log: what holds its share of the filesystem, and why intake is paused if it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 pub struct DiskUsage {
-    /// Database pages in use (what the budget bounds).
+    /// Database pages in use (what the budget bounds, with `moved_aside_bytes`).
     pub used_bytes: u64,
     /// Size of the database file (used + free pages).
     pub file_bytes: u64,
+    /// Free pages inside the database file (`file_bytes - used_bytes`). New records reuse them;
+    /// they count as free space against `min_free_disk`, and are given back to the filesystem
+    /// when it really runs below that floor.
+    pub reclaimable_bytes: u64,
     pub wal_bytes: u64,
+    /// A preallocated file the log deletes to make room for an eviction on a full filesystem,
+    /// and recreates after.
+    pub reserve_bytes: u64,
+    /// Damaged databases moved aside at open (the newest is kept for forensics). Counted
+    /// against the budget; deleted before any unmirrored record is evicted.
+    pub moved_aside_bytes: u64,
     pub budget_bytes: u64,
     /// Free space on the data filesystem for unprivileged users.
     pub fs_free_bytes: u64,
+    /// The free-space floor (`min_free_disk`; 0 = none).
+    pub min_free_bytes: u64,
+    /// Records and payload per priority class, and how much of it is not mirrored yet.
+    pub classes: ClassUsages,
     /// True while intake is refused because nothing more can be evicted.
     pub full: bool,
+    /// Which limit holds intake while `full`.
+    pub full_cause: Option<FullCause>,
+}
+
+/// Why the log refuses new records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullCause {
+    /// Unmirrored protected records (plus the log's own tables and any moved-aside database)
+    /// fill the disk budget.
+    Budget,
+    /// The filesystem is below `min_free_disk` with everything evictable gone and the free
+    /// pages given back: what is left is unmirrored protected records and files that are not
+    /// the log's.
+    FreeSpace,
+}
+
+impl std::fmt::Display for FullCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FullCause::Budget => "unmirrored protected records fill the disk budget",
+            FullCause::FreeSpace => {
+                "the filesystem is below min_free_disk and the log has nothing left it may evict"
+            }
+        })
+    }
+}
+
+/// Records of one priority class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ClassUsage {
+    pub records: u64,
+    pub payload_bytes: u64,
+    /// At or past the mirror cursor of a mirrored stream (what eviction leaves a gap for).
+    pub unmirrored_records: u64,
+    /// Estimated from each stream's average record size.
+    pub unmirrored_payload_bytes: u64,
+}
+
+/// [`ClassUsage`] per [`Priority`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ClassUsages {
+    pub low: ClassUsage,
+    pub normal: ClassUsage,
+    pub high: ClassUsage,
+    pub protected: ClassUsage,
+}
+
+impl ClassUsages {
+    pub fn get(&self, p: Priority) -> &ClassUsage {
+        match p {
+            Priority::Low => &self.low,
+            Priority::Normal => &self.normal,
+            Priority::High => &self.high,
+            Priority::Protected => &self.protected,
+        }
+    }
+    pub fn get_mut(&mut self, p: Priority) -> &mut ClassUsage {
+        match p {
+            Priority::Low => &mut self.low,
+            Priority::Normal => &mut self.normal,
+            Priority::High => &mut self.high,
+            Priority::Protected => &mut self.protected,
+        }
+    }
 }
 
 /// What one maintenance pass did.
@@ -244,6 +325,10 @@ pub struct MaintenanceReport {
     /// Unmirrored records removed to meet the budget (each range recorded as a gap).
     pub unmirrored_evicted: u64,
     pub dedup_forgotten: u64,
+    /// Gap markers removed because the uplink has reported them to HQ.
+    pub gaps_pruned: u64,
+    /// Bytes of free database pages given back to the filesystem.
+    pub reclaimed_bytes: u64,
     pub full: bool,
 }
 

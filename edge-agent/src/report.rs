@@ -1,7 +1,7 @@
 //! The status report: what `edge-agent status` prints, what `/status` serves, and what the
 //! `agent.health` records carry.
 
-use edge_core::log::{CursorInfo, DiskUsage, IntegrityState, StreamInfo};
+use edge_core::log::{ClassUsages, CursorInfo, DiskUsage, FullCause, IntegrityState, StreamInfo};
 use edge_core::status::ComponentStatus;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -37,7 +37,21 @@ pub struct LogReport {
     pub wal_bytes: u64,
     pub budget_bytes: u64,
     pub fs_free_bytes: u64,
+    /// Free pages inside the database file (counted as free against the floor).
+    #[serde(default)]
+    pub reclaimable_bytes: u64,
+    #[serde(default)]
+    pub reserve_bytes: u64,
+    #[serde(default)]
+    pub moved_aside_bytes: u64,
+    #[serde(default)]
+    pub min_free_bytes: u64,
+    /// Records and payload per class, mirrored or not: what holds the budget.
+    #[serde(default)]
+    pub classes: ClassUsages,
     pub full: bool,
+    #[serde(default)]
+    pub full_cause: Option<FullCause>,
     pub integrity: serde_json::Value,
     pub gaps: u64,
 }
@@ -129,7 +143,13 @@ pub fn build(i: Inputs<'_>) -> StatusReport {
             wal_bytes: i.usage.wal_bytes,
             budget_bytes: i.usage.budget_bytes,
             fs_free_bytes: i.usage.fs_free_bytes,
+            reclaimable_bytes: i.usage.reclaimable_bytes,
+            reserve_bytes: i.usage.reserve_bytes,
+            moved_aside_bytes: i.usage.moved_aside_bytes,
+            min_free_bytes: i.usage.min_free_bytes,
+            classes: i.usage.classes,
             full: i.usage.full,
+            full_cause: i.usage.full_cause,
             integrity: i
                 .integrity
                 .map(|s| serde_json::to_value(s).unwrap_or_default())
@@ -176,19 +196,36 @@ pub fn render(r: &StatusReport) -> String {
     );
     let _ = writeln!(
         o,
-        "log {}  epoch {}\n    used {} of budget {} (file {}, wal {}), filesystem free {}{}",
+        "log {}  epoch {}\n    used {} of budget {} (file {}, of it free pages {}; wal {}; reserve {}; moved-aside {})\n    filesystem free {} (floor {}){}",
         r.log.path,
         r.log.epoch,
         human_bytes(r.log.used_bytes),
         human_bytes(r.log.budget_bytes),
         human_bytes(r.log.file_bytes),
+        human_bytes(r.log.reclaimable_bytes),
         human_bytes(r.log.wal_bytes),
+        human_bytes(r.log.reserve_bytes),
+        human_bytes(r.log.moved_aside_bytes),
         human_bytes(r.log.fs_free_bytes),
-        if r.log.full {
-            "  FULL: intake paused"
-        } else {
-            ""
+        human_bytes(r.log.min_free_bytes),
+        match (r.log.full, r.log.full_cause) {
+            (true, Some(c)) => format!("\n    FULL: intake paused: {c}"),
+            (true, None) => "\n    FULL: intake paused".to_string(),
+            _ => String::new(),
         }
+    );
+    let c = &r.log.classes;
+    let _ = writeln!(
+        o,
+        "    payload by class (unmirrored): protected {} ({}), high {} ({}), normal {} ({}), low {} ({})",
+        human_bytes(c.protected.payload_bytes),
+        human_bytes(c.protected.unmirrored_payload_bytes),
+        human_bytes(c.high.payload_bytes),
+        human_bytes(c.high.unmirrored_payload_bytes),
+        human_bytes(c.normal.payload_bytes),
+        human_bytes(c.normal.unmirrored_payload_bytes),
+        human_bytes(c.low.payload_bytes),
+        human_bytes(c.low.unmirrored_payload_bytes),
     );
     let _ = writeln!(
         o,

@@ -24,6 +24,8 @@ pub struct Agent {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub http_port: u16,
+    /// The agent's data directory (inside `dir` unless the test chose one).
+    data: PathBuf,
     child: Option<Child>,
     starts: u32,
 }
@@ -59,7 +61,12 @@ listen = "127.0.0.1:{http_port}"
 impl Agent {
     /// Writes `config` (with `{data_dir}` and `{http_port}` replaced) and starts the agent.
     pub fn start(bin: PathBuf, config: &str) -> Agent {
-        let mut a = Self::configure(bin, config);
+        Self::start_on(bin, config, None)
+    }
+
+    /// [`Agent::start`] with the data directory at `data_dir` (e.g. on a small filesystem).
+    pub fn start_on(bin: PathBuf, config: &str, data_dir: Option<&Path>) -> Agent {
+        let mut a = Self::configure_on(bin, config, data_dir);
         a.spawn();
         a
     }
@@ -67,10 +74,16 @@ impl Agent {
     /// Like [`Agent::start`] without starting it: for tests that prepare the data directory
     /// (mount a filesystem on it, say) before the first [`Agent::spawn`].
     pub fn configure(bin: PathBuf, config: &str) -> Agent {
+        Self::configure_on(bin, config, None)
+    }
+
+    /// [`Agent::configure`] with the data directory at `data_dir`.
+    pub fn configure_on(bin: PathBuf, config: &str, data_dir: Option<&Path>) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let http_port = free_port();
+        let data = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let text = config
-            .replace("{data_dir}", &dir.path().join("data").display().to_string())
+            .replace("{data_dir}", &data.display().to_string())
             .replace("{http_port}", &http_port.to_string());
         let path = dir.path().join("config.toml");
         std::fs::write(&path, text).expect("write config");
@@ -79,6 +92,7 @@ impl Agent {
             dir,
             config: path,
             http_port,
+            data,
             child: None,
             starts: 0,
         }
@@ -97,7 +111,7 @@ impl Agent {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data.clone()
     }
 
     pub fn spawn(&mut self) {

@@ -8,6 +8,7 @@ pub mod kafka;
 pub mod mosquitto;
 pub mod powercut;
 pub mod publisher;
+pub mod tmpfs;
 
 use std::time::{Duration, Instant};
 

@@ -1,11 +1,13 @@
-//! Faults of the local log seen from outside: the disk budget under real MQTT traffic, and a record
-//! damaged on disk (by the independent `sqlite3` tool) while the agent was stopped.
+//! Faults of the local log seen from outside: the disk budget under real MQTT traffic, a data
+//! directory on a small filesystem that really fills, and a record damaged on disk (by the
+//! independent `sqlite3` tool) while the agent was stopped.
 
 #![allow(clippy::unwrap_used)] // test code: a failed set-up step should fail the test loudly
 
-use edge_tests::agent::{Agent, wait_records};
+use edge_tests::agent::{Agent, read_stream, wait_records};
 use edge_tests::mosquitto::Mosquitto;
 use edge_tests::publisher::{json_message, spawn_publisher};
+use edge_tests::tmpfs::Tmpfs;
 use edge_tests::{agent_bin, require_program, wait_for};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -92,6 +94,294 @@ stream = "beacon.sightings"
     assert!(
         log["gaps"].as_u64().unwrap() >= 1,
         "the eviction left gap markers for HQ"
+    );
+}
+
+/// The config of the small-filesystem tests: a budget the filesystem cannot hold, a floor, and a
+/// WAL limit the floor covers.
+fn small_disk_config(broker_port: u16, data: &std::path::Path) -> String {
+    let cfg = edge_tests::agent::base_config(data, broker_port, 0)
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:{http_port}\"",
+        )
+        .replace(
+            "[log]\nmin_free_disk = \"0 B\"\nintegrity_check = \"off\"\n",
+            "",
+        );
+    format!(
+        r#"{cfg}
+[log]
+disk_budget = "2 GiB"
+min_free_disk = "8 MiB"
+wal_size_limit = "4 MiB"
+integrity_check = "off"
+
+[[mqtt.ingress]]
+topic = "store/+/pos/{{device}}/transactions"
+stream = "pos.transactions"
+
+[[mqtt.ingress]]
+topic = "store/+/beacons/{{device}}"
+stream = "beacon.sightings"
+"#
+    )
+}
+
+fn publish(port: u16, client: &str, topic: &str, prefix: &str, n: usize, size: usize) {
+    let msgs: Vec<_> = (0..n)
+        .map(|i| json_message(topic, &format!("{prefix}-{i}"), i, size))
+        .collect();
+    let (p, _) = spawn_publisher(port, client, msgs, 500, Duration::from_secs(300));
+    let r = p.join().unwrap();
+    assert_eq!(r.acked, n, "the broker took every message from {client}");
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+/// Issue 12: on a 24 MiB filesystem with a 2 GiB budget and an 8 MiB floor, 40,000 sightings
+/// were evicted with gaps, but the database file stayed at 12.5 MiB (plus a 4 MiB WAL) holding
+/// 60 KiB, the filesystem stayed under the floor, and after a restart every sale waited at the
+/// broker while status said "only unmirrored protected records remain" over an empty
+/// `pos.transactions`. Now the freed pages count against the floor and go back to the
+/// filesystem, sales are taken, and status says what holds the space.
+#[test]
+fn a_really_full_disk_gives_the_space_back_and_keeps_taking_sales() {
+    let fs = Tmpfs::mount(24);
+    let data = fs.subdir("data");
+    let broker = Mosquitto::start();
+    let mut agent = Agent::start_on(
+        agent_bin!(),
+        &small_disk_config(broker.port, &data),
+        Some(&data),
+    );
+    // ~300-byte sightings: about 14 MiB of rows, more than the filesystem holds above its floor.
+    publish(
+        broker.port,
+        "beacons",
+        "store/test-store/beacons/rx-1",
+        "s",
+        40_000,
+        300,
+    );
+    wait_for("every sighting ingested", Duration::from_secs(120), || {
+        agent.metric("edge_mqtt_ingested_total{stream=\"beacon.sightings\"}") >= 40_000.0
+    });
+    wait_for(
+        "sightings evicted for the floor",
+        Duration::from_secs(30),
+        || {
+            agent.metric("edge_log_evicted_total{stream=\"beacon.sightings\",mirrored=\"false\"}")
+                > 0.0
+        },
+    );
+    // Sales are taken: the log is not "full" of sightings already gone.
+    publish(
+        broker.port,
+        "pos",
+        "store/test-store/pos/lane-1/transactions",
+        "tx",
+        500,
+        300,
+    );
+    wait_records(&agent, "pos.transactions", 500, Duration::from_secs(60));
+    // The space went back to the filesystem: free space is above the floor again, not just free
+    // pages inside a file that did not shrink.
+    wait_for(
+        "the filesystem back above its 8 MiB floor",
+        Duration::from_secs(30),
+        || fs.free_bytes() >= 8 << 20,
+    );
+    let status = agent.status();
+    let log = &status["log"];
+    eprintln!(
+        "after the sales: fs free {:.1} MiB, log {log}",
+        mib(fs.free_bytes())
+    );
+    assert_eq!(log["full"], false, "{log}");
+    assert!(
+        log["gaps"].as_u64().unwrap() >= 1,
+        "the eviction left gap markers: {log}"
+    );
+    for field in [
+        "used_bytes",
+        "file_bytes",
+        "reclaimable_bytes",
+        "wal_bytes",
+        "reserve_bytes",
+        "moved_aside_bytes",
+        "fs_free_bytes",
+        "min_free_bytes",
+    ] {
+        assert!(log[field].is_u64(), "status says {field}: {log}");
+    }
+    wait_for(
+        "status naming the 500 unmirrored protected records",
+        Duration::from_secs(10),
+        || agent.status()["log"]["classes"]["protected"]["unmirrored_records"] == 500,
+    );
+    assert!(
+        log["reserve_bytes"].as_u64().unwrap() > 0,
+        "a disk reserve is kept for the next eviction: {log}"
+    );
+    let sightings = read_stream(&data, "beacon.sightings");
+    let evicted =
+        agent.metric("edge_log_evicted_total{stream=\"beacon.sightings\",mirrored=\"false\"}");
+    assert!(
+        !sightings.is_empty() && sightings.len() < 40_000,
+        "the oldest sightings went, the newest stay ({} left)",
+        sightings.len()
+    );
+    assert_eq!(
+        sightings.len() as u64 + evicted as u64,
+        40_000,
+        "each sighting is kept or evicted"
+    );
+
+    // After a restart intake is open at once, and the files hold what the log holds.
+    let (st, _) = agent.sigterm();
+    assert!(st.success());
+    let db = std::fs::metadata(data.join("log.db")).unwrap().len();
+    let wal = std::fs::metadata(data.join("log.db-wal")).map_or(0, |m| m.len());
+    eprintln!(
+        "after the stop: log.db {:.1} MiB, WAL {:.1} MiB, fs free {:.1} MiB",
+        mib(db),
+        mib(wal),
+        mib(fs.free_bytes())
+    );
+    assert_eq!(wal, 0, "the WAL was truncated at the stop");
+    agent.spawn();
+    assert_eq!(agent.status()["log"]["full"], false);
+    publish(
+        broker.port,
+        "pos-2",
+        "store/test-store/pos/lane-2/transactions",
+        "tx2",
+        100,
+        300,
+    );
+    wait_records(&agent, "pos.transactions", 600, Duration::from_secs(30));
+    let log = agent.status()["log"].clone();
+    let (file, reclaimable) = (
+        log["file_bytes"].as_u64().unwrap(),
+        log["reclaimable_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        fs.free_bytes() + reclaimable >= 8 << 20,
+        "the floor holds, counting free pages: {log}"
+    );
+    assert!(
+        file <= fs.free_bytes() + (24 << 20) - (8 << 20),
+        "the database file is within what the filesystem can hold above the floor: {log}"
+    );
+    let (st, _) = agent.sigterm();
+    assert!(st.success());
+}
+
+/// At 0 bytes free SQLite cannot even delete (it needs WAL room). Another program fills the
+/// filesystem to the last byte while the agent holds sightings: the agent still evicts them
+/// (its reserve file makes room for that transaction), gives the pages back, and takes sales.
+#[test]
+fn eviction_still_works_at_zero_bytes_free() {
+    let fs = Tmpfs::mount(24);
+    let data = fs.subdir("data");
+    let broker = Mosquitto::start();
+    let mut agent = Agent::start_on(
+        agent_bin!(),
+        &small_disk_config(broker.port, &data),
+        Some(&data),
+    );
+    publish(
+        broker.port,
+        "beacons",
+        "store/test-store/beacons/rx-1",
+        "s",
+        15_000,
+        300,
+    );
+    wait_for("every sighting ingested", Duration::from_secs(120), || {
+        agent.metric("edge_mqtt_ingested_total{stream=\"beacon.sightings\"}") >= 15_000.0
+    });
+    let before = read_stream(&data, "beacon.sightings").len();
+    assert!(
+        before > 10_000,
+        "the sightings fit before the disk fills ({before})"
+    );
+    // Another program takes every free byte.
+    let free = fs.free_bytes();
+    let (filler, written) = fs.fill("other-program.dat");
+    assert!(
+        written + 64 * 1024 >= free,
+        "the filesystem was filled: {written} of {free} free bytes written"
+    );
+    wait_for(
+        "the agent evicts sightings on the full filesystem",
+        Duration::from_secs(30),
+        || {
+            agent.metric("edge_log_evicted_total{stream=\"beacon.sightings\",mirrored=\"false\"}")
+                > 0.0
+        },
+    );
+    wait_for(
+        "the filesystem back above the floor",
+        Duration::from_secs(30),
+        || fs.free_bytes() >= 8 << 20,
+    );
+    assert!(
+        agent.metric("edge_log_reserve_released_total") >= 1.0,
+        "the reserve made room for the eviction"
+    );
+    let status = agent.status();
+    eprintln!(
+        "after the fill: fs free {:.1} MiB, log {}",
+        mib(fs.free_bytes()),
+        status["log"]
+    );
+    assert_eq!(status["log"]["full"], false, "{}", status["log"]);
+    publish(
+        broker.port,
+        "pos",
+        "store/test-store/pos/lane-1/transactions",
+        "tx",
+        200,
+        300,
+    );
+    wait_records(&agent, "pos.transactions", 200, Duration::from_secs(60));
+    assert!(
+        filler.exists(),
+        "the other program's file is not the agent's to delete"
+    );
+    let (st, _) = agent.sigterm();
+    assert!(st.success());
+}
+
+/// A floor below the WAL limit let the disk fill to 0: the agent refuses such a config at start
+/// and `check-config` names both values.
+#[test]
+fn a_floor_below_the_wal_limit_is_refused_by_check_config() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_disk_config(broker.port, &dir.path().join("data"))
+        .replace("min_free_disk = \"8 MiB\"", "min_free_disk = \"1 MiB\"")
+        .replace("{http_port}", &edge_tests::free_port().to_string());
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = Command::new(agent_bin!())
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "the config is refused: {text}");
+    assert!(
+        text.contains("log.min_free_disk") && text.contains("wal_size_limit"),
+        "the message names both settings: {text}"
     );
 }
 

@@ -1244,6 +1244,73 @@ pub(crate) async fn cursor_reader_stops_on_shutdown<E: Engine>() {
     log.close().await.unwrap();
 }
 
+/// Gap markers the uplink has reported to HQ (`<mirror_cursor>.gap_id` in the kv, written with
+/// the Kafka commit that carried them) are pruned at maintenance, so the table does not grow with
+/// every eviction for the life of the store; the summary in status still counts them.
+pub(crate) async fn gaps_already_reported_are_pruned_and_still_counted<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        disk_budget: ByteSize::mib(1),
+        min_free_disk: ByteSize::b(0),
+        ..E::config()
+    };
+    let log = E::open(dir.path(), cfg).unwrap();
+    for chunk in 0..30 {
+        log.append(AppendRequest::events(
+            (0..100)
+                .map(|i| big("beacon.sightings", chunk * 100 + i))
+                .collect(),
+        ))
+        .await
+        .unwrap();
+    }
+    log.maintain().await.unwrap();
+    let gaps = log.gaps(0, 10_000).await.unwrap();
+    assert!(gaps.len() >= 2, "evictions left gaps: {gaps:?}");
+    let before = log.gap_summary().await.unwrap();
+    // Nothing reported yet: nothing pruned.
+    assert_eq!(log.maintain().await.unwrap().gaps_pruned, 0);
+    assert_eq!(log.gaps(0, 10_000).await.unwrap().len(), gaps.len());
+    // The uplink reports all but the last one.
+    let reported = gaps[gaps.len() - 2].id;
+    let mut req = AppendRequest::default();
+    req.kv
+        .push(("uplink.gap_id".into(), reported.to_string().into_bytes()));
+    log.append(req).await.unwrap();
+    let r = log.maintain().await.unwrap();
+    assert_eq!(r.gaps_pruned, gaps.len() as u64 - 1, "{r:?}");
+    let left = log.gaps(0, 10_000).await.unwrap();
+    assert_eq!(
+        left,
+        vec![gaps[gaps.len() - 1].clone()],
+        "the unreported gap stays"
+    );
+    assert_eq!(
+        log.gaps(reported, 100).await.unwrap(),
+        left,
+        "the uplink still finds what it has not reported"
+    );
+    assert_eq!(
+        log.gap_summary().await.unwrap(),
+        before,
+        "status still counts the pruned gaps"
+    );
+    // New gaps get new ids (never one of a pruned gap).
+    for chunk in 30..45 {
+        log.append(AppendRequest::events(
+            (0..100)
+                .map(|i| big("beacon.sightings", chunk * 100 + i))
+                .collect(),
+        ))
+        .await
+        .unwrap();
+    }
+    log.maintain().await.unwrap();
+    let newer = log.gaps(0, 10_000).await.unwrap();
+    assert!(newer.len() > 1 && newer.iter().all(|g| g.id > reported));
+    log.close().await.unwrap();
+}
+
 macro_rules! contract_suite {
     ($name:ident, $engine:ty) => {
         mod $name {
@@ -1272,6 +1339,7 @@ macro_rules! contract_suite {
                 free_space_floor_evicts_like_an_exceeded_budget,
                 cursor_reader_reads_in_order_waits_and_resumes,
                 cursor_reader_stops_on_shutdown,
+                gaps_already_reported_are_pruned_and_still_counted,
             );
         }
     };

@@ -85,6 +85,8 @@ pub struct LogConfig {
     /// Budget for the database pages (the WAL adds at most `wal_size_limit` transiently).
     pub disk_budget: ByteSize,
     /// Free space to keep on the data filesystem; below it the log evicts like over budget.
+    /// Free pages inside the database file count as free (they are given back when the
+    /// filesystem is really below the floor). At least `wal_size_limit`, or 0 for no floor.
     pub min_free_disk: ByteSize,
     /// How long mirrored records stay for local replay. `forever` keeps them until the budget needs
     /// the room.
@@ -183,6 +185,18 @@ impl LogConfig {
                 format!("is {}; must be at least 1 MiB", self.disk_budget),
             );
         }
+        let (floor, wal) = (self.min_free_disk.as_u64(), self.wal_size_limit.as_u64());
+        if floor > 0 && floor < wal {
+            // The WAL may grow by wal_size_limit between two checks of the floor (and eviction
+            // itself writes to it), so a smaller floor lets the log fill the filesystem to 0.
+            problems.push(
+                join(path, "min_free_disk"),
+                format!(
+                    "is {}, less than wal_size_limit ({}): the WAL can grow by that much before the floor is checked again and fill the disk; set min_free_disk to at least {} (or \"0 B\" for no floor), or lower wal_size_limit",
+                    self.min_free_disk, self.wal_size_limit, self.wal_size_limit
+                ),
+            );
+        }
         if self.mirror_cursor.is_empty() {
             problems.push(
                 join(path, "mirror_cursor"),
@@ -212,5 +226,51 @@ impl LogConfig {
 
     pub fn commit_window(&self) -> Duration {
         Duration::from_millis(self.commit_window_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(cfg: &LogConfig) -> Vec<(String, String)> {
+        let mut p = Problems::new();
+        cfg.validate("log", &mut p);
+        p.iter()
+            .map(|p| (p.path.clone(), p.message.clone()))
+            .collect()
+    }
+
+    /// With a floor below the WAL limit a filling disk reached 0 bytes free and nothing could be
+    /// evicted any more (eviction needs WAL room): such a floor is refused, naming both values.
+    #[test]
+    fn a_free_space_floor_below_the_wal_limit_is_refused() {
+        let cfg = LogConfig {
+            min_free_disk: ByteSize::mib(1),
+            wal_size_limit: ByteSize::mib(4),
+            ..LogConfig::default()
+        };
+        let p = problems(&cfg);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "log.min_free_disk");
+        assert!(
+            p[0].1.contains(&format!("is {},", ByteSize::mib(1)))
+                && p[0]
+                    .1
+                    .contains(&format!("wal_size_limit ({})", ByteSize::mib(4))),
+            "{}",
+            p[0].1
+        );
+        for ok in [ByteSize::mib(4), ByteSize::mib(8), ByteSize::b(0)] {
+            let cfg = LogConfig {
+                min_free_disk: ok,
+                ..cfg.clone()
+            };
+            assert!(problems(&cfg).is_empty(), "{ok} is a valid floor");
+        }
+        assert!(
+            problems(&LogConfig::default()).is_empty(),
+            "the defaults are valid"
+        );
     }
 }

@@ -13,7 +13,11 @@
 //!
 //! A lock file next to the database (`flock`) keeps a second agent from opening the same log.
 
+mod evict;
+mod quarantine;
 pub(crate) mod queries;
+mod retention;
+mod space;
 mod writer;
 
 use super::{
@@ -208,6 +212,7 @@ impl SqliteLog {
             full: AtomicBool::new(false),
             usage: Mutex::new(DiskUsage {
                 budget_bytes: cfg.disk_budget.as_u64(),
+                min_free_bytes: cfg.min_free_disk.as_u64(),
                 ..Default::default()
             }),
             integrity: Mutex::new(IntegrityState::NotRun),
@@ -221,7 +226,7 @@ impl SqliteLog {
             *shared.integrity.lock().unwrap_or_else(|e| e.into_inner()) = state;
         }
 
-        let writer = Writer::new(conn, cfg.clone(), dir.clone(), shared.clone())?;
+        let writer = Writer::new(conn, cfg.clone(), &path, shared.clone())?;
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
         let mut threads = Vec::new();
         threads.push(
@@ -823,23 +828,24 @@ impl LogInspector {
         )
     }
 
+    /// Disk use as the files show it. The per-class figures and the full state are the running
+    /// writer's (the daemon's `/status`); here they are empty and `full` is false.
     pub fn usage(&self) -> Result<DiskUsage, LogError> {
         let (used, file) =
             queries::page_usage(&self.conn).map_err(storage("measuring disk use"))?;
         let wal = PathBuf::from(format!("{}-wal", self.path.display()));
-        let fs_free = self
-            .path
-            .parent()
-            .and_then(|d| nix::sys::statvfs::statvfs(d).ok())
-            .map(|s| s.blocks_available() * s.fragment_size())
-            .unwrap_or(0);
+        let fs_free = self.path.parent().and_then(space::fs_free).unwrap_or(0);
         Ok(DiskUsage {
             used_bytes: used,
             file_bytes: file,
+            reclaimable_bytes: file.saturating_sub(used),
             wal_bytes: std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0),
+            reserve_bytes: space::reserve_bytes(&self.path),
+            moved_aside_bytes: space::moved_aside_bytes(&self.path),
             budget_bytes: self.config.disk_budget.as_u64(),
             fs_free_bytes: fs_free,
-            full: false,
+            min_free_bytes: self.config.min_free_disk.as_u64(),
+            ..Default::default()
         })
     }
 }
@@ -998,6 +1004,53 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(journal, "wal");
+    }
+
+    /// A moved-aside damaged database counts against the budget: only the newest is kept (older
+    /// ones are deleted at open), and when the budget needs the room it goes before any
+    /// unmirrored record, with no gap (it is not a record of this log).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn moved_aside_databases_are_rotated_and_count_against_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("log.db.corrupt-100"), vec![0u8; 4096]).unwrap();
+        std::fs::write(dir.path().join("log.db.corrupt-200"), vec![0u8; 300 << 10]).unwrap();
+        std::fs::write(dir.path().join("log.db.corrupt-200-wal"), vec![0u8; 4096]).unwrap();
+        let cfg = LogConfig {
+            integrity_check: IntegrityCheck::Off,
+            disk_budget: ByteSize::mib(1),
+            min_free_disk: ByteSize::b(0),
+            ..LogConfig::default()
+        };
+        let log = SqliteLog::open(dir.path(), cfg).unwrap();
+        assert!(
+            !dir.path().join("log.db.corrupt-100").exists(),
+            "the older copy was rotated out"
+        );
+        let u = log.usage().await.unwrap();
+        assert_eq!(u.moved_aside_bytes, (300 << 10) + 4096, "{u:?}");
+        // 0.6 MB of low records: with the copy the budget is exceeded, without it not.
+        for chunk in 0..6 {
+            log.append(AppendRequest::events(
+                (0..100)
+                    .map(|i| {
+                        Event::new("beacon.sightings", vec![b'x'; 1000])
+                            .with_event_ts(chunk * 100 + i)
+                    })
+                    .collect(),
+            ))
+            .await
+            .unwrap();
+        }
+        log.maintain().await.unwrap();
+        let u = log.usage().await.unwrap();
+        assert_eq!(u.moved_aside_bytes, 0, "the copy made room: {u:?}");
+        assert!(!dir.path().join("log.db.corrupt-200").exists());
+        assert!(
+            log.gaps(0, 10).await.unwrap().is_empty(),
+            "no unmirrored record was evicted while the copy could go"
+        );
+        assert_eq!(log.next_seq("beacon.sightings"), Some(601));
+        log.close().await.unwrap();
     }
 
     /// A log written by schema version 1 (dedup keyed by stream and event id) keeps recognising

@@ -16,6 +16,7 @@ pub const MAX_STREAM_ID: i64 = (1 << (63 - SEQ_BITS)) - 1;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_dedup_per_source.sql"),
+    include_str!("migrations/0003_gap_totals.sql"),
 ];
 
 /// Longest event id or source kept verbatim in the dedup index. A longer one is kept as
@@ -553,9 +554,14 @@ pub fn gaps(conn: &Connection, after_id: u64, limit: usize) -> Result<Vec<Gap>, 
 
 pub fn gap_summary(conn: &Connection) -> Result<Vec<GapSummary>, LogError> {
     conn.prepare_cached(
-        "SELECT s.name, substr(g.reason, 1, instr(g.reason || ':', ':') - 1) AS kind,
-                count(*), coalesce(sum(g.count), 0)
-         FROM gaps g JOIN streams s ON s.id = g.stream_id GROUP BY s.name, kind ORDER BY s.name, kind",
+        // Markers still kept plus the totals of those pruned after the uplink reported them.
+        "SELECT s.name, u.kind, sum(u.ranges), sum(u.records) FROM
+           (SELECT stream_id, substr(reason, 1, instr(reason || ':', ':') - 1) AS kind,
+                   count(*) AS ranges, coalesce(sum(count), 0) AS records
+              FROM gaps GROUP BY stream_id, kind
+            UNION ALL
+            SELECT stream_id, kind, ranges, records FROM gap_totals) u
+         JOIN streams s ON s.id = u.stream_id GROUP BY s.name, u.kind ORDER BY s.name, u.kind",
     )
     .and_then(|mut s| {
         s.query_map([], |r| {

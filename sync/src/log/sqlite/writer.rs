@@ -1,7 +1,9 @@
 //! The single writer thread of the SQLite log.
 //!
 //! Every write (appends, cursor moves, quarantine, eviction, retention) goes through this thread, so
-//! there is never write contention and `seq` assignment is a plain counter.
+//! there is never write contention and `seq` assignment is a plain counter. This file is the
+//! group-commit path and quarantine; the disk budget and eviction are in `evict.rs`, retention and
+//! the other periodic maintenance in `retention.rs` (more `impl Writer` on the same thread).
 //!
 //! Group commit: the thread blocks for the first request, then keeps taking queued requests without
 //! waiting until the queue is empty, the batch holds `max_batch_records`, or `commit_window` has
@@ -14,26 +16,17 @@
 //! applied again with a SAVEPOINT per request; the failing request alone gets its error.
 
 use super::Shared;
-use super::queries::{self, refusal, row_id, seq_of, storage};
-use crate::deadletter;
+use super::evict::Space;
+use super::queries::{self, refusal, row_id, storage};
+use super::space::{MovedAside, Reserve};
 use crate::log::{AppendOutcome, AppendRequest, Appended, LogConfig, LogError, MaintenanceReport};
-use edge_core::{Event, Priority};
+use edge_core::Event;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
-
-/// Records deleted per eviction/retention transaction.
-const EVICT_CHUNK: i64 = 5_000;
-/// Dedup entries forgotten per maintenance pass at most (bounds the pass's duration).
-const DEDUP_PRUNE_CHUNK: i64 = 200_000;
-/// Evict down to this fraction of the budget, so eviction does not run on every commit.
-const LOW_WATER: f64 = 0.95;
-/// How often the filesystem free space is checked on the commit path.
-const FS_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Where a request's outcome goes.
 type Reply = oneshot::Sender<Result<AppendOutcome, LogError>>;
@@ -79,32 +72,33 @@ impl WriterMsg {
 }
 
 #[derive(Clone, Copy)]
-struct StreamState {
-    id: i64,
-    next_seq: u64,
-    count: i64,
-    bytes: i64,
+pub(super) struct StreamState {
+    pub(super) id: i64,
+    pub(super) next_seq: u64,
+    pub(super) count: i64,
+    pub(super) bytes: i64,
 }
 
+/// The writer thread's state. Eviction and retention (`evict.rs`, `retention.rs`) are further
+/// `impl Writer` blocks on the same thread.
 pub(super) struct Writer {
-    conn: Connection,
-    cfg: LogConfig,
-    data_dir: PathBuf,
-    shared: Arc<Shared>,
-    streams: HashMap<String, StreamState>,
-    max_stream_id: i64,
-    full: bool,
-    last_fs_check: Option<Instant>,
-    fs_low: bool,
+    pub(super) conn: Connection,
+    pub(super) cfg: LogConfig,
+    pub(super) data_dir: PathBuf,
+    pub(super) shared: Arc<Shared>,
+    pub(super) streams: HashMap<String, StreamState>,
+    pub(super) max_stream_id: i64,
+    pub(super) space: Space,
 }
 
 impl Writer {
     pub(super) fn new(
         conn: Connection,
         cfg: LogConfig,
-        data_dir: PathBuf,
+        db: &Path,
         shared: Arc<Shared>,
     ) -> Result<Writer, LogError> {
+        let data_dir = db.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut streams = HashMap::new();
         let mut max_stream_id = 0;
         {
@@ -130,18 +124,30 @@ impl Writer {
                 streams.insert(name, st);
             }
         }
-        let w = Writer {
+        let mut w = Writer {
             conn,
             cfg,
             data_dir,
             shared,
             streams,
             max_stream_id,
-            full: false,
-            last_fs_check: None,
-            fs_low: false,
+            space: Space {
+                full: false,
+                full_cause: None,
+                last_fs_check: None,
+                last_reclaim: None,
+                fs_free: None,
+                recheck: false,
+                reserve: Reserve::open(db),
+                aside: MovedAside::rotate(db),
+                classes: Default::default(),
+            },
         };
         w.publish_heads();
+        // The usage report is true from the start (status right after open, the first check).
+        w.refresh_fs(true);
+        w.measure_classes();
+        w.pages()?;
         Ok(w)
     }
 
@@ -149,6 +155,7 @@ impl Writer {
         let window = self.cfg.commit_window();
         let max_records = self.cfg.max_batch_records;
         // Budget state of an existing database is known before the first append.
+        self.measure_classes();
         self.check_budget();
         while let Some(first) = rx.blocking_recv() {
             let started = Instant::now();
@@ -228,7 +235,7 @@ impl Writer {
         Ok(())
     }
 
-    fn publish_heads(&self) {
+    pub(super) fn publish_heads(&self) {
         let mut heads = self.shared.heads.write().unwrap_or_else(|e| e.into_inner());
         for (name, st) in &self.streams {
             heads.insert(name.clone(), (st.id, st.next_seq));
@@ -246,7 +253,7 @@ impl Writer {
                 WriterMsg::Append(req, reply) => {
                     if let Some(e) = validate(&req) {
                         replies.push((reply, Err(e)));
-                    } else if self.full && !req.events.is_empty() {
+                    } else if self.space.full && !req.events.is_empty() {
                         metrics::counter!("edge_log_appends_refused_total", "reason" => "full")
                             .increment(req.events.len() as u64);
                         replies.push((reply, Err(LogError::Full)));
@@ -273,36 +280,6 @@ impl Writer {
         // intake fail. Each quarantine commits (or rolls back) on its own.
         for (stream, seq, reason) in quarantines {
             self.commit_quarantine(&stream, seq, &reason);
-        }
-    }
-
-    fn commit_quarantine(&mut self, stream: &str, seq: u64, reason: &str) {
-        let before = self.streams.clone();
-        let max_id_before = self.max_stream_id;
-        let r = (|| -> Result<(), LogError> {
-            self.conn
-                .execute_batch("BEGIN IMMEDIATE")
-                .map_err(storage("beginning a quarantine"))?;
-            let now = edge_core::time::now_ms();
-            let mut touched = Vec::new();
-            self.quarantine(stream, seq, reason, now, &mut touched)?;
-            self.flush_stream_rows(&touched)?;
-            self.conn
-                .execute_batch("COMMIT")
-                .map_err(storage("committing a quarantine"))
-        })();
-        match r {
-            Ok(()) => {
-                self.publish_heads();
-                self.shared.generation.send_modify(|g| *g += 1);
-            }
-            Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                self.streams = before;
-                self.max_stream_id = max_id_before;
-                metrics::counter!("edge_log_quarantine_failures_total").increment(1);
-                tracing::error!(stream, seq, error = %e, "a damaged record could not be quarantined; it stays in place and is reported again when read (see the integrity state)");
-            }
         }
     }
 
@@ -353,6 +330,8 @@ impl Writer {
             Err(ApplyError::Request(e) | ApplyError::Batch(e)) => {
                 tracing::error!(error = %e, "a log commit failed; the batch is rejected and its sources will retry");
                 metrics::counter!("edge_log_commit_failures_total").increment(1);
+                // A full filesystem is the usual cause: look at it now, not within a second.
+                self.space.recheck = true;
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.streams = before;
                 self.max_stream_id = max_id_before;
@@ -433,23 +412,7 @@ impl Writer {
         Ok(outcomes)
     }
 
-    /// Inserts one event outside the batch path (dead letters of quarantined rows).
-    fn insert(
-        &mut self,
-        ev: &Event,
-        now: i64,
-        touched: &mut Vec<i64>,
-    ) -> Result<Appended, LogError> {
-        let Writer {
-            conn,
-            streams,
-            max_stream_id,
-            ..
-        } = self;
-        Inserter::new(conn)?.insert(streams, max_stream_id, ev, now, touched)
-    }
-
-    fn flush_stream_rows(&mut self, touched: &[i64]) -> Result<(), LogError> {
+    pub(super) fn flush_stream_rows(&mut self, touched: &[i64]) -> Result<(), LogError> {
         for st in self.streams.values().filter(|s| touched.contains(&s.id)) {
             self.conn
                 .prepare_cached(
@@ -461,104 +424,7 @@ impl Writer {
         Ok(())
     }
 
-    fn quarantine(
-        &mut self,
-        stream: &str,
-        seq: u64,
-        reason: &str,
-        now: i64,
-        touched: &mut Vec<i64>,
-    ) -> Result<(), LogError> {
-        let Some(st) = self.streams.get(stream).copied() else {
-            return Ok(());
-        };
-        let rid = row_id(st.id, seq);
-        if reason == queries::UNREADABLE {
-            // Reading it again inside a write transaction would only hit the damaged page again.
-            return self.record_unreadable(stream, st.id, seq, now, touched);
-        }
-        let raw = match self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {} FROM records WHERE id = ?1",
-                queries::RECORD_COLUMNS
-            ))
-            .and_then(|mut s| s.query_row([rid], queries::raw_row).optional())
-        {
-            Ok(r) => r,
-            Err(e) if queries::is_corruption(&e) => {
-                return self.record_unreadable(stream, st.id, seq, now, touched);
-            }
-            Err(e) => return Err(storage("reading a damaged record")(e)),
-        };
-        let Some(raw) = raw else {
-            return Ok(()); // already quarantined by another reader
-        };
-        let name: Arc<str> = Arc::from(stream);
-        if queries::decode_row(&name, &raw).is_ok() {
-            // Re-read is clean: the reader saw a transient fault, not a damaged row.
-            return Ok(());
-        }
-        let payload = queries::raw_payload(&raw);
-        self.conn
-            .execute("DELETE FROM records WHERE id = ?1", [rid])
-            .map_err(storage("removing a damaged record"))?;
-        if let Some(s) = self.streams.get_mut(stream) {
-            s.count -= 1;
-            s.bytes -= payload.len() as i64;
-        }
-        if !touched.contains(&st.id) {
-            touched.push(st.id);
-        }
-        self.record_gap(st.id, seq, seq, 1, &format!("corrupt: {reason}"), now)?;
-        let dl = deadletter::from_log(stream, seq, reason, &payload);
-        self.insert(&dl, now, touched)?;
-        metrics::counter!("edge_log_quarantined_total", "stream" => stream.to_string())
-            .increment(1);
-        tracing::error!(
-            stream,
-            seq,
-            reason,
-            "a damaged record was moved to the deadletter stream"
-        );
-        Ok(())
-    }
-
-    /// A row SQLite cannot read (damaged page): it cannot be moved or deleted, so it is recorded
-    /// once as a gap with a dead letter, and readers move past it.
-    fn record_unreadable(
-        &mut self,
-        stream: &str,
-        stream_id: i64,
-        seq: u64,
-        now: i64,
-        touched: &mut Vec<i64>,
-    ) -> Result<(), LogError> {
-        let reason = format!("corrupt: {}", queries::UNREADABLE);
-        let known: bool = self
-            .conn
-            .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM gaps WHERE stream_id = ?1 AND first_seq = ?2 AND last_seq = ?2 AND reason = ?3)",
-            )
-            .and_then(|mut s| s.query_row(params![stream_id, seq as i64, reason], |r| r.get(0)))
-            .map_err(storage("checking recorded gaps"))?;
-        if known {
-            return Ok(());
-        }
-        self.record_gap(stream_id, seq, seq, 1, &reason, now)?;
-        let dl = deadletter::from_log(stream, seq, queries::UNREADABLE, &[]);
-        self.insert(&dl, now, touched)?;
-        metrics::counter!("edge_log_quarantined_total", "stream" => stream.to_string())
-            .increment(1);
-        tracing::error!(
-            stream,
-            seq,
-            "a record is unreadable (damaged database page); recorded as a gap, readers move past it"
-        );
-        Ok(())
-    }
-
-    fn record_gap(
+    pub(super) fn record_gap(
         &self,
         stream_id: i64,
         first: u64,
@@ -576,350 +442,6 @@ impl Writer {
             })
             .map_err(storage("recording a gap"))?;
         Ok(())
-    }
-
-    // ---- budget, eviction, retention -------------------------------------------------------
-
-    /// Bytes a record costs beyond its payload (row header, key columns, B-tree share).
-    fn shared_page_overhead(&self) -> i64 {
-        48
-    }
-
-    fn budget(&self) -> u64 {
-        self.cfg.disk_budget.as_u64()
-    }
-
-    fn used_bytes(&self) -> Result<u64, LogError> {
-        let (used, file) =
-            queries::page_usage(&self.conn).map_err(storage("measuring disk use"))?;
-        let mut u = self.shared.usage.lock().unwrap_or_else(|e| e.into_inner());
-        u.used_bytes = used;
-        u.file_bytes = file;
-        u.budget_bytes = self.budget();
-        Ok(used)
-    }
-
-    fn fs_free(&self) -> Option<u64> {
-        let st = nix::sys::statvfs::statvfs(&self.data_dir).ok()?;
-        Some(st.blocks_available() as u64 * st.fragment_size() as u64)
-    }
-
-    fn refresh_fs_low(&mut self, force: bool) {
-        let due = force
-            || self
-                .last_fs_check
-                .is_none_or(|t| t.elapsed() >= FS_CHECK_EVERY);
-        if due {
-            self.last_fs_check = Some(Instant::now());
-            if let Some(free) = self.fs_free() {
-                self.shared
-                    .usage
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .fs_free_bytes = free;
-                self.fs_low = free < self.cfg.min_free_disk.as_u64();
-            }
-        }
-    }
-
-    fn over_limits(&mut self) -> Result<bool, LogError> {
-        Ok(self.used_bytes()? > self.budget() || self.fs_low)
-    }
-
-    /// Called after every commit: evict when over budget, set or clear `full`.
-    fn check_budget(&mut self) {
-        self.refresh_fs_low(false);
-        match self.over_limits() {
-            Ok(false) => self.set_full(false),
-            Ok(true) => {
-                let mut report = MaintenanceReport::default();
-                if let Err(e) = self.evict(&mut report) {
-                    tracing::error!(error = %e, "eviction failed; intake may pause until it succeeds");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not measure the log's disk use"),
-        }
-    }
-
-    fn set_full(&mut self, full: bool) {
-        if full != self.full {
-            if full {
-                tracing::error!(
-                    budget = %self.cfg.disk_budget,
-                    "the disk budget is exhausted by unmirrored protected records; intake is paused (backpressure) until the uplink drains"
-                );
-            } else {
-                tracing::info!("the log is below its disk budget again; intake resumed");
-            }
-        }
-        self.full = full;
-        self.shared.full.store(full, Ordering::Relaxed);
-        self.shared
-            .usage
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .full = full;
-        metrics::gauge!("edge_log_full").set(if full { 1.0 } else { 0.0 });
-    }
-
-    /// The seq below which a stream's records are mirrored (safe to drop without a gap).
-    fn mirror_bound(&self, name: &str, st: &StreamState) -> Result<u64, LogError> {
-        if !self.shared.policy(name).mirrored {
-            return Ok(st.next_seq);
-        }
-        let c: Option<i64> = self
-            .conn
-            .prepare_cached("SELECT next_seq FROM cursors WHERE name = ?1 AND stream_id = ?2")
-            .and_then(|mut s| {
-                s.query_row(params![self.cfg.mirror_cursor, st.id], |r| r.get(0))
-                    .optional()
-            })
-            .map_err(storage("reading the mirror cursor"))?;
-        Ok(c.map_or(0, |v| (v.max(0) as u64).min(st.next_seq)))
-    }
-
-    /// First stored seq of a stream and its ingest time.
-    fn first_record(&self, st: &StreamState) -> Result<Option<(u64, i64)>, LogError> {
-        self.conn
-            .prepare_cached(
-                "SELECT id, ingest_ts FROM records WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT 1",
-            )
-            .and_then(|mut s| {
-                s.query_row(params![row_id(st.id, 1), row_id(st.id + 1, 0)], |r| {
-                    Ok((seq_of(r.get(0)?), r.get(1)?))
-                })
-                .optional()
-            })
-            .map_err(storage("finding a stream's first record"))
-    }
-
-    /// Deletes up to `EVICT_CHUNK` records of a stream with seq in [from, below), optionally only
-    /// those ingested before `older_than`, in its own transaction. Returns (count, first, last).
-    fn delete_chunk(
-        &mut self,
-        name: &str,
-        below: u64,
-        older_than: Option<i64>,
-        gap_reason: Option<&str>,
-        limit: i64,
-    ) -> Result<(u64, u64, u64), LogError> {
-        let Some(st) = self.streams.get(name).copied() else {
-            return Ok((0, 0, 0));
-        };
-        let lo = row_id(st.id, 1);
-        let hi = row_id(st.id, below.max(1));
-        let (count, bytes, min_id, max_id): (i64, i64, Option<i64>, Option<i64>) = self
-            .conn
-            .prepare_cached(
-                // The oldest `limit` rows by position first, then the age filter: filtering
-                // inside the LIMIT would scan the whole range when nothing is old enough.
-                "SELECT count(*), coalesce(sum(length(payload)), 0), min(id), max(id) FROM
-                   (SELECT id, payload, ingest_ts FROM records WHERE id >= ?1 AND id < ?2
-                    ORDER BY id LIMIT ?3)
-                 WHERE ?4 IS NULL OR ingest_ts < ?4",
-            )
-            .and_then(|mut s| {
-                s.query_row(
-                    params![lo, hi, limit.clamp(1, EVICT_CHUNK), older_than],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
-            })
-            .map_err(storage("selecting records to evict"))?;
-        let (Some(min_id), Some(max_id)) = (min_id, max_id) else {
-            return Ok((0, 0, 0));
-        };
-        if count == 0 {
-            return Ok((0, 0, 0));
-        }
-        let now = edge_core::time::now_ms();
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(storage("beginning an eviction"))?;
-        let r = (|| -> Result<(), LogError> {
-            self.conn
-                .prepare_cached(
-                    "DELETE FROM records WHERE id >= ?1 AND id <= ?2 AND (?3 IS NULL OR ingest_ts < ?3)",
-                )
-                .and_then(|mut s| s.execute(params![min_id, max_id, older_than]))
-                .map_err(storage("evicting records"))?;
-            if let Some(reason) = gap_reason {
-                self.record_gap(
-                    st.id,
-                    seq_of(min_id),
-                    seq_of(max_id),
-                    count as u64,
-                    reason,
-                    now,
-                )?;
-            }
-            self.conn
-                .prepare_cached(
-                    "UPDATE streams SET record_count = record_count - ?1, payload_bytes = payload_bytes - ?2 WHERE id = ?3",
-                )
-                .and_then(|mut s| s.execute(params![count, bytes, st.id]))
-                .map_err(storage("updating stream counters"))?;
-            self.conn
-                .execute_batch("COMMIT")
-                .map_err(storage("committing an eviction"))
-        })();
-        if let Err(e) = r {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            return Err(e);
-        }
-        if let Some(s) = self.streams.get_mut(name) {
-            s.count -= count;
-            s.bytes -= bytes;
-        }
-        Ok((count as u64, seq_of(min_id), seq_of(max_id)))
-    }
-
-    /// Evicts until under the low-water mark: mirrored records first (any class, lowest first),
-    /// then unmirrored records of low, normal and high classes, oldest first, each recorded as a gap.
-    /// Never an unmirrored protected record: if those alone exceed the budget, the log is `full`.
-    fn evict(&mut self, report: &mut MaintenanceReport) -> Result<(), LogError> {
-        let target = (self.budget() as f64 * LOW_WATER) as u64;
-        let mut freed_fs_pages = false;
-        let under = |w: &mut Writer| -> Result<bool, LogError> {
-            Ok(w.used_bytes()? <= target && !w.fs_low)
-        };
-        for mirrored_pass in [true, false] {
-            for class in Priority::ALL {
-                if !mirrored_pass && class == Priority::Protected {
-                    continue;
-                }
-                loop {
-                    if under(self)? {
-                        self.set_full(false);
-                        return Ok(());
-                    }
-                    // The stream of this class with the oldest evictable record.
-                    let mut best: Option<(String, u64, i64)> = None;
-                    let names: Vec<String> = self.streams.keys().cloned().collect();
-                    for name in names {
-                        if self.shared.policy(&name).priority != class {
-                            continue;
-                        }
-                        let st = self.streams[&name];
-                        let bound = self.mirror_bound(&name, &st)?;
-                        let Some((first, ts)) = self.first_record(&st)? else {
-                            continue;
-                        };
-                        let (evictable, below) = if mirrored_pass {
-                            (first < bound, bound)
-                        } else {
-                            (first >= bound && first < st.next_seq, st.next_seq)
-                        };
-                        if evictable && best.as_ref().is_none_or(|b| ts < b.2) {
-                            best = Some((name, below, ts));
-                        }
-                    }
-                    let Some((name, below, _)) = best else {
-                        break;
-                    };
-                    let reason = if mirrored_pass {
-                        None
-                    } else {
-                        Some(if self.fs_low {
-                            "evicted: free disk space below min_free_disk"
-                        } else {
-                            "evicted: disk budget exceeded"
-                        })
-                    };
-                    // Size the chunk to the bytes still to free, so eviction removes little more
-                    // than it must.
-                    let st = self.streams[&name];
-                    let per_record =
-                        (self.shared_page_overhead() + st.bytes.max(1) / st.count.max(1)).max(1);
-                    let need = self.used_bytes()?.saturating_sub(target) as i64;
-                    let limit = if self.fs_low {
-                        EVICT_CHUNK
-                    } else {
-                        need / per_record + 1
-                    };
-                    let (n, first, last) = self.delete_chunk(&name, below, None, reason, limit)?;
-                    if n == 0 {
-                        break;
-                    }
-                    if mirrored_pass {
-                        report.mirrored_evicted += n;
-                        metrics::counter!("edge_log_evicted_total", "stream" => name.clone(), "mirrored" => "true").increment(n);
-                    } else {
-                        report.unmirrored_evicted += n;
-                        metrics::counter!("edge_log_evicted_total", "stream" => name.clone(), "mirrored" => "false").increment(n);
-                        tracing::warn!(stream = %name, first_seq = first, last_seq = last, count = n, class = %class,
-                            "unmirrored records evicted to stay within the disk budget; a gap was recorded for HQ");
-                    }
-                    if self.fs_low && !freed_fs_pages {
-                        // Give freed pages back to the filesystem when the floor, not the budget, is hit.
-                        let _ = self.conn.execute_batch("PRAGMA incremental_vacuum(2000)");
-                        self.refresh_fs_low(true);
-                        freed_fs_pages = !self.fs_low;
-                    }
-                }
-            }
-        }
-        if self.fs_low {
-            let _ = self.conn.execute_batch("PRAGMA incremental_vacuum");
-            self.refresh_fs_low(true);
-        }
-        let still_over = self.over_limits()?;
-        self.set_full(still_over);
-        report.full = still_over;
-        Ok(())
-    }
-
-    fn retention(&mut self, report: &mut MaintenanceReport) -> Result<(), LogError> {
-        let Some(keep) = self.cfg.retention else {
-            return Ok(());
-        };
-        let cutoff = edge_core::time::now_ms() - keep.as_millis() as i64;
-        let names: Vec<String> = self.streams.keys().cloned().collect();
-        for name in names {
-            let st = self.streams[&name];
-            let bound = self.mirror_bound(&name, &st)?;
-            loop {
-                let (n, _, _) = self.delete_chunk(&name, bound, Some(cutoff), None, EVICT_CHUNK)?;
-                report.retention_deleted += n;
-                if n < EVICT_CHUNK as u64 {
-                    break;
-                }
-            }
-        }
-        if report.retention_deleted > 0 {
-            metrics::counter!("edge_log_retention_deleted_total")
-                .increment(report.retention_deleted);
-        }
-        Ok(())
-    }
-
-    fn prune_dedup(&mut self, report: &mut MaintenanceReport) -> Result<(), LogError> {
-        let window = self.cfg.dedup_window as i64;
-        let n = self
-            .conn
-            .execute(
-                "DELETE FROM dedup WHERE id IN (SELECT id FROM dedup WHERE id <= (SELECT max(id) FROM dedup) - ?1 ORDER BY id LIMIT ?2)",
-                params![window, DEDUP_PRUNE_CHUNK],
-            )
-            .map_err(storage("pruning the dedup window"))?;
-        report.dedup_forgotten = n as u64;
-        Ok(())
-    }
-
-    fn maintain(&mut self) -> Result<MaintenanceReport, LogError> {
-        let mut report = MaintenanceReport::default();
-        self.retention(&mut report)?;
-        self.prune_dedup(&mut report)?;
-        self.refresh_fs_low(true);
-        if self.over_limits()? {
-            self.evict(&mut report)?;
-        } else {
-            self.set_full(false);
-        }
-        report.full = self.full;
-        if report.retention_deleted + report.mirrored_evicted + report.unmirrored_evicted > 0 {
-            self.shared.generation.send_modify(|g| *g += 1);
-        }
-        Ok(report)
     }
 }
 
@@ -1005,7 +527,7 @@ fn apply_request(
 }
 
 /// Prepared statements for one batch: looked up once, not once per record.
-struct Inserter<'c> {
+pub(super) struct Inserter<'c> {
     conn: &'c Connection,
     record: rusqlite::CachedStatement<'c>,
     dedup_check: Option<rusqlite::CachedStatement<'c>>,
@@ -1013,7 +535,7 @@ struct Inserter<'c> {
 }
 
 impl<'c> Inserter<'c> {
-    fn new(conn: &'c Connection) -> Result<Self, LogError> {
+    pub(super) fn new(conn: &'c Connection) -> Result<Self, LogError> {
         Ok(Inserter {
             conn,
             record: conn
@@ -1024,7 +546,7 @@ impl<'c> Inserter<'c> {
         })
     }
 
-    fn insert(
+    pub(super) fn insert(
         &mut self,
         streams: &mut HashMap<String, StreamState>,
         max_stream_id: &mut i64,
