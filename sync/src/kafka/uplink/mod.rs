@@ -304,10 +304,13 @@ pub(crate) struct Lane {
     pub replay_until: u64,
     /// A rewind whose kv entry must be cleared once `committed >= until`.
     pub rewind: Option<Rewind>,
-    /// Records below this are sent one per transaction (exactly_once) or one at a time
-    /// (at_least_once): the broker refused several of them at once and the poison among them
-    /// is not known yet.
+    /// Records below this are sent in probes of `probe` records, each alone in its transaction
+    /// (exactly_once) or with nothing else of the lane in flight (at_least_once): the broker
+    /// refused several of them at once and the poison among them is not known yet.
     pub isolate_until: u64,
+    /// Records per probe while isolating: half the records refused together last time, so the
+    /// poison is found by bisection in about 2 log2(n) transactions, not n.
+    pub probe: usize,
 }
 
 /// Records of one lane in a batch.
@@ -827,6 +830,7 @@ impl Runner {
                     replay_until,
                     rewind,
                     isolate_until: 0,
+                    probe: 1,
                 },
             );
         }
@@ -857,8 +861,8 @@ impl Runner {
         pending.rotate_left(lanes.rr % n);
         lanes.rr = lanes.rr.wrapping_add(1);
         let max_record_bytes = self.cfg.max_record_bytes.as_u64() as usize;
-        // A lane being isolated sends one record at a time, alone, until the poison among the
-        // records the broker refused together is found.
+        // A lane being isolated sends a probe of records alone, until the poison among the
+        // records the broker refused together is found (each refused probe is halved).
         for stream in &pending {
             let Some(lane) = lanes.map.get_mut(stream) else {
                 continue;
@@ -873,8 +877,9 @@ impl Runner {
             if busy {
                 return Ok(batch);
             }
+            let left = usize::try_from(lane.isolate_until - lane.next).unwrap_or(usize::MAX);
             let limits = ReadLimits {
-                max_records: 1,
+                max_records: lane.probe.clamp(1, READ_CHUNK_RECORDS).min(left),
                 max_bytes: max_bytes.max(1024),
             };
             let rb = self.log().read(stream, lane.next, limits).await?;
@@ -1015,8 +1020,9 @@ impl Runner {
             } else if let Some((last, why)) = list.last() {
                 tracing::warn!(component = "uplink", stream = &*lane.stream, records = list.len(),
                     first_seq = list[0].0, last_seq = last, error = %why.message,
-                    "the broker refused several records at once; sending them again one at a time to find the one it cannot take");
+                    "the broker refused several records at once; sending them again in halves to find the one it cannot take");
                 lane.isolate_until = lane.isolate_until.max(last.saturating_add(1));
+                lane.probe = (list.len() / 2).max(1);
             }
             d.refusals_seen += 1;
         }
