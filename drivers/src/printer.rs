@@ -13,6 +13,12 @@
 //! POS sees a finished print only for a stored receipt. If storing fails or takes longer than
 //! `store_timeout_ms`, the bytes are forwarded anyway (printing never depends on the agent's disk),
 //! and the miss is counted and shown in status.
+//!
+//! Who may print through the proxy: POS addresses in `allow` (default: any). One POS connection
+//! is served at a time, like a printer; a second one while it lasts is refused at once (closed,
+//! logged, counted as `busy`) instead of waiting unanswered in the listen backlog, and a
+//! connection with no byte in either direction for `idle_timeout_ms` is closed, so a vanished or
+//! idle client holds the printer for at most that long.
 
 use crate::escpos::{CodePage, EndReason, Receipt, Segmenter, SegmenterConfig};
 use crate::link::{DeviceLink, dead_letter, fnv64};
@@ -25,6 +31,7 @@ use edge_core::{Event, State};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -158,10 +165,22 @@ pub struct PrinterProxyConfig {
     /// anyway.
     #[serde(default = "default_store_timeout")]
     pub store_timeout_ms: u64,
+    /// POS addresses allowed to print (IPv4 or IPv6, e.g. `["10.0.3.21"]`); empty: any. A
+    /// connection from another address is closed at once, logged and counted.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// A POS connection with no byte in either direction for this long is closed, so a POS that
+    /// went away without closing (or an idle client) cannot hold the printer.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: u64,
     #[serde(default)]
     pub receipt: ReceiptOptions,
     #[serde(default)]
     pub template: TemplateConfig,
+}
+
+fn default_idle_timeout() -> u64 {
+    30_000
 }
 
 fn default_listen() -> String {
@@ -238,6 +257,30 @@ impl PrinterProxyConfig {
                 "must be between 10 and 60000",
             );
         }
+        if !(1_000..=3_600_000).contains(&self.idle_timeout_ms) {
+            problems.push(
+                join(path, "idle_timeout_ms"),
+                "must be between 1000 and 3600000",
+            );
+        }
+        for (i, a) in self.allow.iter().enumerate() {
+            if a.parse::<IpAddr>().is_err() {
+                problems.push(
+                    format!("{}[{i}]", join(path, "allow")),
+                    format!("{a:?} is not an IP address such as 10.0.3.21"),
+                );
+            }
+        }
+    }
+
+    /// Whether a POS at `ip` may print (an IPv4 peer of an IPv6 listener counts as IPv4).
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        self.allow.is_empty()
+            || self
+                .allow
+                .iter()
+                .filter_map(|a| a.parse::<IpAddr>().ok())
+                .any(|a| a.to_canonical() == ip.to_canonical())
     }
 
     pub fn exclusive_resources(&self) -> Vec<String> {
@@ -736,6 +779,7 @@ async fn proxy_loop(
     let mut serial: Option<tokio_serial::SerialStream> = None;
     let mut stray = vec![0u8; 256];
     let mut forwarded_unstored = 0u64;
+    let mut refused = [0u64; 2];
     loop {
         // Between jobs a serial printer may still talk (ASB); read and count it so its buffer
         // never fills, and notice an unplug early.
@@ -760,6 +804,10 @@ async fn proxy_loop(
                 continue;
             }
         };
+        if !cfg.allows(peer.ip()) {
+            refuse(ctx, &mut refused, peer, Refusal::NotAllowed);
+            continue;
+        }
         pos.set_nodelay(true).ok();
         // Connect (or reuse) the printer.
         let mut upstream = if let Some(addr) = &cfg.printer.tcp {
@@ -804,16 +852,31 @@ async fn proxy_loop(
         };
         link.up(format!("forwarding POS {peer} to printer {printer_name}"))
             .await;
-        let outcome = relay(
-            cfg,
-            ctx,
-            &mut proc,
-            &tx,
-            pos,
-            &mut upstream,
-            &mut forwarded_unstored,
-        )
-        .await;
+        // While one POS prints, a second connection is refused at once rather than left waiting
+        // in the backlog with no answer (the idle timeout bounds how long one connection holds
+        // the printer).
+        let outcome = {
+            let relaying = relay(
+                cfg,
+                ctx,
+                &mut proc,
+                &tx,
+                pos,
+                &mut upstream,
+                &mut forwarded_unstored,
+            );
+            tokio::pin!(relaying);
+            loop {
+                tokio::select! {
+                    o = &mut relaying => break o,
+                    a = listener.accept() => if let Ok((second, peer)) = a {
+                        drop(second);
+                        let why = if cfg.allows(peer.ip()) { Refusal::Busy } else { Refusal::NotAllowed };
+                        refuse(ctx, &mut refused, peer, why);
+                    },
+                }
+            }
+        };
         ctx.status.field("forwarded_unstored", forwarded_unstored);
         match outcome {
             Ok(()) => {
@@ -827,6 +890,36 @@ async fn proxy_loop(
             Err(RelayEnd::Shutdown) => return,
         }
     }
+}
+
+/// Why a POS connection was closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Its address is not in `allow`.
+    NotAllowed,
+    /// Another POS connection is being served (one at a time, like a printer).
+    Busy,
+}
+
+/// Closes a refused POS connection: one log line, a counter by reason, a count in status.
+fn refuse(ctx: &ComponentContext, counts: &mut [u64; 2], peer: SocketAddr, why: Refusal) {
+    let (reason, what, i) = match why {
+        Refusal::NotAllowed => (
+            "not_allowed",
+            "its address is not in the driver's allow list",
+            0,
+        ),
+        Refusal::Busy => (
+            "busy",
+            "another POS connection is being served; the POS sees the printer offline and retries",
+            1,
+        ),
+    };
+    counts[i] += 1;
+    metrics::counter!("edge_printer_refused_connections_total", "driver" => ctx.status.name().to_string(), "reason" => reason)
+        .increment(1);
+    ctx.status.field(&format!("refused_{reason}"), counts[i]);
+    tracing::warn!(component = ctx.status.name(), %peer, reason, "refused a POS connection: {what}");
 }
 
 /// Reports the printer down without sleeping: the next POS connection retries at once (the POS
@@ -858,15 +951,23 @@ async fn relay(
     let mut buf = vec![0u8; 8192];
     let mut rbuf = vec![0u8; 1024];
     let mut last_byte = Instant::now();
+    let idle_timeout = Duration::from_millis(cfg.idle_timeout_ms);
+    let mut last_activity = Instant::now();
     let end = 'relay: loop {
         tokio::select! {
             _ = ctx.shutdown.intake().cancelled() => break Err(RelayEnd::Shutdown),
+            _ = tokio::time::sleep_until(last_activity + idle_timeout) => {
+                metrics::counter!("edge_printer_idle_closed_total", "driver" => ctx.status.name().to_string()).increment(1);
+                tracing::info!(component = ctx.status.name(), idle_ms = cfg.idle_timeout_ms, "closed an idle POS connection (idle_timeout_ms)");
+                break Ok(());
+            }
             r = pos_r.read(&mut buf) => {
                 let n = match r {
                     Ok(0) | Err(_) => break Ok(()),
                     Ok(n) => n,
                 };
                 last_byte = Instant::now();
+                last_activity = last_byte;
                 let chunk = &buf[..n];
                 let mut sent = 0;
                 let now = edge_core::time::now_ms();
@@ -899,6 +1000,7 @@ async fn relay(
                     Ok(0) => break Err(RelayEnd::Printer("the printer closed the connection".into())),
                     Err(e) => break Err(RelayEnd::Printer(format!("reading from the printer failed: {e}"))),
                     Ok(m) => {
+                        last_activity = Instant::now();
                         // Status replies (DLE EOT, GS r) and ASB go back to the POS unchanged.
                         if pos_w.write_all(&rbuf[..m]).await.is_err() {
                             break Ok(());

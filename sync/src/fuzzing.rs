@@ -130,7 +130,7 @@ impl Publish {
     }
 
     /// The ingress verdict: the event, or the rejection with its dead letter.
-    pub fn ingest(&self) -> Result<edge_core::Event, (Rejection, Box<edge_core::Event>)> {
+    pub(crate) fn ingest(&self) -> Result<edge_core::Event, (Rejection, Box<edge_core::Event>)> {
         let limits = Limits {
             max_payload: MAX_PAYLOAD,
             deadletter_keep: DEADLETTER_KEEP,
