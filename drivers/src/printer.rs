@@ -15,10 +15,11 @@
 //! and the miss is counted and shown in status.
 //!
 //! Who may print through the proxy: POS addresses in `allow` (default: any). One POS connection
-//! is served at a time, like a printer; a second one while it lasts is refused at once (closed,
-//! logged, counted as `busy`) instead of waiting unanswered in the listen backlog, and a
-//! connection with no byte in either direction for `idle_timeout_ms` is closed, so a vanished or
-//! idle client holds the printer for at most that long.
+//! is served at a time, like a printer. One more may wait for it (a POS that closes and at once
+//! reconnects for the next job is served in turn); any further one is refused at once (closed,
+//! logged, counted as `busy`) instead of waiting unanswered in the listen backlog. A connection
+//! with no byte in either direction for `idle_timeout_ms` is closed, so a vanished or idle
+//! client holds the printer for at most that long.
 
 use crate::escpos::{CodePage, EndReason, Receipt, Segmenter, SegmenterConfig};
 use crate::link::{DeviceLink, dead_letter, fnv64};
@@ -780,10 +781,15 @@ async fn proxy_loop(
     let mut stray = vec![0u8; 256];
     let mut forwarded_unstored = 0u64;
     let mut refused = [0u64; 2];
+    // The one POS connection that waits for the current one to end.
+    let mut waiting: Option<(TcpStream, SocketAddr)> = None;
     loop {
         // Between jobs a serial printer may still talk (ASB); read and count it so its buffer
         // never fills, and notice an unplug early.
-        let accepted = tokio::select! {
+        let accepted = if let Some(next) = waiting.take() {
+            Ok(next)
+        } else {
+            tokio::select! {
             _ = ctx.shutdown.intake().cancelled() => return,
             a = listener.accept() => a,
             r = async { match serial.as_mut() { Some(s) => s.read(&mut stray).await, None => std::future::pending().await } } => {
@@ -796,7 +802,9 @@ async fn proxy_loop(
                 }
                 continue;
             }
+            }
         };
+        ctx.status.field("pos_waiting", 0);
         let (pos, peer) = match accepted {
             Ok(p) => p,
             Err(e) => {
@@ -852,9 +860,9 @@ async fn proxy_loop(
         };
         link.up(format!("forwarding POS {peer} to printer {printer_name}"))
             .await;
-        // While one POS prints, a second connection is refused at once rather than left waiting
-        // in the backlog with no answer (the idle timeout bounds how long one connection holds
-        // the printer).
+        // While one POS prints, the next connection waits (a POS that closes and reconnects at
+        // once for its next job is served in turn, as by a printer); a third is refused at once
+        // rather than left in the backlog with no answer. The idle timeout bounds the wait.
         let outcome = {
             let relaying = relay(
                 cfg,
@@ -869,10 +877,16 @@ async fn proxy_loop(
             loop {
                 tokio::select! {
                     o = &mut relaying => break o,
-                    a = listener.accept() => if let Ok((second, peer)) = a {
-                        drop(second);
-                        let why = if cfg.allows(peer.ip()) { Refusal::Busy } else { Refusal::NotAllowed };
-                        refuse(ctx, &mut refused, peer, why);
+                    a = listener.accept() => if let Ok((next, peer)) = a {
+                        if !cfg.allows(peer.ip()) {
+                            refuse(ctx, &mut refused, peer, Refusal::NotAllowed);
+                        } else if waiting.is_none() {
+                            waiting = Some((next, peer));
+                            ctx.status.field("pos_waiting", 1);
+                        } else {
+                            drop(next);
+                            refuse(ctx, &mut refused, peer, Refusal::Busy);
+                        }
                     },
                 }
             }
@@ -897,7 +911,7 @@ async fn proxy_loop(
 enum Refusal {
     /// Its address is not in `allow`.
     NotAllowed,
-    /// Another POS connection is being served (one at a time, like a printer).
+    /// One POS connection is being served and another one waits for it.
     Busy,
 }
 
@@ -911,7 +925,7 @@ fn refuse(ctx: &ComponentContext, counts: &mut [u64; 2], peer: SocketAddr, why: 
         ),
         Refusal::Busy => (
             "busy",
-            "another POS connection is being served; the POS sees the printer offline and retries",
+            "one POS connection is being served and another waits; the POS sees the printer offline and retries",
             1,
         ),
     };

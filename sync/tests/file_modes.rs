@@ -42,6 +42,7 @@ async fn log_files_are_private_under_a_umask_of_zero() {
     assert_eq!(mode(&side("-shm")), 0o640, "shared memory index");
     assert_eq!(mode(&db.with_extension("lock")), 0o600, "lock file");
     log.close().await.unwrap();
+    drop(log);
 
     // Files left with other modes (an older agent, a restore with `cp`) are tightened at open.
     for p in [db.clone(), db.with_extension("lock")] {
