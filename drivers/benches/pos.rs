@@ -280,6 +280,8 @@ async fn latency(n: usize) {
         },
         connect_timeout_ms: 2000,
         store_timeout_ms: 2000,
+        allow: Vec::new(),
+        idle_timeout_ms: 30_000,
         receipt: ReceiptOptions::default(),
         template: TemplateConfig::default(),
     };

@@ -13,6 +13,13 @@
 //! POS sees a finished print only for a stored receipt. If storing fails or takes longer than
 //! `store_timeout_ms`, the bytes are forwarded anyway (printing never depends on the agent's disk),
 //! and the miss is counted and shown in status.
+//!
+//! Who may print through the proxy: POS addresses in `allow` (default: any). One POS connection
+//! is served at a time, like a printer. One more may wait for it (a POS that closes and at once
+//! reconnects for the next job is served in turn); any further one is refused at once (closed,
+//! logged, counted as `busy`) instead of waiting unanswered in the listen backlog. A connection
+//! with no byte in either direction for `idle_timeout_ms` is closed, so a vanished or idle
+//! client holds the printer for at most that long.
 
 use crate::escpos::{CodePage, EndReason, Receipt, Segmenter, SegmenterConfig};
 use crate::link::{DeviceLink, dead_letter, fnv64};
@@ -26,6 +33,7 @@ use edge_core::{Event, State};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -159,10 +167,22 @@ pub struct PrinterProxyConfig {
     /// anyway.
     #[serde(default = "default_store_timeout")]
     pub store_timeout_ms: u64,
+    /// POS addresses allowed to print (IPv4 or IPv6, e.g. `["10.0.3.21"]`); empty: any. A
+    /// connection from another address is closed at once, logged and counted.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// A POS connection with no byte in either direction for this long is closed, so a POS that
+    /// went away without closing (or an idle client) cannot hold the printer.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: u64,
     #[serde(default)]
     pub receipt: ReceiptOptions,
     #[serde(default)]
     pub template: TemplateConfig,
+}
+
+fn default_idle_timeout() -> u64 {
+    30_000
 }
 
 fn default_listen() -> String {
@@ -265,6 +285,30 @@ impl Driver for PrinterProxyConfig {
                 "must be between 10 and 60000",
             );
         }
+        if !(1_000..=3_600_000).contains(&self.idle_timeout_ms) {
+            problems.push(
+                join(path, "idle_timeout_ms"),
+                "must be between 1000 and 3600000",
+            );
+        }
+        for (i, a) in self.allow.iter().enumerate() {
+            if a.parse::<IpAddr>().is_err() {
+                problems.push(
+                    format!("{}[{i}]", join(path, "allow")),
+                    format!("{a:?} is not an IP address such as 10.0.3.21"),
+                );
+            }
+        }
+    }
+
+    /// Whether a POS at `ip` may print (an IPv4 peer of an IPv6 listener counts as IPv4).
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        self.allow.is_empty()
+            || self
+                .allow
+                .iter()
+                .filter_map(|a| a.parse::<IpAddr>().ok())
+                .any(|a| a.to_canonical() == ip.to_canonical())
     }
 
     fn exclusive_resources(&self) -> Vec<String> {
@@ -763,10 +807,16 @@ async fn proxy_loop(
     let mut serial: Option<tokio_serial::SerialStream> = None;
     let mut stray = vec![0u8; 256];
     let mut forwarded_unstored = 0u64;
+    let mut refused = [0u64; 2];
+    // The one POS connection that waits for the current one to end.
+    let mut waiting: Option<(TcpStream, SocketAddr)> = None;
     loop {
         // Between jobs a serial printer may still talk (ASB); read and count it so its buffer
         // never fills, and notice an unplug early.
-        let accepted = tokio::select! {
+        let accepted = if let Some(next) = waiting.take() {
+            Ok(next)
+        } else {
+            tokio::select! {
             _ = ctx.shutdown.intake().cancelled() => return,
             a = listener.accept() => a,
             r = async { match serial.as_mut() { Some(s) => s.read(&mut stray).await, None => std::future::pending().await } } => {
@@ -779,7 +829,9 @@ async fn proxy_loop(
                 }
                 continue;
             }
+            }
         };
+        ctx.status.field("pos_waiting", 0);
         let (pos, peer) = match accepted {
             Ok(p) => p,
             Err(e) => {
@@ -787,6 +839,10 @@ async fn proxy_loop(
                 continue;
             }
         };
+        if !cfg.allows(peer.ip()) {
+            refuse(ctx, &mut refused, peer, Refusal::NotAllowed);
+            continue;
+        }
         pos.set_nodelay(true).ok();
         // Connect (or reuse) the printer.
         let mut upstream = if let Some(addr) = &cfg.printer.tcp {
@@ -831,16 +887,37 @@ async fn proxy_loop(
         };
         link.up(format!("forwarding POS {peer} to printer {printer_name}"))
             .await;
-        let outcome = relay(
-            cfg,
-            ctx,
-            &mut proc,
-            &tx,
-            pos,
-            &mut upstream,
-            &mut forwarded_unstored,
-        )
-        .await;
+        // While one POS prints, the next connection waits (a POS that closes and reconnects at
+        // once for its next job is served in turn, as by a printer); a third is refused at once
+        // rather than left in the backlog with no answer. The idle timeout bounds the wait.
+        let outcome = {
+            let relaying = relay(
+                cfg,
+                ctx,
+                &mut proc,
+                &tx,
+                pos,
+                &mut upstream,
+                &mut forwarded_unstored,
+            );
+            tokio::pin!(relaying);
+            loop {
+                tokio::select! {
+                    o = &mut relaying => break o,
+                    a = listener.accept() => if let Ok((next, peer)) = a {
+                        if !cfg.allows(peer.ip()) {
+                            refuse(ctx, &mut refused, peer, Refusal::NotAllowed);
+                        } else if waiting.is_none() {
+                            waiting = Some((next, peer));
+                            ctx.status.field("pos_waiting", 1);
+                        } else {
+                            drop(next);
+                            refuse(ctx, &mut refused, peer, Refusal::Busy);
+                        }
+                    },
+                }
+            }
+        };
         ctx.status.field("forwarded_unstored", forwarded_unstored);
         match outcome {
             Ok(()) => {
@@ -854,6 +931,36 @@ async fn proxy_loop(
             Err(RelayEnd::Shutdown) => return,
         }
     }
+}
+
+/// Why a POS connection was closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Its address is not in `allow`.
+    NotAllowed,
+    /// One POS connection is being served and another one waits for it.
+    Busy,
+}
+
+/// Closes a refused POS connection: one log line, a counter by reason, a count in status.
+fn refuse(ctx: &ComponentContext, counts: &mut [u64; 2], peer: SocketAddr, why: Refusal) {
+    let (reason, what, i) = match why {
+        Refusal::NotAllowed => (
+            "not_allowed",
+            "its address is not in the driver's allow list",
+            0,
+        ),
+        Refusal::Busy => (
+            "busy",
+            "one POS connection is being served and another waits; the POS sees the printer offline and retries",
+            1,
+        ),
+    };
+    counts[i] += 1;
+    metrics::counter!("edge_printer_refused_connections_total", "driver" => ctx.status.name().to_string(), "reason" => reason)
+        .increment(1);
+    ctx.status.field(&format!("refused_{reason}"), counts[i]);
+    tracing::warn!(component = ctx.status.name(), %peer, reason, "refused a POS connection: {what}");
 }
 
 /// Reports the printer down without sleeping: the next POS connection retries at once (the POS
@@ -885,15 +992,23 @@ async fn relay(
     let mut buf = vec![0u8; 8192];
     let mut rbuf = vec![0u8; 1024];
     let mut last_byte = Instant::now();
+    let idle_timeout = Duration::from_millis(cfg.idle_timeout_ms);
+    let mut last_activity = Instant::now();
     let end = 'relay: loop {
         tokio::select! {
             _ = ctx.shutdown.intake().cancelled() => break Err(RelayEnd::Shutdown),
+            _ = tokio::time::sleep_until(last_activity + idle_timeout) => {
+                metrics::counter!("edge_printer_idle_closed_total", "driver" => ctx.status.name().to_string()).increment(1);
+                tracing::info!(component = ctx.status.name(), idle_ms = cfg.idle_timeout_ms, "closed an idle POS connection (idle_timeout_ms)");
+                break Ok(());
+            }
             r = pos_r.read(&mut buf) => {
                 let n = match r {
                     Ok(0) | Err(_) => break Ok(()),
                     Ok(n) => n,
                 };
                 last_byte = Instant::now();
+                last_activity = last_byte;
                 let chunk = &buf[..n];
                 let mut sent = 0;
                 let now = edge_core::time::now_ms();
@@ -926,6 +1041,7 @@ async fn relay(
                     Ok(0) => break Err(RelayEnd::Printer("the printer closed the connection".into())),
                     Err(e) => break Err(RelayEnd::Printer(format!("reading from the printer failed: {e}"))),
                     Ok(m) => {
+                        last_activity = Instant::now();
                         // Status replies (DLE EOT, GS r) and ASB go back to the POS unchanged.
                         if pos_w.write_all(&rbuf[..m]).await.is_err() {
                             break Ok(());

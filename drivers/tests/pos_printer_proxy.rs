@@ -79,6 +79,8 @@ fn proxy_config(upstream: PrinterUpstream) -> PrinterProxyConfig {
         printer: upstream,
         connect_timeout_ms: 2000,
         store_timeout_ms: 2000,
+        allow: Vec::new(),
+        idle_timeout_ms: 30_000,
         receipt: ReceiptOptions::default(),
         template: TemplateConfig::default(),
     }
@@ -329,4 +331,177 @@ async fn an_unplugged_serial_printer_is_reported_and_used_again_after_replug() {
     drop(pos);
     h.shutdown.stop_all();
     task.await.unwrap().unwrap();
+}
+
+/// A fake network printer that serves every connection the proxy opens.
+async fn network_printer(seen: Arc<Mutex<Printed>>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(printer(s, seen.clone(), None));
+        }
+    });
+    addr
+}
+
+/// Reads until the proxy closes the connection (EOF or reset), within the deadline.
+async fn closed_by_proxy(s: &mut TcpStream) {
+    let mut b = [0u8; 64];
+    let r = tokio::time::timeout(T, s.read(&mut b))
+        .await
+        .expect("the proxy closes the connection");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+}
+
+fn status_count(h: &Harness, field: &str) -> u64 {
+    h.status
+        .get("proxy")
+        .unwrap()
+        .fields
+        .get(field)
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pos_connection_waits_for_the_served_one_and_a_third_is_refused() {
+    let h = Harness::new();
+    let seen = Arc::new(Mutex::new(Printed::default()));
+    let cfg = PrinterProxyConfig {
+        idle_timeout_ms: 600_000,
+        ..proxy_config(PrinterUpstream {
+            tcp: Some(network_printer(seen.clone()).await),
+            serial: None,
+        })
+    };
+    let task = tokio::spawn(build_proxy(cfg, h.ctx("proxy", "printer_proxy")).unwrap());
+    let addr = proxy_addr(&h).await;
+    // The first POS is served: its status request is answered through the proxy.
+    let mut first = TcpStream::connect(&addr).await.unwrap();
+    first.write_all(b"\x10\x04\x01").await.unwrap();
+    assert_eq!(read_exactly(&mut first, 1).await, vec![0x12]);
+    // While the first stays connected (and idle), a second waits its turn...
+    let mut second = TcpStream::connect(&addr).await.unwrap();
+    second.write_all(SALE).await.unwrap();
+    h.wait_status("proxy", T, |s| {
+        s.fields.get("pos_waiting").and_then(|v| v.as_u64()) == Some(1)
+    })
+    .await;
+    // ...and a third is closed at once, not left in the backlog.
+    let mut third = TcpStream::connect(&addr).await.unwrap();
+    // The proxy may have closed it already; then the write fails, which is the same answer.
+    third.write_all(SALE).await.ok();
+    closed_by_proxy(&mut third).await;
+    h.wait_status("proxy", T, |s| s.fields.contains_key("refused_busy"))
+        .await;
+    assert_eq!(status_count(&h, "refused_busy"), 1);
+    assert_eq!(seen.lock().unwrap().bytes.len(), 3, "only the first printed so far");
+    // The first goes; the second's sale is printed and answered.
+    drop(first);
+    assert_eq!(read_exactly(&mut second, 1).await, vec![0x12]);
+    wait_printed(&seen, 3 + SALE.len()).await;
+    assert_eq!(seen.lock().unwrap().bytes, [&b"\x10\x04\x01"[..], SALE].concat());
+    h.wait_for("pos.transactions", 1, T).await;
+    drop(second);
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pos_connection_is_closed_and_printing_resumes() {
+    let h = Harness::new();
+    let seen = Arc::new(Mutex::new(Printed::default()));
+    let cfg = PrinterProxyConfig {
+        idle_timeout_ms: 1_000,
+        ..proxy_config(PrinterUpstream {
+            tcp: Some(network_printer(seen.clone()).await),
+            serial: None,
+        })
+    };
+    let task = tokio::spawn(build_proxy(cfg, h.ctx("proxy", "printer_proxy")).unwrap());
+    let addr = proxy_addr(&h).await;
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"\x10\x04\x01").await.unwrap();
+    assert_eq!(read_exactly(&mut idle, 1).await, vec![0x12]);
+    let quiet_since = std::time::Instant::now();
+    closed_by_proxy(&mut idle).await;
+    assert!(
+        quiet_since.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before idle_timeout_ms",
+        quiet_since.elapsed()
+    );
+    let mut pos = TcpStream::connect(&addr).await.unwrap();
+    pos.write_all(SALE).await.unwrap();
+    assert_eq!(read_exactly(&mut pos, 1).await, vec![0x12]);
+    h.wait_for("pos.transactions", 1, T).await;
+    drop(pos);
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_pos_addresses_may_print() {
+    let h = Harness::new();
+    let seen = Arc::new(Mutex::new(Printed::default()));
+    let printer_addr = network_printer(seen.clone()).await;
+    let cfg = PrinterProxyConfig {
+        allow: vec!["10.0.3.21".into()],
+        ..proxy_config(PrinterUpstream {
+            tcp: Some(printer_addr.clone()),
+            serial: None,
+        })
+    };
+    let task = tokio::spawn(build_proxy(cfg, h.ctx("proxy", "printer_proxy")).unwrap());
+    let addr = proxy_addr(&h).await;
+    let mut pos = TcpStream::connect(&addr).await.unwrap();
+    // The proxy may have closed it already; then the write fails, which is the same answer.
+    pos.write_all(SALE).await.ok();
+    closed_by_proxy(&mut pos).await;
+    h.wait_status("proxy", T, |s| {
+        s.fields.contains_key("refused_not_allowed")
+    })
+    .await;
+    assert_eq!(status_count(&h, "refused_not_allowed"), 1);
+    assert!(seen.lock().unwrap().bytes.is_empty(), "a refused POS printed");
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+
+    // The same POS, allowed (an IPv4 address also matches its IPv4-mapped IPv6 form).
+    let h = Harness::new();
+    let cfg = PrinterProxyConfig {
+        allow: vec!["10.0.3.21".into(), "127.0.0.1".into()],
+        ..proxy_config(PrinterUpstream {
+            tcp: Some(printer_addr),
+            serial: None,
+        })
+    };
+    assert!(cfg.allows("::ffff:127.0.0.1".parse().unwrap()));
+    assert!(!cfg.allows("10.0.3.22".parse().unwrap()));
+    let task = tokio::spawn(build_proxy(cfg, h.ctx("proxy", "printer_proxy")).unwrap());
+    let addr = proxy_addr(&h).await;
+    let mut pos = TcpStream::connect(&addr).await.unwrap();
+    pos.write_all(SALE).await.unwrap();
+    assert_eq!(read_exactly(&mut pos, 1).await, vec![0x12]);
+    drop(pos);
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
+
+#[test]
+fn allow_list_and_idle_timeout_are_validated() {
+    let cfg = PrinterProxyConfig {
+        allow: vec!["10.0.3.21".into(), "lane-4".into()],
+        idle_timeout_ms: 10,
+        ..proxy_config(PrinterUpstream {
+            tcp: Some("192.0.2.10:9100".into()),
+            serial: None,
+        })
+    };
+    let mut p = edge_core::config::Problems::new();
+    cfg.validate("drivers[0]", &mut p);
+    let text = p.to_string();
+    assert!(text.contains("drivers[0].allow[1]: \"lane-4\""), "{text}");
+    assert!(text.contains("drivers[0].idle_timeout_ms:"), "{text}");
+    assert_eq!(p.len(), 2, "{text}");
 }

@@ -6,7 +6,7 @@ use crate::report;
 use clap::{Parser, Subcommand, ValueEnum};
 use edge_core::log::ReadLimits;
 use edge_sync::log::LogInspector;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -361,33 +361,87 @@ fn with_inspector(config: &Path, f: impl FnOnce(&LogInspector) -> anyhow::Result
     }
 }
 
-/// GET on the daemon's local HTTP endpoint (HTTP/1.1, Connection: close): status code and body,
-/// or why there was no answer.
+/// Mode of a `log export --output` file: store data, for the operator who asked for it.
+pub const EXPORT_FILE_MODE: u32 = 0o600;
+
+/// Creates (or truncates) an export file with [`EXPORT_FILE_MODE`], whatever the umask and
+/// whatever mode a file it replaces had.
+pub fn create_export_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(EXPORT_FILE_MODE)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(EXPORT_FILE_MODE))?;
+    Ok(f)
+}
+
+/// GET on the daemon's local HTTP endpoint (hyper's HTTP/1.1 client on a private current-thread
+/// runtime; `timeout` bounds the connect, 10 s the answer): status code and body, or why there
+/// was no answer. Callable from inside a runtime too (it then runs on a thread of its own).
 pub(crate) fn http_request(
     addr: std::net::SocketAddr,
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
+    let run = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the HTTP client: {e}"))?
+            .block_on(http_exchange(addr, path, timeout))
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| {
+            s.spawn(run)
+                .join()
+                .unwrap_or_else(|_| Err("the HTTP client thread failed".into()))
+        })
+    } else {
+        run()
+    }
+}
+
+async fn http_exchange(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    use http_body_util::BodyExt;
+    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("no answer from {addr} in {timeout:?}"))?
         .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-    let text = String::from_utf8(buf).map_err(|_| "the answer is not UTF-8".to_string())?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| "the answer is not HTTP".to_string())?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| "the answer has no HTTP status".to_string())?;
-    Ok((code, body.to_string()))
+    let exchange = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| format!("{path:?} is not a request path: {e}"))?;
+        // The connection task drives the socket (hyper's client pattern); its failure shows up
+        // as the request's or the body's error.
+        let conn = tokio::spawn(conn);
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let code = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        conn.abort();
+        let text =
+            String::from_utf8(body.to_vec()).map_err(|_| "the answer is not UTF-8".to_string())?;
+        Ok::<_, String>((code, text))
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| format!("{addr} sent no complete answer in 10 s"))?
 }
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
@@ -559,7 +613,7 @@ fn export(
 ) -> anyhow::Result<()> {
     let mut out: Box<dyn Write> = match output {
         Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p)
+            create_export_file(p)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", p.display()))?,
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),

@@ -89,6 +89,20 @@ impl Default for HttpConfig {
     }
 }
 
+impl HttpConfig {
+    /// The warning when the endpoint listens beyond this machine: it has no authentication, and
+    /// `/status` and `/metrics` tell anyone on the store LAN about the store's streams and devices.
+    /// Logged at start and reported by `doctor`.
+    pub fn exposure_warning(&self) -> Option<String> {
+        (self.enabled && !self.listen.ip().is_loopback()).then(|| {
+            format!(
+                "http.listen {} is not a loopback address: health, status and metrics (no authentication) are open to the network",
+                self.listen
+            )
+        })
+    }
+}
+
 /// Store ids become Kafka keys, topic parts and MQTT client ids.
 fn check_store_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 64 {
@@ -155,7 +169,26 @@ impl AgentConfig {
         self.mqtt.validate("mqtt", &mut p);
         edge_drivers::validate_drivers(&self.drivers, "drivers", &mut p);
         if let Some(k) = &self.kafka {
+            let before = p.len();
             k.validate("kafka", &mut p);
+            // `kafka.topic_template` is checked with a sample store id; with this store's id
+            // (up to 64 characters, once per `{store}`) and the longest stream name it may
+            // still give a name Kafka refuses for every record (found by the `config` fuzz
+            // target).
+            if p.len() == before && check_store_id(&self.agent.store_id).is_ok() {
+                let longest = self.longest_stream();
+                let topic = k.topic(&self.agent.store_id, longest);
+                if topic.len() > 249 {
+                    p.push(
+                        join("kafka", "topic_template"),
+                        format!(
+                            "gives the {}-character topic {topic:?} for store {:?} and stream {longest:?}; Kafka allows 249",
+                            topic.len(),
+                            self.agent.store_id
+                        ),
+                    );
+                }
+            }
         }
         if self.http.enabled && self.http.listen.port() == 0 {
             p.push(
@@ -164,6 +197,26 @@ impl AgentConfig {
             );
         }
         p
+    }
+
+    /// The longest name of a stream this config can write: the product's streams and those
+    /// named in the log and MQTT ingress sections.
+    fn longest_stream(&self) -> &str {
+        const FIXED: &[&str] = &[
+            "pos.transactions",
+            "presence.events",
+            "beacon.sightings",
+            "offers.decisions",
+            "agent.health",
+            "deadletter",
+        ];
+        FIXED
+            .iter()
+            .copied()
+            .chain(self.log.streams.keys().map(String::as_str))
+            .chain(self.mqtt.ingress.iter().map(|r| r.stream.as_str()))
+            .max_by_key(|s| s.len())
+            .unwrap_or("pos.transactions")
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -238,6 +291,25 @@ beacons = 0
         ] {
             assert!(p.contains(path), "missing {path} in\n{p}");
         }
+    }
+
+    #[test]
+    fn a_listen_address_beyond_loopback_is_a_warning() {
+        let at = |listen: &str| HttpConfig {
+            enabled: true,
+            listen: listen.parse().unwrap(),
+        };
+        assert_eq!(HttpConfig::default().exposure_warning(), None);
+        assert_eq!(at("[::1]:9464").exposure_warning(), None);
+        for open in ["0.0.0.0:9464", "10.0.3.5:9464", "[::]:9464"] {
+            let w = at(open).exposure_warning().expect(open);
+            assert!(w.contains(open) && w.contains("not a loopback"), "{w}");
+        }
+        let off = HttpConfig {
+            enabled: false,
+            ..at("0.0.0.0:9464")
+        };
+        assert_eq!(off.exposure_warning(), None);
     }
 
     #[test]

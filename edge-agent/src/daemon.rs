@@ -209,6 +209,9 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         async move { ("health".to_string(), t.await.is_ok()) }
     });
 
+    if let Some(w) = cfg.http.exposure_warning() {
+        tracing::warn!(listen = %cfg.http.listen, "{w}");
+    }
     let http = if cfg.http.enabled {
         Some(
             crate::http::serve(state.clone(), metrics, shutdown.clone())

@@ -7,6 +7,9 @@
 //! (the fsync self-test), which it removes.
 
 use crate::config::AgentConfig;
+use bytes::BytesMut;
+use rumqttc::mqttbytes::Error as MqttError;
+use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Disconnect, Packet};
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -158,7 +161,12 @@ fn daemon(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
         )];
     }
     let addr = cfg.http.listen;
-    match crate::cli::http_request(addr, "/readyz", opts.net_timeout) {
+    let exposure = cfg.http.exposure_warning().map(|w| {
+        Finding::new(NAME, Level::Warn, w).advice(
+            "set http.listen = \"127.0.0.1:9464\" unless a scraper on another host needs it, and then firewall the port to that host",
+        )
+    });
+    let mut findings = match crate::cli::http_request(addr, "/readyz", opts.net_timeout) {
         Ok((200, _)) => vec![Finding::new(
             NAME,
             Level::Ok,
@@ -177,7 +185,9 @@ fn daemon(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
                 "start it with `systemctl start edge-agent`; `systemctl status edge-agent` and `journalctl -u edge-agent` show why it stopped",
             ),
         ],
-    }
+    };
+    findings.extend(exposure);
+    findings
 }
 
 // --- data disk --------------------------------------------------------------------------------
@@ -431,63 +441,73 @@ pub fn tcp_reach(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, 
     Err(last)
 }
 
-fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
-    buf.extend_from_slice(&(s.len().min(u16::MAX as usize) as u16).to_be_bytes());
-    buf.extend_from_slice(&s[..s.len().min(u16::MAX as usize)]);
+/// The doctor's MQTT 3.1.1 CONNECT (clean session, so the probe leaves no session behind),
+/// encoded by rumqttc.
+pub fn mqtt_connect(client_id: &str, login: Option<(&str, &str)>) -> Connect {
+    let mut c = Connect::new(client_id);
+    c.clean_session = true;
+    c.keep_alive = 10;
+    if let Some((user, password)) = login {
+        c.set_login(user, password);
+    }
+    c
 }
 
-/// An MQTT 3.1.1 CONNECT packet (clean session, so the probe leaves no session behind).
-pub fn mqtt_connect_packet(
-    client_id: &str,
-    username: Option<&str>,
-    password: Option<&[u8]>,
-) -> Vec<u8> {
-    let mut body = Vec::new();
-    put_str(&mut body, b"MQTT");
-    body.push(4);
-    let mut flags = 0x02u8;
-    if username.is_some() {
-        flags |= 0x80;
-        if password.is_some() {
-            flags |= 0x40;
-        }
+/// What a broker answered to the doctor's CONNECT.
+#[derive(Debug)]
+pub enum Handshake {
+    Ack(ConnectReturnCode),
+    /// An MQTT packet other than CONNACK, or bytes that are no MQTT packet.
+    NotConnack(String),
+    Io(std::io::Error),
+}
+
+/// Sends `connect` and reads the answer with rumqttc's packet codec (timeouts: the stream's).
+pub fn mqtt_handshake(stream: &mut TcpStream, connect: &Connect) -> Handshake {
+    let mut out = BytesMut::new();
+    if let Err(e) = connect.write(&mut out) {
+        return Handshake::NotConnack(format!("no CONNECT could be encoded ({e})"));
     }
-    body.push(flags);
-    body.extend_from_slice(&10u16.to_be_bytes());
-    put_str(&mut body, client_id.as_bytes());
-    if let Some(u) = username {
-        put_str(&mut body, u.as_bytes());
-        if let Some(p) = password {
-            put_str(&mut body, p);
-        }
+    if let Err(e) = stream.write_all(&out) {
+        return Handshake::Io(e);
     }
-    let mut pkt = vec![0x10];
-    let mut len = body.len();
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 256];
     loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
+        match Packet::read(&mut buf, 4096) {
+            Ok(Packet::ConnAck(ack)) => return Handshake::Ack(ack.code),
+            Ok(other) => return Handshake::NotConnack(format!("an MQTT {other:?}")),
+            Err(MqttError::InsufficientBytes(_)) => {}
+            Err(e) => return Handshake::NotConnack(format!("bytes that are no MQTT packet ({e})")),
         }
-        pkt.push(byte);
-        if len == 0 {
-            break;
+        match stream.read(&mut chunk) {
+            Ok(0) if !buf.is_empty() => {
+                return Handshake::NotConnack(format!(
+                    "{} bytes that form no complete MQTT packet, then closed the connection",
+                    buf.len()
+                ));
+            }
+            Ok(0) => {
+                return Handshake::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the broker closed the connection",
+                ));
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Handshake::Io(e),
         }
     }
-    pkt.extend_from_slice(&body);
-    pkt
 }
 
 /// The meaning of a CONNACK return code (MQTT 3.1.1, 3.2.2.3).
-pub fn connack_reason(code: u8) -> &'static str {
+pub fn connack_reason(code: ConnectReturnCode) -> &'static str {
     match code {
-        0 => "accepted",
-        1 => "the broker refuses MQTT 3.1.1",
-        2 => "the broker rejects the client id",
-        3 => "the broker is unavailable",
-        4 => "bad user name or password",
-        5 => "not authorised",
-        _ => "unknown refusal code",
+        ConnectReturnCode::Success => "accepted",
+        ConnectReturnCode::RefusedProtocolVersion => "the broker refuses MQTT 3.1.1",
+        ConnectReturnCode::BadClientId => "the broker rejects the client id",
+        ConnectReturnCode::ServiceUnavailable => "the broker is unavailable",
+        ConnectReturnCode::BadUserNamePassword => "bad user name or password",
+        ConnectReturnCode::NotAuthorized => "not authorised",
     }
 }
 
@@ -519,13 +539,8 @@ fn mqtt(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
         ];
     }
     let password = match (&m.username, &m.password_file) {
-        (Some(_), Some(p)) => match std::fs::read(p) {
-            Ok(mut b) => {
-                while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
-                    b.pop();
-                }
-                Some(b)
-            }
+        (Some(_), Some(p)) => match std::fs::read_to_string(p) {
+            Ok(b) => Some(b.trim_end_matches(['\n', '\r']).to_string()),
             Err(e) => {
                 return vec![
                     Finding::new(
@@ -533,7 +548,7 @@ fn mqtt(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
                         Level::Fail,
                         format!("cannot read mqtt.password_file {}: {e}", p.display()),
                     )
-                    .advice("the file must be readable by the edge-agent user (e.g. root:edge-agent, mode 0640)"),
+                    .advice("the file must be readable by the edge-agent user (e.g. root:edge-agent, mode 0640), and hold the password as text"),
                 ];
             }
         },
@@ -541,17 +556,14 @@ fn mqtt(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
     };
     let _ = stream.set_read_timeout(Some(opts.net_timeout));
     let _ = stream.set_write_timeout(Some(opts.net_timeout));
-    let pkt = mqtt_connect_packet(
+    let connect = mqtt_connect(
         &format!("edge-agent-doctor-{}", std::process::id()),
-        m.username.as_deref(),
-        password.as_deref(),
+        m.username
+            .as_deref()
+            .map(|u| (u, password.as_deref().unwrap_or_default())),
     );
-    let mut ack = [0u8; 4];
-    let r = stream
-        .write_all(&pkt)
-        .and_then(|_| stream.read_exact(&mut ack));
-    match r {
-        Err(e) => vec![
+    match mqtt_handshake(&mut stream, &connect) {
+        Handshake::Io(e) => vec![
             Finding::new(
                 NAME,
                 Level::Fail,
@@ -559,13 +571,17 @@ fn mqtt(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
             )
             .advice("is this port a TLS listener (then configure [mqtt.tls]) or not an MQTT broker?"),
         ],
-        Ok(()) if ack[0] != 0x20 => vec![Finding::new(
+        Handshake::NotConnack(what) => vec![Finding::new(
             NAME,
             Level::Fail,
-            format!("broker {target} answered CONNECT with packet type 0x{:02x}, not CONNACK", ack[0]),
+            format!("broker {target} answered CONNECT with {what}, not CONNACK"),
         )],
-        Ok(()) if ack[3] == 0 => {
-            let _ = stream.write_all(&[0xe0, 0x00]);
+        Handshake::Ack(ConnectReturnCode::Success) => {
+            // A polite goodbye; the probe's verdict does not depend on it.
+            let mut bye = BytesMut::new();
+            if Disconnect.write(&mut bye).is_ok() {
+                let _ = stream.write_all(&bye);
+            }
             vec![Finding::new(
                 NAME,
                 Level::Ok,
@@ -578,14 +594,14 @@ fn mqtt(cfg: &AgentConfig, opts: &Options) -> Vec<Finding> {
                 ),
             )]
         }
-        Ok(()) => vec![
+        Handshake::Ack(code) => vec![
             Finding::new(
                 NAME,
                 Level::Fail,
                 format!(
                     "broker {target} refuses the connection: {} (code {})",
-                    connack_reason(ack[3]),
-                    ack[3]
+                    connack_reason(code),
+                    code as u8
                 ),
             )
             .advice("check mqtt.username / mqtt.password_file against the broker's password_file and ACL"),
@@ -969,15 +985,53 @@ mod tests {
     }
 
     #[test]
+    fn an_http_endpoint_open_to_the_network_is_a_warning() {
+        let mut cfg = AgentConfig::default();
+        let f = daemon(&cfg, &Options::default());
+        assert!(!f.iter().any(|f| f.summary.contains("loopback")), "{f:?}");
+        // Nothing listens there: the readiness finding plus the exposure warning.
+        cfg.http.listen = "0.0.0.0:1".parse().unwrap();
+        let f = daemon(&cfg, &Options::default());
+        let w = f
+            .iter()
+            .find(|f| f.summary.contains("not a loopback address"))
+            .unwrap_or_else(|| panic!("{f:?}"));
+        assert_eq!(w.level, Level::Warn);
+        assert!(w.advice.as_deref().unwrap_or_default().contains("127.0.0.1"));
+    }
+
+    #[test]
     fn connect_packet_is_well_formed() {
-        let p = mqtt_connect_packet("doc", Some("u"), Some(b"pw"));
-        assert_eq!(p[0], 0x10);
-        assert_eq!(p[1] as usize, p.len() - 2);
-        assert_eq!(&p[2..8], b"\x00\x04MQTT");
-        assert_eq!(p[8], 4);
-        assert_eq!(p[9], 0x80 | 0x40 | 0x02);
-        assert!(p.ends_with(b"\x00\x01u\x00\x02pw"));
-        assert_eq!(connack_reason(5), "not authorised");
+        let mut wire = BytesMut::new();
+        mqtt_connect("doc", Some(("u", "pw")))
+            .write(&mut wire)
+            .unwrap();
+        assert_eq!(wire[0], 0x10);
+        assert_eq!(wire[1] as usize, wire.len() - 2);
+        assert_eq!(&wire[2..8], b"\x00\x04MQTT");
+        assert_eq!(wire[8], 4);
+        assert_eq!(wire[9], 0x80 | 0x40 | 0x02);
+        assert!(wire.ends_with(b"\x00\x01u\x00\x02pw"));
+        assert_eq!(connack_reason(ConnectReturnCode::NotAuthorized), "not authorised");
+    }
+
+    #[test]
+    fn an_answer_that_is_not_connack_is_named() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut head = [0u8; 64];
+                let _ = s.read(&mut head);
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+            }
+        });
+        let mut cfg = AgentConfig::default();
+        cfg.mqtt.host = "127.0.0.1".into();
+        cfg.mqtt.port = port;
+        let f = mqtt(&cfg, &Options::default());
+        assert_eq!(f[0].level, Level::Fail, "{f:?}");
+        assert!(f[0].summary.contains("not CONNACK"), "{f:?}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod fuzzing;
 pub mod log;
 pub mod mqtt;
 

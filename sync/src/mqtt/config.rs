@@ -1,6 +1,6 @@
 //! `[mqtt]` configuration.
 
-use super::topic::{TopicPattern, unknown_placeholders};
+use super::topic::{TopicPattern, egress_template_problems};
 use edge_core::config::{ByteSize, Problems, check_stream_name, join};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -272,16 +272,8 @@ impl MqttConfig {
             if let Err(e) = check_stream_name(&r.stream) {
                 problems.push(join(&p, "stream"), e);
             }
-            if r.topic.is_empty() || r.topic.contains(['+', '#']) {
-                problems.push(join(&p, "topic"), "must be a topic name without wildcards");
-            }
-            for u in unknown_placeholders(&r.topic, &["store", "stream", "key", "source"]) {
-                problems.push(
-                    join(&p, "topic"),
-                    format!(
-                        "unknown placeholder {u}; use {{store}}, {{stream}}, {{key}} or {{source}}"
-                    ),
-                );
+            for problem in egress_template_problems(&r.topic) {
+                problems.push(join(&p, "topic"), problem);
             }
             if let Some(first) = cursors.insert(r.cursor_name(), i) {
                 problems.push(

@@ -201,8 +201,9 @@ pub(crate) fn probe_json(
         ts: &'f str,
     }
 
-    /// Accepts any JSON value; keeps strings and numbers (for ids), skips the rest.
-    struct Scalar(Option<String>, Option<i64>);
+    /// Accepts any JSON value; keeps strings and numbers (for ids), skips the rest. The flag
+    /// says whether it was a string.
+    struct Scalar(Option<String>, Option<i64>, bool);
 
     impl<'de> serde::Deserialize<'de> for Scalar {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -213,33 +214,33 @@ pub(crate) fn probe_json(
                     f.write_str("any JSON value")
                 }
                 fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
-                    Ok(Scalar(Some(v.to_string()), None))
+                    Ok(Scalar(Some(v.to_string()), None, true))
                 }
                 fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
-                    Ok(Scalar(Some(v.to_string()), Some(v)))
+                    Ok(Scalar(Some(v.to_string()), Some(v), false))
                 }
                 fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
-                    Ok(Scalar(Some(v.to_string()), i64::try_from(v).ok()))
+                    Ok(Scalar(Some(v.to_string()), i64::try_from(v).ok(), false))
                 }
                 fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
-                    Ok(Scalar(Some(v.to_string()), None))
+                    Ok(Scalar(Some(v.to_string()), None, false))
                 }
                 fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
-                    Ok(Scalar(None, None))
+                    Ok(Scalar(None, None, false))
                 }
                 fn visit_unit<E>(self) -> Result<Scalar, E> {
-                    Ok(Scalar(None, None))
+                    Ok(Scalar(None, None, false))
                 }
                 fn visit_seq<A: serde::de::SeqAccess<'de>>(
                     self,
                     mut a: A,
                 ) -> Result<Scalar, A::Error> {
                     while a.next_element::<IgnoredAny>()?.is_some() {}
-                    Ok(Scalar(None, None))
+                    Ok(Scalar(None, None, false))
                 }
                 fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
                     while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                    Ok(Scalar(None, None))
+                    Ok(Scalar(None, None, false))
                 }
             }
             d.deserialize_any(SV)
@@ -255,15 +256,16 @@ pub(crate) fn probe_json(
             let mut p = Probe::default();
             while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                 if key == self.id {
-                    let Scalar(s, _) = map.next_value()?;
+                    let Scalar(s, _, _) = map.next_value()?;
                     p.event_id = s.filter(|s| !s.is_empty());
                 } else if key == self.ts {
-                    let Scalar(_, i) = map.next_value()?;
+                    let Scalar(_, i, _) = map.next_value()?;
                     p.ts = i;
                 } else if key == "schema" {
                     let v: Scalar = map.next_value()?;
-                    // Only a string is a schema name (a number's text is not).
-                    p.schema = v.0.filter(|_| v.1.is_none());
+                    // Only a string is a schema name (a number's text is not, an integer's
+                    // nor a float's: `1.5` was taken for one; found by the fuzz target).
+                    p.schema = v.0.filter(|_| v.2);
                 } else {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -272,7 +274,13 @@ pub(crate) fn probe_json(
         }
     }
 
-    let mut de = serde_json::Deserializer::from_slice(payload);
+    // JSON is UTF-8 (RFC 8259 section 8.1). serde_json checks UTF-8 only in the strings it
+    // returns, not in those it skips, so `{"note":"\xed\xed"}` passed as an object and reached
+    // HQ, whose decoders refuse it (found by the `mqtt_ingress` fuzz target). Checked once here,
+    // the parse then reads a `&str`.
+    let text = std::str::from_utf8(payload)
+        .map_err(|e| ProbeError::Invalid(format!("it is not UTF-8 ({e})")))?;
+    let mut de = serde_json::Deserializer::from_str(text);
     match de.deserialize_any(ObjectVisitor {
         id: id_field,
         ts: ts_field,
@@ -281,8 +289,13 @@ pub(crate) fn probe_json(
             .end()
             .map(|_| p)
             .map_err(|e| ProbeError::Invalid(e.to_string())),
-        // A well-formed value of another type (array, string, number).
-        Err(e) if e.is_data() => Err(ProbeError::NotObject),
+        // Another type (array, string, number): the visitor stops at its first byte, so the
+        // rest is checked before calling it well-formed (`[,` is not JSON; found by the
+        // `mqtt_ingress` fuzz target). Only rejected payloads take this second pass.
+        Err(e) if e.is_data() => match serde_json::from_str::<IgnoredAny>(text) {
+            Ok(_) => Err(ProbeError::NotObject),
+            Err(e) => Err(ProbeError::Invalid(e.to_string())),
+        },
         Err(e) => Err(ProbeError::Invalid(e.to_string())),
     }
 }
@@ -438,6 +451,15 @@ mod tests {
             probe_json(br#""just a string""#, "event_id", "ts"),
             Err(ProbeError::NotObject)
         ));
+        for not_json in [&b"[,"[..], b"\"open", b"[1] x", b"12a", b"{\"a\":\"\xed\xa0\"}"] {
+            assert!(
+                matches!(
+                    probe_json(not_json, "event_id", "ts"),
+                    Err(ProbeError::Invalid(_))
+                ),
+                "{not_json:?}"
+            );
+        }
         let p = probe_json(
             br#"{"ts":"yesterday","schema":3,"event_id":""}"#,
             "event_id",

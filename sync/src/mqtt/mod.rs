@@ -25,7 +25,7 @@
 
 pub mod config;
 mod egress;
-mod ingress;
+pub(crate) mod ingress;
 mod tls;
 pub mod topic;
 

@@ -12,6 +12,11 @@
 //!   checkpoint can truncate the WAL.
 //!
 //! A lock file next to the database (`flock`) keeps a second agent from opening the same log.
+//!
+//! File modes do not depend on the umask: the database and its `-wal`/`-shm` are 0640 (the
+//! service's group may read them, nobody else), the lock file 0600. The database is created
+//! before SQLite opens it, because SQLite creates a new database 0644 whatever the umask and
+//! gives its `-wal` and `-shm` the database's mode.
 
 mod evict;
 mod quarantine;
@@ -111,7 +116,41 @@ pub fn db_path(data_dir: &Path, cfg: &LogConfig) -> PathBuf {
     }
 }
 
+/// Mode of the database and its `-wal` and `-shm` files.
+pub const DB_FILE_MODE: u32 = 0o640;
+/// Mode of the lock file.
+pub const LOCK_FILE_MODE: u32 = 0o600;
+
+/// Creates the database file with [`DB_FILE_MODE`] if it is missing, and sets that mode on the
+/// database and its side files that exist (a log created by an older agent, or under another
+/// umask).
+fn secure_db_files(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(DB_FILE_MODE)
+        .open(path)?;
+    for p in [
+        path.to_path_buf(),
+        PathBuf::from(format!("{}-wal", path.display())),
+        PathBuf::from(format!("{}-shm", path.display())),
+    ] {
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(DB_FILE_MODE)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => r?,
+        }
+    }
+    Ok(())
+}
+
 fn open_writer_connection(path: &Path, cfg: &LogConfig) -> Result<Connection, rusqlite::Error> {
+    secure_db_files(path).map_err(|e| {
+        rusqlite::Error::InvalidParameterName(format!(
+            "cannot create the database file or set its mode to {DB_FILE_MODE:o}: {e}"
+        ))
+    })?;
     let mut conn = Connection::open(path)?;
     // The header must be readable before anything else; a damaged file fails here.
     conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))?;
@@ -171,15 +210,23 @@ impl SqliteLog {
             reason: format!("cannot create the data directory: {e}"),
         })?;
         let lock_path = path.with_extension("lock");
-        let lock_file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| LogError::Open {
-                path: lock_path.display().to_string(),
-                reason: format!("cannot create the lock file: {e}"),
-            })?;
+        let lock_file = {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(LOCK_FILE_MODE)
+                .open(&lock_path)
+                .and_then(|f| {
+                    f.set_permissions(std::fs::Permissions::from_mode(LOCK_FILE_MODE))?;
+                    Ok(f)
+                })
+                .map_err(|e| LogError::Open {
+                    path: lock_path.display().to_string(),
+                    reason: format!("cannot create the lock file: {e}"),
+                })?
+        };
         let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
             LogError::Locked {
                 path: path.display().to_string(),
