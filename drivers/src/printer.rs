@@ -234,6 +234,18 @@ impl Driver for EscposTapConfig {
     }
 }
 
+impl PrinterProxyConfig {
+    /// Whether a POS at `ip` may print (an IPv4 peer of an IPv6 listener counts as IPv4).
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        self.allow.is_empty()
+            || self
+                .allow
+                .iter()
+                .filter_map(|a| a.parse::<IpAddr>().ok())
+                .any(|a| a.to_canonical() == ip.to_canonical())
+    }
+}
+
 impl Driver for PrinterProxyConfig {
     fn name(&self) -> &str {
         &self.name
@@ -299,16 +311,6 @@ impl Driver for PrinterProxyConfig {
                 );
             }
         }
-    }
-
-    /// Whether a POS at `ip` may print (an IPv4 peer of an IPv6 listener counts as IPv4).
-    pub fn allows(&self, ip: IpAddr) -> bool {
-        self.allow.is_empty()
-            || self
-                .allow
-                .iter()
-                .filter_map(|a| a.parse::<IpAddr>().ok())
-                .any(|a| a.to_canonical() == ip.to_canonical())
     }
 
     fn exclusive_resources(&self) -> Vec<String> {
