@@ -106,11 +106,8 @@ fn rec(
     }
 }
 
-/// Writes the seed corpus (the signed seeds need the fuzz key, so they are generated):
-/// `cargo test -p edge-core --test fuzz_corpus -- --ignored write_seeds`.
-#[test]
-#[ignore = "writes core/fuzz/corpus/downlink_record; run with --ignored to regenerate it"]
-fn write_seeds() {
+/// The seed corpus, generated (the signed seeds need the fuzz key).
+fn seeds() -> Vec<(&'static str, FuzzRecord)> {
     let signed = |mut r: FuzzRecord, exp: Option<i64>| {
         r.sign(exp);
         r
@@ -231,9 +228,29 @@ fn write_seeds() {
             ),
         ),
     ];
+    seeds
+}
+
+/// The committed corpus is what the generator makes, byte for byte (signatures are
+/// deterministic). `EDGE_WRITE_FUZZ_SEEDS=1 cargo test -p edge-core --test fuzz_corpus` rewrites
+/// it after a change of the record format.
+#[test]
+fn the_committed_seeds_are_the_generated_ones() {
     let dir = corpus_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    for (name, r) in seeds {
-        std::fs::write(dir.join(name), r.encode()).unwrap();
+    let write = std::env::var_os("EDGE_WRITE_FUZZ_SEEDS").is_some();
+    if write {
+        std::fs::create_dir_all(&dir).unwrap();
+    }
+    for (name, r) in seeds() {
+        let path = dir.join(name);
+        if write {
+            std::fs::write(&path, r.encode()).unwrap();
+        }
+        let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(
+            committed,
+            r.encode(),
+            "{name} differs from the generator; regenerate with EDGE_WRITE_FUZZ_SEEDS=1"
+        );
     }
 }
