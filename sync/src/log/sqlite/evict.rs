@@ -18,7 +18,10 @@
 //! `PRAGMA incremental_vacuum` in steps, each followed by a `wal_checkpoint(TRUNCATE)`, which
 //! copies the moved pages into the database, truncates the file to its new size and empties
 //! the WAL. On a filesystem at 0 bytes free none of this could run (SQLite needs WAL room to
-//! delete), so the reserve file (`space.rs`) is deleted first and recreated after.
+//! delete), so the reserve file (`space.rs`) is deleted first and recreated after. In the
+//! reserve's room the WAL is checkpointed and emptied before anything is deleted (and again
+//! between eviction chunks): pages it still holds may grow the database file when copied, and
+//! deletes appended behind them would take that room for good.
 
 use super::queries::{self, row_id, seq_of, storage};
 use super::space::{RESERVE_BYTES, fs_free};
@@ -392,6 +395,10 @@ impl Writer {
         if self.fs_short() {
             // Deleting needs WAL room, which a full filesystem does not have.
             self.space.reserve.release();
+            self.settle_wal(
+                "emptying the WAL before an eviction on a full filesystem",
+                Duration::ZERO,
+            )?;
             self.refresh_fs(true);
         }
         let r = self.evict_passes(target, report);
@@ -489,6 +496,14 @@ impl Writer {
                     if n == 0 {
                         break;
                     }
+                    if self.fs_short() {
+                        // The next chunk reuses this one's WAL room instead of adding to it.
+                        self.settle_wal(
+                            "emptying the WAL between evictions on a full filesystem",
+                            Duration::ZERO,
+                        )?;
+                        self.refresh_fs(true);
+                    }
                     if mirrored_pass {
                         report.mirrored_evicted += n;
                         metrics::counter!("edge_log_evicted_total", "stream" => name.clone(), "mirrored" => "true").increment(n);
@@ -504,6 +519,38 @@ impl Writer {
         Ok(())
     }
 
+    /// Copies what the WAL holds into the database, truncates the file to its size and empties
+    /// the WAL (a TRUNCATE checkpoint). On a short filesystem this comes before any delete: the
+    /// WAL may still hold pages that grow the database file when copied (committed within a
+    /// checkpoint interval of the filesystem filling up, or held back by a reader), and deletes
+    /// appended behind them would take the room that copy needs, after which no checkpoint and
+    /// no delete could run again (seen in CI: "database or disk is full" at every maintenance).
+    /// A reader's snapshot makes it wait at most `wait` (on the commit path, none: what the
+    /// readers allow is copied at once); returns whether the WAL is empty now.
+    fn settle_wal(&mut self, what: &'static str, wait: Duration) -> Result<bool, LogError> {
+        let _ = self.conn.busy_timeout(wait);
+        let checkpoint = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+        let _ = self.conn.busy_timeout(Duration::from_secs(5));
+        match checkpoint {
+            Ok(busy) => Ok(busy == 0),
+            Err(e) => {
+                let wal = self.shared.wal_bytes.load(Ordering::Relaxed);
+                tracing::error!(
+                    error = %e,
+                    wal_bytes = wal,
+                    fs_free = self.space.fs_free.unwrap_or(0),
+                    dir = %self.data_dir.display(),
+                    "the log cannot copy its WAL into the database: the filesystem has no room for the pages it adds; free space on this filesystem (the agent keeps retrying)"
+                );
+                Err(storage(what)(e))
+            }
+        }
+    }
+
     /// Gives free pages back to the filesystem while it is short: incremental vacuum in steps
     /// sized to the room there is, each followed by a TRUNCATE checkpoint (which shrinks the
     /// database file and empties the WAL). A reader holding a snapshot defers the truncation to
@@ -515,6 +562,10 @@ impl Writer {
         }
         self.space.last_reclaim = Some(Instant::now());
         self.space.reserve.release();
+        self.settle_wal(
+            "emptying the WAL before giving pages back",
+            RECLAIM_CHECKPOINT_WAIT,
+        )?;
         let page: u64 = self
             .conn
             .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
@@ -547,23 +598,16 @@ impl Writer {
                     break;
                 }
             }
-            // A reader's snapshot would make the checkpoint wait; the commit path must not.
-            let _ = self.conn.busy_timeout(RECLAIM_CHECKPOINT_WAIT);
-            let checkpoint = self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                    r.get::<_, i64>(0)
-                });
-            let _ = self.conn.busy_timeout(Duration::from_secs(5));
-            let busy: i64 = match checkpoint {
-                Ok(b) => b,
+            match self.settle_wal(
+                "checkpointing after giving pages back",
+                RECLAIM_CHECKPOINT_WAIT,
+            ) {
+                Ok(true) if free_pages > 0 => {}
+                Ok(_) => break,
                 Err(e) => {
-                    result = Err(storage("checkpointing after giving pages back")(e));
+                    result = Err(e);
                     break;
                 }
-            };
-            if busy != 0 || free_pages == 0 {
-                break;
             }
         }
         self.refresh_fs(true);
