@@ -396,12 +396,19 @@ async fn one_pos_connection_waits_for_the_served_one_and_a_third_is_refused() {
     h.wait_status("proxy", T, |s| s.fields.contains_key("refused_busy"))
         .await;
     assert_eq!(status_count(&h, "refused_busy"), 1);
-    assert_eq!(seen.lock().unwrap().bytes.len(), 3, "only the first printed so far");
+    assert_eq!(
+        seen.lock().unwrap().bytes.len(),
+        3,
+        "only the first printed so far"
+    );
     // The first goes; the second's sale is printed and answered.
     drop(first);
     assert_eq!(read_exactly(&mut second, 1).await, vec![0x12]);
     wait_printed(&seen, 3 + SALE.len()).await;
-    assert_eq!(seen.lock().unwrap().bytes, [&b"\x10\x04\x01"[..], SALE].concat());
+    assert_eq!(
+        seen.lock().unwrap().bytes,
+        [&b"\x10\x04\x01"[..], SALE].concat()
+    );
     h.wait_for("pos.transactions", 1, T).await;
     drop(second);
     h.shutdown.stop_all();
@@ -458,12 +465,13 @@ async fn only_allowed_pos_addresses_may_print() {
     // The proxy may have closed it already; then the write fails, which is the same answer.
     pos.write_all(SALE).await.ok();
     closed_by_proxy(&mut pos).await;
-    h.wait_status("proxy", T, |s| {
-        s.fields.contains_key("refused_not_allowed")
-    })
-    .await;
+    h.wait_status("proxy", T, |s| s.fields.contains_key("refused_not_allowed"))
+        .await;
     assert_eq!(status_count(&h, "refused_not_allowed"), 1);
-    assert!(seen.lock().unwrap().bytes.is_empty(), "a refused POS printed");
+    assert!(
+        seen.lock().unwrap().bytes.is_empty(),
+        "a refused POS printed"
+    );
     h.shutdown.stop_all();
     task.await.unwrap().unwrap();
 

@@ -997,7 +997,12 @@ mod tests {
             .find(|f| f.summary.contains("not a loopback address"))
             .unwrap_or_else(|| panic!("{f:?}"));
         assert_eq!(w.level, Level::Warn);
-        assert!(w.advice.as_deref().unwrap_or_default().contains("127.0.0.1"));
+        assert!(
+            w.advice
+                .as_deref()
+                .unwrap_or_default()
+                .contains("127.0.0.1")
+        );
     }
 
     #[test]
@@ -1012,7 +1017,10 @@ mod tests {
         assert_eq!(wire[8], 4);
         assert_eq!(wire[9], 0x80 | 0x40 | 0x02);
         assert!(wire.ends_with(b"\x00\x01u\x00\x02pw"));
-        assert_eq!(connack_reason(ConnectReturnCode::NotAuthorized), "not authorised");
+        assert_eq!(
+            connack_reason(ConnectReturnCode::NotAuthorized),
+            "not authorised"
+        );
     }
 
     #[test]

@@ -17,10 +17,17 @@ const SECTIONS: &[&str] = &["agent", "log", "mqtt", "http", "drivers", "kafka"];
 fn check_problems(problems: &Problems, text: &str, parsed: bool) {
     assert!(!problems.is_empty());
     for p in problems.iter() {
-        assert!(!p.message.is_empty(), "a problem without a message at {}", p.path);
+        assert!(
+            !p.message.is_empty(),
+            "a problem without a message at {}",
+            p.path
+        );
         if parsed {
             let section = p.path.split(['.', '[']).next().unwrap_or_default();
-            assert!(SECTIONS.contains(&section), "problem outside any section: {p}");
+            assert!(
+                SECTIONS.contains(&section),
+                "problem outside any section: {p}"
+            );
         } else {
             // A syntax or type error names the file and, when it has one, the line.
             let line = p.path.strip_prefix(ORIGIN).expect("the file is named");
@@ -56,13 +63,19 @@ pub fn config(data: &[u8]) {
         Ok(c) => c,
         Err(problems) => {
             check_problems(&problems, &text, false);
-            let again = AgentConfig::parse(&text, ORIGIN).err().map(|p| p.to_string());
+            let again = AgentConfig::parse(&text, ORIGIN)
+                .err()
+                .map(|p| p.to_string());
             assert_eq!(again, Some(problems.to_string()), "deterministic");
             return;
         }
     };
     let problems = cfg.validate();
-    assert_eq!(problems.to_string(), cfg.validate().to_string(), "deterministic");
+    assert_eq!(
+        problems.to_string(),
+        cfg.validate().to_string(),
+        "deterministic"
+    );
     let _ = cfg.db_path();
     if !problems.is_empty() {
         check_problems(&problems, &text, true);
@@ -74,7 +87,11 @@ pub fn config(data: &[u8]) {
     }
     for r in &cfg.mqtt.egress {
         let p = edge_sync::mqtt::topic::egress_template_problems(&r.topic);
-        assert!(p.is_empty(), "valid config, egress topic {:?}: {p:?}", r.topic);
+        assert!(
+            p.is_empty(),
+            "valid config, egress topic {:?}: {p:?}",
+            r.topic
+        );
     }
     if cfg.http.enabled {
         assert_ne!(cfg.http.listen.port(), 0);

@@ -17,7 +17,10 @@ fn export_files_are_private_under_a_umask_of_zero() {
     assert_eq!(mode(&probe), 0o666, "the umask is 0, so the check can fail");
 
     let out = dir.path().join("export.jsonl");
-    create_export_file(&out).unwrap().write_all(b"{}\n").unwrap();
+    create_export_file(&out)
+        .unwrap()
+        .write_all(b"{}\n")
+        .unwrap();
     assert_eq!(mode(&out), EXPORT_FILE_MODE);
     assert_eq!(EXPORT_FILE_MODE, 0o600);
     // An existing file that is replaced becomes private too, and is truncated.

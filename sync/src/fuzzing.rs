@@ -43,8 +43,24 @@ pub const INGRESS_RULES: &[(&str, &str, bool, bool, Option<&str>, &str, &str)] =
         "id",
         "time",
     ),
-    ("kiosk/{kiosk}/#", "kiosk.events", true, false, None, "event_id", "ts"),
-    ("raw/{sensor}", "raw.bytes", false, false, None, "event_id", "ts"),
+    (
+        "kiosk/{kiosk}/#",
+        "kiosk.events",
+        true,
+        false,
+        None,
+        "event_id",
+        "ts",
+    ),
+    (
+        "raw/{sensor}",
+        "raw.bytes",
+        false,
+        false,
+        None,
+        "event_id",
+        "ts",
+    ),
 ];
 
 /// The fuzzed `mqtt.max_payload` and `mqtt.deadletter_keep`.
@@ -179,7 +195,8 @@ pub fn mqtt_ingress(data: &[u8]) {
             assert_eq!(&e.payload[..], &p.payload[..], "the payload is unchanged");
             assert!(p.payload.len() <= MAX_PAYLOAD);
             let key_var = key.map(String::from).or_else(|| {
-                let t = TopicPattern::parse(INGRESS_RULES.iter().find(|r| r.1 == stream)?.0).ok()?;
+                let t =
+                    TopicPattern::parse(INGRESS_RULES.iter().find(|r| r.1 == stream)?.0).ok()?;
                 let ph = t.placeholders();
                 ph.iter()
                     .find(|&&n| n == "device")
@@ -192,7 +209,8 @@ pub fn mqtt_ingress(data: &[u8]) {
             if let Some(k) = &e.key {
                 assert!(!k.contains('/'), "a key is one topic level");
             }
-            let topic_headers: Vec<_> = e.headers.iter().filter(|h| h.key == "mqtt.topic").collect();
+            let topic_headers: Vec<_> =
+                e.headers.iter().filter(|h| h.key == "mqtt.topic").collect();
             if header {
                 assert_eq!(topic_headers.len(), 1);
                 assert_eq!(topic_headers[0].value, p.topic);
@@ -231,22 +249,35 @@ pub fn mqtt_ingress(data: &[u8]) {
             assert_eq!(e.event_ts_ms, ts.unwrap_or(NOW_MS), "event time");
             match doc.get("schema") {
                 Some(Value::String(s)) => assert_eq!(e.schema.as_ref(), Some(s)),
-                _ => assert_eq!(e.schema, Some(format!("{stream}/1")), "only a string is a schema"),
+                _ => assert_eq!(
+                    e.schema,
+                    Some(format!("{stream}/1")),
+                    "only a string is a schema"
+                ),
             }
         }
         Err((rejection, dead)) => {
-            let again = p.ingest().err().map(|(r, d)| (r, d.event_id.clone(), d.payload.clone()));
+            let again = p
+                .ingest()
+                .err()
+                .map(|(r, d)| (r, d.event_id.clone(), d.payload.clone()));
             assert_eq!(
                 again,
                 Some((rejection, dead.event_id.clone(), dead.payload.clone())),
                 "deterministic"
             );
             assert_eq!(&*dead.stream, edge_core::log::DEADLETTER_STREAM);
-            assert!(dead.event_id.is_some(), "a redelivered dead letter is stored once");
+            assert!(
+                dead.event_id.is_some(),
+                "a redelivered dead letter is stored once"
+            );
             let letter: Value = serde_json::from_slice(&dead.payload).expect("a JSON dead letter");
             assert!(letter["reason"].as_str().is_some_and(|r| !r.is_empty()));
             assert_eq!(letter["topic"].as_str(), Some(p.topic.as_str()));
-            assert_eq!(letter["original_bytes"].as_u64(), Some(p.payload.len() as u64));
+            assert_eq!(
+                letter["original_bytes"].as_u64(),
+                Some(p.payload.len() as u64)
+            );
             match rejection {
                 Rejection::NoRule => assert!(matching.is_none(), "dead-lettered as no_rule"),
                 Rejection::Oversized => {
@@ -357,7 +388,11 @@ pub fn mqtt_topic(data: &[u8]) {
             );
         }
         let names: BTreeSet<&str> = p.placeholders().into_iter().collect();
-        assert_eq!(names.len(), p.placeholders().len(), "placeholders are unique");
+        assert_eq!(
+            names.len(),
+            p.placeholders().len(),
+            "placeholders are unique"
+        );
         let m = p.matches(&topic);
         assert_eq!(
             m.is_some(),
@@ -379,12 +414,19 @@ pub fn mqtt_topic(data: &[u8]) {
             ("key", key.as_str()),
             ("source", source.as_str()),
         ];
-        assert!(EGRESS_PLACEHOLDERS.iter().all(|p| vars.iter().any(|v| v.0 == *p)));
+        assert!(
+            EGRESS_PLACEHOLDERS
+                .iter()
+                .all(|p| vars.iter().any(|v| v.0 == *p))
+        );
         let expected = render_reference(&template, &vars);
         match render_checked(&template, &vars) {
             Ok(t) => {
                 assert_eq!(t, expected, "values are substituted literally");
-                assert!(is_publishable(&t), "{t:?} was accepted but cannot be published");
+                assert!(
+                    is_publishable(&t),
+                    "{t:?} was accepted but cannot be published"
+                );
             }
             Err(refusal) => {
                 assert!(!refusal.reason.is_empty());

@@ -3,9 +3,9 @@
 //!
 //! Nothing moves between components except through the [`log`] or a bounded channel in front of it.
 
+pub mod fuzzing;
 #[cfg(feature = "kafka")]
 pub mod kafka;
-pub mod fuzzing;
 pub mod log;
 pub mod mqtt;
 

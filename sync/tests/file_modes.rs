@@ -30,9 +30,12 @@ async fn log_files_are_private_under_a_umask_of_zero() {
     let side = |ext: &str| std::path::PathBuf::from(format!("{}{ext}", db.display()));
 
     let log = SqliteLog::open(&data, cfg.clone()).unwrap();
-    log.append(AppendRequest::one(Event::new("pos.transactions", &b"{}"[..])))
-        .await
-        .unwrap();
+    log.append(AppendRequest::one(Event::new(
+        "pos.transactions",
+        &b"{}"[..],
+    )))
+    .await
+    .unwrap();
     // A file created under this umask without an explicit mode is world-writable: the check
     // below can fail.
     std::fs::write(dir.path().join("probe"), b"").unwrap();

@@ -451,7 +451,13 @@ mod tests {
             probe_json(br#""just a string""#, "event_id", "ts"),
             Err(ProbeError::NotObject)
         ));
-        for not_json in [&b"[,"[..], b"\"open", b"[1] x", b"12a", b"{\"a\":\"\xed\xa0\"}"] {
+        for not_json in [
+            &b"[,"[..],
+            b"\"open",
+            b"[1] x",
+            b"12a",
+            b"{\"a\":\"\xed\xa0\"}",
+        ] {
             assert!(
                 matches!(
                     probe_json(not_json, "event_id", "ts"),

@@ -280,9 +280,7 @@ pub fn egress_template_problems(template: &str) -> Vec<String> {
     }
     match check_mqtt_chars(template) {
         Err(TopicProblem::Nul) => out.push("contains U+0000".to_string()),
-        Err(_) => {
-            out.push("contains a control character or a Unicode non-character".to_string())
-        }
+        Err(_) => out.push("contains a control character or a Unicode non-character".to_string()),
         Ok(()) => {}
     }
     if template.starts_with('$') {
@@ -399,7 +397,11 @@ mod tests {
         assert_eq!(whole("$SYS/x").unwrap_err().problem, TopicProblem::Reserved);
         // A value is not read as a placeholder: the unchecked source does not get in this way.
         assert_eq!(
-            render_checked(t, &[("store", "s1"), ("key", "{source}"), ("source", "a+b")]).unwrap(),
+            render_checked(
+                t,
+                &[("store", "s1"), ("key", "{source}"), ("source", "a+b")]
+            )
+            .unwrap(),
             "store/s1/prices/{source}"
         );
         assert_eq!(render("{{key}}/{x", &[("key", "k")]), "{k}/{x");
