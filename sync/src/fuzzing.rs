@@ -21,10 +21,21 @@ use bytes::Bytes;
 use serde_json::Value;
 use std::collections::BTreeSet;
 
-/// The fuzzed ingress rules: (topic, stream, require_json, topic_header, key, event id field,
-/// event time field). Together they cover a named and an anonymous `+`, `#`, an explicit key,
-/// renamed JSON fields and a non-JSON stream.
-pub const INGRESS_RULES: &[(&str, &str, bool, bool, Option<&str>, &str, &str)] = &[
+/// One fuzzed ingress rule: (topic, stream, require_json, topic_header, key, event id field,
+/// event time field).
+pub type RuleSpec = (
+    &'static str,
+    &'static str,
+    bool,
+    bool,
+    Option<&'static str>,
+    &'static str,
+    &'static str,
+);
+
+/// The fuzzed ingress rules. Together they cover a named and an anonymous `+`, `#`, an explicit
+/// key, renamed JSON fields and a non-JSON stream.
+pub const INGRESS_RULES: &[RuleSpec] = &[
     (
         "store/+/pos/{device}/transactions",
         "pos.transactions",
