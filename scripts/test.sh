@@ -12,6 +12,18 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo clippy -p edge-drivers --no-default-features (POS-only build: no ble, no camera)"
 cargo clippy -p edge-drivers --no-default-features --all-targets --locked -- -D warnings
+# Licences, banned crates and crate sources of everything we build and ship (deny.toml). Advisories
+# are left out: `cargo deny check advisories` fetches the RustSec database from GitHub, and the
+# CI machines cannot reach it (run it where they can: `cargo deny check advisories`).
+if cargo deny --version >/dev/null 2>&1; then
+  echo "== cargo deny check licenses bans sources"
+  cargo deny --locked check licenses bans sources
+elif [ "${CI:-}" = true ]; then
+  echo "cargo-deny is missing: run scripts/install-deps.sh" >&2
+  exit 1
+else
+  echo "== cargo deny: not installed, skipped (scripts/install-deps.sh installs it)"
+fi
 echo "== Kafka broker jars (scripts/kafka.sh fetch; cached outside the clone)"
 bash scripts/kafka.sh fetch
 echo "== cargo test"
@@ -19,11 +31,14 @@ cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
 echo "== cargo test -p edge-drivers --no-default-features"
 cargo test -p edge-drivers --no-default-features --locked -- --test-threads="${TEST_THREADS:-2}"
 
-# --- POS drivers and downlink admission: coverage-guided fuzzing ------------------------------
-# The committed seed corpora plus ~13k seeded mutations already run in every `cargo test`
-# (drivers/tests/fuzz_corpus.rs, under a second). On top, each cargo-fuzz target runs
-# coverage-guided for EDGE_FUZZ_SECONDS (default 15 s in CI, off elsewhere). The nightly sanitizer
-# build of the drivers crate takes ~2.5 minutes cold on the 2-core machine and is cached after.
+# --- The input surface: coverage-guided fuzzing -------------------------------------------------
+# POS drivers, downlink admission, MQTT ingress and topics, the config loader. The committed seed
+# corpora plus seeded mutations already run in every `cargo test` (<crate>/tests/fuzz_corpus.rs,
+# about a second each). On top, each cargo-fuzz target runs coverage-guided for EDGE_FUZZ_SECONDS
+# (default 15 s in CI, off elsewhere). Nightly sanitizer builds are cached after the first: the
+# drivers crate ~2.5 minutes cold on the 2-core machine; sync (without librdkafka, with SQLite's C)
+# 10.5 CPU-minutes; edge-agent (everything, librdkafka included) is the heaviest, see
+# edge-agent/fuzz/README.md.
 fuzz_seconds="${EDGE_FUZZ_SECONDS:-}"
 if [ -z "$fuzz_seconds" ] && [ "${CI:-}" = true ]; then fuzz_seconds=15; fi
 if [ -n "$fuzz_seconds" ] && [ "$fuzz_seconds" != 0 ]; then
@@ -33,7 +48,9 @@ if [ -n "$fuzz_seconds" ] && [ "$fuzz_seconds" != 0 ]; then
     cargo install cargo-fuzz --locked
   fi
   # <crate dir>:<target>; core:downlink_record is the downlink's admission (signatures, commands).
-  for ct in drivers:escpos_tokenizer drivers:scanner_frame drivers:scale_frame core:downlink_record; do
+  # sync:mqtt_* are the MQTT bridge's ingress and topic mapping; edge-agent:config the config loader.
+  for ct in drivers:escpos_tokenizer drivers:scanner_frame drivers:scale_frame core:downlink_record \
+      sync:mqtt_ingress sync:mqtt_topic edge-agent:config; do
     crate="${ct%%:*}" t="${ct#*:}"
     echo "== cargo fuzz run $t (${fuzz_seconds}s)"
     work="$(mktemp -d)"
