@@ -325,6 +325,10 @@ pub struct MaintenanceReport {
     /// Unmirrored records removed to meet the budget (each range recorded as a gap).
     pub unmirrored_evicted: u64,
     pub dedup_forgotten: u64,
+    /// Records of compacted streams (`keep_latest_per_key`) removed because a newer record has
+    /// their key, or because they are keyless, older than the kept history and read by every
+    /// cursor.
+    pub compacted: u64,
     /// Gap markers removed because the uplink has reported them to HQ.
     pub gaps_pruned: u64,
     /// Bytes of free database pages given back to the filesystem.

@@ -267,7 +267,8 @@ pub struct KafkaConfig {
     /// Local streams that are never mirrored (besides streams with `mirror = false` in `[log]`).
     pub exclude_streams: Vec<String>,
     /// Mirror the streams the downlink writes (HQ's own prices, campaigns, models, commands) back
-    /// to HQ. Off by default: HQ has them. They stay protected and never expire locally.
+    /// to HQ. Off by default: HQ has them. They stay protected and never expire locally; the log
+    /// keeps the newest record per key plus a history (`[log.streams] keep_latest_per_key`).
     pub mirror_downlink_streams: bool,
     /// Local stream the uplink reads HQ's commands from (the downlink writes `hq.commands` there).
     pub commands_stream: String,

@@ -688,6 +688,107 @@ pub(crate) async fn retention_removes_only_old_mirrored_records<E: Engine>() {
     log.close().await.unwrap();
 }
 
+/// Issue 12: the `hq.*` streams are protected and never mirrored, so they kept every price
+/// update ever. They keep the newest record of each key plus a history; keyless records older
+/// than the history go once every cursor read them; other streams are not touched.
+pub(crate) async fn downlink_streams_keep_the_latest_record_per_key<E: Engine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = E::config();
+    cfg.streams.insert(
+        "hq.prices".into(),
+        StreamSettings {
+            history: Some(10),
+            ..Default::default()
+        },
+    );
+    let log = E::open(dir.path(), cfg).unwrap();
+    let price = |k: u64, v: u64| {
+        Event::new(
+            "hq.prices",
+            format!("{{\"sku\":{k},\"v\":{v}}}").into_bytes(),
+        )
+        .with_event_ts(1_700_000_000_000)
+        .with_key(format!("sku-{k}"))
+    };
+    // 30 price sets of 20 products, oldest first.
+    for v in 0..30 {
+        log.append(AppendRequest::events(
+            (0..20).map(|k| price(k, v)).collect(),
+        ))
+        .await
+        .unwrap();
+    }
+    log.append(AppendRequest::events(
+        (0..600).map(|i| ev("pos.transactions", i)).collect(),
+    ))
+    .await
+    .unwrap();
+    log.append(AppendRequest::events(
+        (0..300)
+            .map(|i| Event::new("hq.commands", format!("{{\"n\":{i}}}").into_bytes()))
+            .collect(),
+    ))
+    .await
+    .unwrap();
+    // The command executor has read seq 1..=150.
+    log.append(AppendRequest::cursor("commands", "hq.commands", 151))
+        .await
+        .unwrap();
+    let r = log.maintain().await.unwrap();
+    let prices = read_all(&log, "hq.prices").await;
+    assert_eq!(prices.len(), 20, "one record per product is left");
+    let mut skus: Vec<String> = prices.iter().filter_map(|r| r.event.key.clone()).collect();
+    skus.sort();
+    skus.dedup();
+    assert_eq!(skus.len(), 20, "every product keeps its price");
+    assert!(
+        prices
+            .iter()
+            .all(|r| String::from_utf8_lossy(&r.event.payload).contains("\"v\":29")),
+        "the kept record of each product is its newest"
+    );
+    let commands = read_all(&log, "hq.commands").await;
+    assert_eq!(
+        commands.first().map(|r| r.seq),
+        Some(151),
+        "keyless records go only once every cursor read them"
+    );
+    assert_eq!(commands.len(), 150);
+    assert_eq!(
+        read_all(&log, "pos.transactions").await.len(),
+        600,
+        "a stream that is not compacted keeps every record"
+    );
+    assert_eq!(r.compacted, 580 + 150);
+    assert!(
+        log.gaps(0, 10).await.unwrap().is_empty(),
+        "compaction is no gap"
+    );
+    let s = log.streams().await.unwrap();
+    let t = s.iter().find(|s| s.name == "hq.prices").unwrap();
+    assert_eq!((t.records, t.next_seq), (20, 601));
+    // A new price for one product: the stream does not grow past its keys plus its history.
+    for v in 30..100 {
+        log.append(AppendRequest::events(vec![price(3, v)]))
+            .await
+            .unwrap();
+        log.maintain().await.unwrap();
+    }
+    let prices = read_all(&log, "hq.prices").await;
+    assert!(
+        prices.len() <= 2 * (20 + 10),
+        "the stream stays bounded: {} records",
+        prices.len()
+    );
+    assert!(
+        prices
+            .iter()
+            .any(|r| String::from_utf8_lossy(&r.event.payload).contains("\"v\":99")),
+        "the newest price is there"
+    );
+    log.close().await.unwrap();
+}
+
 pub(crate) async fn retention_forever_keeps_everything<E: Engine>() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = LogConfig {
@@ -1331,6 +1432,7 @@ macro_rules! contract_suite {
                 subscribers_wake_on_commit,
                 retention_removes_only_old_mirrored_records,
                 retention_forever_keeps_everything,
+                downlink_streams_keep_the_latest_record_per_key,
                 budget_evicts_lowest_class_first_with_gaps,
                 protected_records_apply_backpressure_until_mirrored,
                 corrupt_record_is_dead_lettered_and_stream_moves_on,

@@ -59,13 +59,26 @@ pub struct StreamSettings {
     /// Whether the stream is mirrored to HQ. A stream that is not mirrored has nothing to protect:
     /// retention and the budget treat all of its records as mirrored. Default: true.
     pub mirror: Option<bool>,
+    /// Keep only the newest record of each key (plus the newest `history` records), like a
+    /// compacted Kafka topic. Default: on for the `hq.*` streams the downlink writes (prices,
+    /// campaigns, models, commands), which are protected and never mirrored, so they would
+    /// otherwise keep every price update ever; off for every other stream.
+    pub keep_latest_per_key: Option<bool>,
+    /// With `keep_latest_per_key`: the newest records kept whatever their key (default
+    /// [`DEFAULT_HISTORY`]).
+    pub history: Option<u64>,
 }
+
+/// Records of a compacted stream kept whatever their key (`[log.streams."name"] history`).
+pub const DEFAULT_HISTORY: u64 = 100;
 
 /// The resolved policy of one stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamPolicy {
     pub priority: Priority,
     pub mirrored: bool,
+    /// Compacted by key, keeping this many newest records whatever their key.
+    pub compact_history: Option<u64>,
 }
 
 /// `[log]` section of the agent config.
@@ -221,6 +234,10 @@ impl LogConfig {
                 .and_then(|s| s.priority)
                 .unwrap_or_else(|| Priority::default_for_stream(stream)),
             mirrored: s.and_then(|s| s.mirror).unwrap_or(true),
+            compact_history: s
+                .and_then(|s| s.keep_latest_per_key)
+                .unwrap_or_else(|| stream.starts_with("hq."))
+                .then(|| s.and_then(|s| s.history).unwrap_or(DEFAULT_HISTORY)),
         }
     }
 

@@ -2,10 +2,11 @@
 //! then the disk budget (`evict.rs`).
 
 use super::evict::EVICT_CHUNK;
-use super::queries::storage;
-use super::writer::Writer;
+use super::queries::{row_id, seq_of, storage};
+use super::writer::{StreamState, Writer};
 use crate::log::{LogError, MaintenanceReport};
 use rusqlite::{OptionalExtension, params};
+use std::collections::HashSet;
 
 /// Dedup entries forgotten per maintenance pass at most (bounds the pass's duration).
 const DEDUP_PRUNE_CHUNK: i64 = 200_000;
@@ -35,6 +36,140 @@ impl Writer {
                 .increment(report.retention_deleted);
         }
         Ok(())
+    }
+
+    /// Compacts the streams with `keep_latest_per_key` (the `hq.*` streams by default): of the
+    /// records older than the newest `history`, deletes those a newer record has the key of,
+    /// and the keyless ones every cursor on the stream has passed. Records the mirror cursor
+    /// has not passed stay (a stream mirrored to HQ gets no hole). A stream is rescanned once it
+    /// has doubled since its last compaction, so the scan costs O(1) per record and the stream
+    /// stays below twice its live keys plus its history.
+    fn compact(&mut self, report: &mut MaintenanceReport) -> Result<(), LogError> {
+        let names: Vec<String> = self.streams.keys().cloned().collect();
+        for name in names {
+            let Some(history) = self.shared.policy(&name).compact_history else {
+                continue;
+            };
+            let st = self.streams[&name];
+            let kept = self.compacted.get(&name).copied().unwrap_or(0);
+            let count = st.count.max(0) as u64;
+            if count <= history || count < kept.saturating_mul(2) {
+                continue;
+            }
+            let n = self.compact_stream(&name, st, history)?;
+            report.compacted += n;
+            let left = self.streams[&name].count.max(0) as u64;
+            self.compacted.insert(name, left);
+        }
+        if report.compacted > 0 {
+            metrics::counter!("edge_log_compacted_total").increment(report.compacted);
+        }
+        Ok(())
+    }
+
+    fn compact_stream(
+        &mut self,
+        name: &str,
+        st: StreamState,
+        history: u64,
+    ) -> Result<u64, LogError> {
+        let (lo, hi) = (row_id(st.id, 1), row_id(st.id + 1, 0));
+        // Superseded records may go up to the mirror cursor (all of them when the stream is
+        // not mirrored or no uplink mirrors it); keyless ones only once every cursor read them.
+        let mirror: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT next_seq FROM cursors WHERE name = ?1 AND stream_id = ?2")
+            .and_then(|mut s| {
+                s.query_row(params![self.cfg.mirror_cursor, st.id], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(storage("reading the mirror cursor"))?;
+        let mirror_bound = match mirror {
+            Some(c) if self.shared.policy(name).mirrored => c.max(0) as u64,
+            _ => st.next_seq,
+        };
+        let read_by_all: u64 = self
+            .conn
+            .prepare_cached("SELECT min(next_seq) FROM cursors WHERE stream_id = ?1")
+            .and_then(|mut s| s.query_row([st.id], |r| r.get::<_, Option<i64>>(0)))
+            .map_err(storage("reading the stream's cursors"))?
+            .map_or(st.next_seq, |c| c.max(0) as u64)
+            .min(mirror_bound);
+        let mut doomed: Vec<(i64, i64)> = Vec::new();
+        {
+            let mut seen: HashSet<String> = HashSet::new();
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT id, key, length(payload) FROM records WHERE id >= ?1 AND id < ?2 ORDER BY id DESC",
+                )
+                .map_err(storage("scanning a compacted stream"))?;
+            let mut rows = stmt
+                .query(params![lo, hi])
+                .map_err(storage("scanning a compacted stream"))?;
+            let mut newest = 0u64;
+            while let Some(r) = rows
+                .next()
+                .map_err(storage("scanning a compacted stream"))?
+            {
+                let id: i64 = r.get(0).map_err(storage("scanning a compacted stream"))?;
+                let key: Option<String> =
+                    r.get(1).map_err(storage("scanning a compacted stream"))?;
+                let len: i64 = r.get(2).map_err(storage("scanning a compacted stream"))?;
+                newest += 1;
+                let seq = seq_of(id);
+                let in_history = newest <= history;
+                let delete = match key {
+                    Some(k) => !seen.insert(k) && !in_history && seq < mirror_bound,
+                    None => !in_history && seq < read_by_all,
+                };
+                if delete {
+                    doomed.push((id, len));
+                }
+            }
+        }
+        let mut deleted = 0u64;
+        for chunk in doomed.chunks(EVICT_CHUNK as usize) {
+            let bytes: i64 = chunk.iter().map(|(_, l)| l).sum();
+            self.conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .map_err(storage("beginning a compaction"))?;
+            let r = (|| -> Result<(), LogError> {
+                let mut del = self
+                    .conn
+                    .prepare_cached("DELETE FROM records WHERE id = ?1")
+                    .map_err(storage("compacting records"))?;
+                for (id, _) in chunk {
+                    del.execute([id]).map_err(storage("compacting records"))?;
+                }
+                self.conn
+                    .prepare_cached(
+                        "UPDATE streams SET record_count = record_count - ?1, payload_bytes = payload_bytes - ?2 WHERE id = ?3",
+                    )
+                    .and_then(|mut s| s.execute(params![chunk.len() as i64, bytes, st.id]))
+                    .map_err(storage("updating stream counters"))?;
+                self.conn
+                    .execute_batch("COMMIT")
+                    .map_err(storage("committing a compaction"))
+            })();
+            if let Err(e) = r {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+            if let Some(s) = self.streams.get_mut(name) {
+                s.count -= chunk.len() as i64;
+                s.bytes -= bytes;
+            }
+            deleted += chunk.len() as u64;
+        }
+        if deleted > 0 {
+            tracing::debug!(
+                stream = name,
+                deleted,
+                "compacted: superseded records removed"
+            );
+        }
+        Ok(deleted)
     }
 
     fn prune_dedup(&mut self, report: &mut MaintenanceReport) -> Result<(), LogError> {
@@ -124,6 +259,7 @@ impl Writer {
     pub(super) fn maintain(&mut self) -> Result<MaintenanceReport, LogError> {
         let mut report = MaintenanceReport::default();
         self.retention(&mut report)?;
+        self.compact(&mut report)?;
         self.prune_dedup(&mut report)?;
         self.prune_gaps(&mut report)?;
         self.refresh_fs(true);
@@ -135,7 +271,12 @@ impl Writer {
             self.reclaim(&mut report)?;
         }
         report.full = self.space.full;
-        if report.retention_deleted + report.mirrored_evicted + report.unmirrored_evicted > 0 {
+        if report.retention_deleted
+            + report.compacted
+            + report.mirrored_evicted
+            + report.unmirrored_evicted
+            > 0
+        {
             self.shared.generation.send_modify(|g| *g += 1);
         }
         Ok(report)

@@ -89,6 +89,8 @@ pub(super) struct Writer {
     pub(super) streams: HashMap<String, StreamState>,
     pub(super) max_stream_id: i64,
     pub(super) space: Space,
+    /// Records a compacted stream held after its last compaction (`retention.rs`).
+    pub(super) compacted: HashMap<String, u64>,
 }
 
 impl Writer {
@@ -142,6 +144,7 @@ impl Writer {
                 aside: MovedAside::rotate(db),
                 classes: Default::default(),
             },
+            compacted: HashMap::new(),
         };
         w.publish_heads();
         // The usage report is true from the start (status right after open, the first check).
