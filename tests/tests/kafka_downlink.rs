@@ -179,6 +179,77 @@ async fn only_this_stores_records_are_applied_once_with_their_offsets() {
     store.stop_components().await;
 }
 
+/// Issue 12: a downlink batch was bounded in records only, so 1,000 large records (model chunks,
+/// a big campaign) were held in memory and applied in one transaction. `batch_max_bytes` seals
+/// a batch at its size: 40 records of 100 KB with a 1 MiB bound and a long wait are applied in
+/// several transactions of at most the bound plus one record, each record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downlink_batches_are_bounded_in_bytes() {
+    let b = shared_broker();
+    let prices = unique("hq.prices");
+    let commands = unique("hq.commands");
+    create_topic(&b.bootstrap(), &prices).await;
+    create_topic(&b.bootstrap(), &commands).await;
+    let mut store = Store::open();
+    let p = hq_producer(&b.bootstrap());
+    let filler = "x".repeat(100_000);
+    for i in 0..40 {
+        hq_send(
+            &p,
+            &prices,
+            Some("*"),
+            &format!("{{\"sku\":\"{i}\",\"f\":\"{filler}\"}}"),
+            &[],
+        );
+    }
+    let mut cfg = downlink_config(
+        private_config(b, DeliveryMode::ExactlyOnce),
+        &prices,
+        &commands,
+    );
+    cfg.downlink.batch_max_bytes = edge_core::config::ByteSize::mib(1);
+    cfg.downlink.batch_max_wait_ms = 5_000;
+    store.start_downlink(cfg);
+    let got = wait_count(&store, "hq.prices", 40).await;
+    let skus: Vec<String> = got
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.event.payload).unwrap();
+            v["sku"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(
+        skus,
+        (0..40).map(|i| i.to_string()).collect::<Vec<_>>(),
+        "every record once, in order"
+    );
+    let status = store.status.clone();
+    wait_until_async(
+        "status to count 40 records",
+        Duration::from_secs(10),
+        || {
+            let status = status.clone();
+            async move {
+                let s = status.get("downlink")?;
+                (s.fields.get("records_applied_total")? == 40).then_some(())
+            }
+        },
+    )
+    .await;
+    let batches = store.field("downlink", "batches_applied_total");
+    let largest = store.field("downlink", "largest_batch_bytes");
+    eprintln!("{batches} batches, the largest {largest} bytes");
+    assert!(
+        largest.as_u64().unwrap() <= (1 << 20) + 100_100,
+        "no batch held more than the bound plus one record: {largest}"
+    );
+    assert!(
+        batches.as_u64().unwrap() >= 4,
+        "4 MB in batches of 1 MiB: {batches}"
+    );
+    store.stop_components().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_during_apply_leave_no_half_batch_and_no_duplicate() {
     let b = shared_broker();

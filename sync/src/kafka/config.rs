@@ -222,6 +222,10 @@ pub struct DownlinkConfig {
     pub start_from: StartFrom,
     /// Records applied per local transaction at most.
     pub batch_max_records: usize,
+    /// Bytes (payloads, keys and headers) held and applied per local transaction at most; a
+    /// single larger record is applied alone. Bounds the downlink's memory whatever HQ sends
+    /// (a batch of model chunks, say).
+    pub batch_max_bytes: ByteSize,
     /// How long a batch waits for more records before it is applied.
     pub batch_max_wait_ms: u64,
     /// Interval of partition discovery (new topics and partitions at HQ).
@@ -239,6 +243,7 @@ impl Default for DownlinkConfig {
             keys: Vec::new(),
             start_from: StartFrom::Earliest,
             batch_max_records: 1000,
+            batch_max_bytes: ByteSize::mib(16),
             batch_max_wait_ms: 20,
             metadata_refresh_ms: 30_000,
         }
@@ -727,6 +732,14 @@ impl KafkaConfig {
             problems.push(
                 join(path, "batch_max_records"),
                 "must be between 1 and 100000",
+            );
+        }
+        if !(ByteSize::kib(1).as_u64()..=ByteSize::gib(1).as_u64())
+            .contains(&d.batch_max_bytes.as_u64())
+        {
+            problems.push(
+                join(path, "batch_max_bytes"),
+                "must be between 1 KiB and 1 GiB",
             );
         }
         if d.batch_max_wait_ms > 10_000 {

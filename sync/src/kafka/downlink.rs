@@ -83,6 +83,24 @@ struct Consumed {
     verdict: Verdict,
 }
 
+impl Consumed {
+    /// Bytes the record holds in memory until its batch is applied.
+    fn bytes(&self) -> usize {
+        let event = match &self.verdict {
+            Verdict::Apply(e) => e,
+            Verdict::Refuse { dead_letter, .. } => dead_letter,
+            Verdict::Skip => return 0,
+        };
+        event.payload.len()
+            + event.key.as_ref().map_or(0, String::len)
+            + event
+                .headers
+                .iter()
+                .map(|h| h.key.len() + h.value.len())
+                .sum::<usize>()
+    }
+}
+
 enum Verdict {
     Apply(Event),
     /// Another store's record (or a topic no longer configured).
@@ -203,6 +221,9 @@ struct Stats {
     refused_by_reason: BTreeMap<&'static str, u64>,
     last_refusal: Option<LastRefusal>,
     applied_in_session: u64,
+    /// Local transactions applied, and the most bytes one of them held (`batch_max_bytes`).
+    batches: u64,
+    largest_batch_bytes: usize,
 }
 
 fn trouble_detail(link: &LinkContext, what: &str, cfg: &KafkaConfig) -> String {
@@ -258,6 +279,7 @@ async fn session(
     // The downlink is a source: it stops with intake (what it applied is committed already).
     let cancel = ctx.shutdown.intake().clone();
     let mut batch: Vec<Consumed> = Vec::new();
+    let mut batch_bytes = 0usize;
     let mut batch_deadline: Option<Instant> = None;
     let mut next_health = Instant::now() + Duration::from_secs(1);
     let mut troubled = false;
@@ -321,6 +343,7 @@ async fn session(
             m = consumer.recv() => match m {
                 Ok(m) => {
                     let c = detach(&ctx.store_id, routes, &m);
+                    batch_bytes += c.bytes();
                     batch.push(c);
                     batch_deadline.get_or_insert_with(|| Instant::now() + max_wait);
                 }
@@ -334,14 +357,21 @@ async fn session(
             },
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
-        let full = batch.len() >= cfg.downlink.batch_max_records;
+        let full = batch.len() >= cfg.downlink.batch_max_records
+            || batch_bytes as u64 >= cfg.downlink.batch_max_bytes.as_u64();
         let due = batch_deadline.is_some_and(|d| Instant::now() >= d);
         if !batch.is_empty() && (full || due) {
             match apply(ctx, std::mem::take(&mut batch), &mut assigned, stats).await {
                 Ok(()) => {}
                 Err(e) => return e.into(),
             }
+            stats.batches += 1;
+            stats.largest_batch_bytes = stats.largest_batch_bytes.max(batch_bytes);
             batch_deadline = None;
+            batch_bytes = 0;
+            ctx.status.field("batches_applied_total", stats.batches);
+            ctx.status
+                .field("largest_batch_bytes", stats.largest_batch_bytes);
             ctx.status.field("records_applied_total", stats.applied);
             ctx.status.field("records_skipped_total", stats.skipped);
             ctx.status.field("refused_records", stats.refused);
