@@ -1036,6 +1036,57 @@ mod tests {
         assert_eq!(wal_len(dir.path()), 0, "the WAL was truncated at close");
     }
 
+    /// Issue 12, "pruning keeps up with intake": the housekeeper's maintenance request is
+    /// skipped while the writer's queue is full, and under a sustained flood it always is. The
+    /// dedup index then grew with the flood (observed without the fix: 60,129 entries after
+    /// 80,770 records, against a window of 1,000). Overdue maintenance now runs between batches, so the index stays near its window.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_dedup_window_holds_under_a_flood_that_keeps_the_queue_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig {
+            integrity_check: IntegrityCheck::Off,
+            synchronous: Synchronous::Normal,
+            queue_depth: 2,
+            max_batch_records: 16,
+            dedup_window: 1_000,
+            maintenance_interval: Duration::from_millis(100),
+            ..LogConfig::default()
+        };
+        let log = Arc::new(SqliteLog::open(dir.path(), cfg).unwrap());
+        let until = std::time::Instant::now() + Duration::from_secs(3);
+        let mut tasks = Vec::new();
+        for t in 0..16 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut i = 0u64;
+                while std::time::Instant::now() < until {
+                    i += 1;
+                    let ev = Event::new("pos.scans", b"{}".to_vec())
+                        .with_event_id(format!("t{t}-{i}"))
+                        .with_event_ts(1);
+                    log.append(AppendRequest::one(ev)).await.unwrap();
+                }
+                i
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        let conn = Connection::open(dir.path().join("log.db")).unwrap();
+        let entries: i64 = conn
+            .query_row("SELECT count(*) FROM dedup", [], |r| r.get(0))
+            .unwrap();
+        drop(conn);
+        assert!(total > 5_000, "the flood appended {total} records");
+        // The window, plus at most what arrives within twice the maintenance interval.
+        assert!(
+            (entries as u64) < 1_000 + total / 5,
+            "{entries} dedup entries after {total} records, window 1000"
+        );
+        log.close().await.unwrap();
+    }
+
     #[tokio::test]
     async fn new_databases_can_return_free_pages_to_the_filesystem() {
         let dir = tempfile::tempdir().unwrap();

@@ -160,6 +160,12 @@ impl Writer {
         // Budget state of an existing database is known before the first append.
         self.measure_classes();
         self.check_budget();
+        // The housekeeper asks for maintenance with a `try_send` that skips a tick when the
+        // queue is full, and under a sustained flood the queue is always full: retention, the
+        // dedup window and gap pruning then never ran, and the dedup index grew with intake.
+        // A maintenance overdue by twice its interval runs between batches instead.
+        let overdue = self.cfg.maintenance_interval * 2;
+        let mut last_maintenance = Instant::now();
         while let Some(first) = rx.blocking_recv() {
             let started = Instant::now();
             let mut n = first.records();
@@ -186,6 +192,13 @@ impl Writer {
             if !work.is_empty() {
                 self.commit_batch(work, started);
                 self.check_budget();
+            }
+            if maintain.is_empty() && last_maintenance.elapsed() >= overdue {
+                metrics::counter!("edge_log_maintenance_overdue_total").increment(1);
+                maintain.push(None);
+            }
+            if !maintain.is_empty() {
+                last_maintenance = Instant::now();
             }
             for reply in maintain {
                 let r = self.maintain();
