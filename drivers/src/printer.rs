@@ -439,7 +439,9 @@ impl ReceiptProcessor {
         let parsed = receipt::parse(r, &self.template);
         let tx_id = match &parsed {
             Ok(p) => Some(match &p.receipt_no {
-                Some(no) => format!("tx:{}:{}:{no}", self.store, self.lane),
+                Some(no) => {
+                    transaction_id(&self.store, &self.lane, p.printed_at.as_deref(), ts, no)
+                }
                 None => format!("tx:{rid}"),
             }),
             Err(_) => None,
@@ -1199,5 +1201,87 @@ mod tests {
                 .unwrap()
                 .contains("2 unknown commands")
         );
+    }
+}
+
+/// The `pos.transactions` event id of a receipt with a number. Receipt numbers repeat: POS
+/// systems reset their counter daily or at a reinstall, and the log would then take a new sale
+/// for a reprint of an old one and drop it. The printed time (whitespace folded) makes the id
+/// unique while a reprint of the same receipt keeps it; without one, the UTC day of the capture.
+pub fn transaction_id(
+    store: &str,
+    lane: &str,
+    printed_at: Option<&str>,
+    ts: i64,
+    no: &str,
+) -> String {
+    let when = match printed_at.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(p) => p.split_whitespace().collect::<Vec<_>>().join("_"),
+        None => utc_day(ts),
+    };
+    format!("tx:{store}:{lane}:{when}:{no}")
+}
+
+/// `YYYY-MM-DD` of a Unix time in ms (civil-from-days, proleptic Gregorian).
+fn utc_day(ts_ms: i64) -> String {
+    let days = ts_ms.div_euclid(86_400_000);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod transaction_id_tests {
+    use super::*;
+
+    #[test]
+    fn utc_days_are_civil_dates() {
+        assert_eq!(utc_day(0), "1970-01-01");
+        assert_eq!(utc_day(951_782_400_000), "2000-02-29");
+        assert_eq!(utc_day(1_798_761_599_999), "2026-12-31");
+        assert_eq!(utc_day(1_798_761_600_000), "2027-01-01");
+        assert_eq!(utc_day(-1), "1969-12-31");
+    }
+
+    /// A counter that resets gives the same number on two days: two sales, two ids. A reprint
+    /// (same number, same printed time, captured later) is the same sale.
+    #[test]
+    fn receipt_numbers_that_repeat_across_days_are_different_sales() {
+        let mon = transaction_id(
+            "s",
+            "3",
+            Some("12/01/2026 09:15"),
+            1_796_000_000_000,
+            "0001",
+        );
+        let tue = transaction_id(
+            "s",
+            "3",
+            Some("12/02/2026 09:20"),
+            1_796_086_400_000,
+            "0001",
+        );
+        assert_ne!(mon, tue);
+        let reprint = transaction_id(
+            "s",
+            "3",
+            Some(" 12/01/2026  09:15 "),
+            1_796_003_600_000,
+            "0001",
+        );
+        assert_eq!(mon, reprint);
+        assert_eq!(mon, "tx:s:3:12/01/2026_09:15:0001");
+        // No printed time: the capture day.
+        let a = transaction_id("s", "3", None, 1_796_000_000_000, "7");
+        let b = transaction_id("s", "3", None, 1_796_086_400_000, "7");
+        assert_ne!(a, b);
+        assert_eq!(a, format!("tx:s:3:{}:7", utc_day(1_796_000_000_000)));
     }
 }

@@ -44,6 +44,8 @@ pub struct TemplateConfig {
     pub decimal_comma: Option<bool>,
     pub quantity_position: Option<LinePosition>,
     /// Take the receipt number from the first printed barcode when no line matches `receipt_no`.
+    /// Off by default: a barcode is often a loyalty or coupon code that repeats across sales,
+    /// and a repeated number makes the log drop the next sale as a reprint.
     pub receipt_no_from_barcode: bool,
     /// Tender types (matched against the `type` group, case-insensitive) that pay in cash.
     pub cash_tenders: Vec<String>,
@@ -70,7 +72,7 @@ impl Default for TemplateConfig {
             currency: "USD".into(),
             decimal_comma: None,
             quantity_position: None,
-            receipt_no_from_barcode: true,
+            receipt_no_from_barcode: false,
             cash_tenders: vec![
                 "cash".into(),
                 "bar".into(),
