@@ -64,6 +64,15 @@ impl DaemonState {
                     .into(),
             );
         }
+        let wedged: Vec<String> = self
+            .status
+            .snapshot()
+            .into_iter()
+            .filter_map(|(name, c)| c.wedged.map(|why| format!("{name}: {why}")))
+            .collect();
+        if !wedged.is_empty() {
+            return Some(wedged.join("; "));
+        }
         let gone = self.supervision.given_up();
         (!gone.is_empty()).then(|| {
             format!(
