@@ -7,7 +7,7 @@
 //! use (`02`, `2x`), laid out per config. A frame that fails any check is dead-lettered with the
 //! reason; frames never grow beyond `max_frame_bytes`.
 
-use crate::link::{DeviceLink, dead_letter, store};
+use crate::link::{DeadLetters, DeviceLink, default_repeat_interval_ms, store};
 use crate::serial::{LineSettings, SerialConfig};
 use crate::{Driver, DriverError};
 use edge_core::component::{ComponentContext, Task};
@@ -76,6 +76,9 @@ pub struct ScannerConfig {
     pub frame_timeout_ms: u64,
     #[serde(default = "default_weighed")]
     pub weighed_prefixes: Vec<WeighedPrefix>,
+    /// A repeated identical dead letter is written once per this interval, with a count.
+    #[serde(default = "default_repeat_interval_ms")]
+    pub deadletter_repeat_interval_ms: u64,
 }
 
 fn default_suffix() -> String {
@@ -131,6 +134,7 @@ impl Driver for ScannerConfig {
                 "must be between 16 and 65536",
             );
         }
+        crate::link::validate_repeat_interval(path, self.deadletter_repeat_interval_ms, problems);
         for (i, w) in self.weighed_prefixes.iter().enumerate() {
             let p = format!("{}[{i}]", join(path, "weighed_prefixes"));
             if w.prefix.is_empty() || !w.prefix.bytes().all(|b| b.is_ascii_digit()) {
@@ -620,13 +624,20 @@ pub fn parse_gs1(data: &[u8]) -> Result<Map<String, Value>, ScanError> {
 
 pub fn build(cfg: ScannerConfig, ctx: ComponentContext) -> Task {
     Box::pin(async move {
-        run(&cfg, &ctx).await;
+        let mut dead = DeadLetters::new(
+            &ctx,
+            "scanner",
+            cfg.lane.clone(),
+            Duration::from_millis(cfg.deadletter_repeat_interval_ms),
+        );
+        run(&cfg, &ctx, &mut dead).await;
+        dead.flush().await;
         ctx.status.set(State::Stopped, "stopped");
         Ok(())
     })
 }
 
-async fn run(cfg: &ScannerConfig, ctx: &ComponentContext) {
+async fn run(cfg: &ScannerConfig, ctx: &ComponentContext, dead: &mut DeadLetters) {
     let mut link = DeviceLink::new(ctx.clone(), "barcode_scanner", cfg.serial.path.clone());
     let parser = ScanParser::new(cfg);
     let settings = cfg.serial.settings(LineSettings::N81_9600);
@@ -653,6 +664,7 @@ async fn run(cfg: &ScannerConfig, ctx: &ComponentContext) {
         let mut last_byte = Instant::now();
         let why = loop {
             let mut frames = Vec::new();
+            let summaries_due = dead.next_due();
             tokio::select! {
                 _ = ctx.shutdown.intake().cancelled() => return,
                 r = port.read(&mut buf) => match r {
@@ -666,12 +678,14 @@ async fn run(cfg: &ScannerConfig, ctx: &ComponentContext) {
                 _ = tokio::time::sleep_until(last_byte + frame_timeout), if framer.pending() => {
                     frames.extend(framer.take_partial());
                 }
+                _ = tokio::time::sleep_until(summaries_due.unwrap_or_else(Instant::now)), if summaries_due.is_some() => {}
             }
-            if frames.is_empty() {
+            // Summaries of repeated dead letters whose interval is over.
+            let mut events = dead.due();
+            if frames.is_empty() && events.is_empty() {
                 continue;
             }
             let now = edge_core::time::now_ms();
-            let mut events = Vec::new();
             for f in frames {
                 match f {
                     Frame::Data(d) => match parser.parse(&d) {
@@ -682,31 +696,21 @@ async fn run(cfg: &ScannerConfig, ctx: &ComponentContext) {
                         }
                         Err(e) => {
                             rejected += 1;
-                            events.push(
-                                dead_letter(
-                                    ctx,
-                                    "scanner",
-                                    e.label(),
-                                    format!("scanner frame refused: {e}"),
-                                    &d,
-                                )
-                                .with_key(cfg.lane.clone()),
-                            );
+                            events.extend(dead.admit(
+                                e.label(),
+                                format!("scanner frame refused: {e}"),
+                                &d,
+                            ));
                         }
                     },
                     Frame::Overflow { kept, total } => {
                         rejected += 1;
                         let e = ScanError::TooLong(total);
-                        events.push(
-                            dead_letter(
-                                ctx,
-                                "scanner",
-                                e.label(),
-                                format!("scanner frame refused: {e}"),
-                                &kept,
-                            )
-                            .with_key(cfg.lane.clone()),
-                        );
+                        events.extend(dead.admit(
+                            e.label(),
+                            format!("scanner frame refused: {e}"),
+                            &kept,
+                        ));
                     }
                 }
             }
@@ -767,6 +771,7 @@ mod tests {
             max_frame_bytes: 64,
             frame_timeout_ms: 1000,
             weighed_prefixes: default_weighed(),
+            deadletter_repeat_interval_ms: default_repeat_interval_ms(),
         }
     }
 

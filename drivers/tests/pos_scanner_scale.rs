@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 mod common;
 
-use common::{Harness, PtyPair, open_end};
+use common::{Harness, PtyPair, fake_scale, open_end, wait_requests};
 use edge_core::State;
 use edge_drivers::scale::{ScaleConfig, ScaleProtocol, build as build_scale};
 use edge_drivers::scanner::{MeasureValue, ScannerConfig, WeighedPrefix, build as build_scanner};
@@ -10,7 +10,7 @@ use edge_drivers::serial::SerialConfig;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -31,6 +31,7 @@ fn scanner_config(path: &std::path::Path) -> ScannerConfig {
             price_check_digit: true,
             value: MeasureValue::Price,
         }],
+        deadletter_repeat_interval_ms: 60_000,
     }
 }
 
@@ -97,43 +98,6 @@ async fn scanner_frames_become_scans_and_bad_frames_dead_letters() {
     task.await.unwrap().unwrap();
 }
 
-/// Plays a scale: answers each request with the next scripted answer (`None` = stays silent);
-/// the last entry repeats.
-async fn fake_scale(
-    path: std::path::PathBuf,
-    request: &'static [u8],
-    script: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
-    requests: Arc<Mutex<usize>>,
-) {
-    let mut port = open_end(&path);
-    let mut buf = [0u8; 64];
-    let mut pending = Vec::new();
-    loop {
-        let n = match port.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        pending.extend_from_slice(&buf[..n]);
-        while let Some(pos) = pending.windows(request.len()).position(|w| w == request) {
-            pending.drain(..pos + request.len());
-            *requests.lock().unwrap() += 1;
-            let answer = {
-                let mut s = script.lock().unwrap();
-                if s.len() > 1 {
-                    s.remove(0)
-                } else {
-                    s[0].clone()
-                }
-            };
-            if let Some(a) = answer
-                && port.write_all(&a).await.is_err()
-            {
-                return;
-            }
-        }
-    }
-}
-
 fn scale_config(path: &std::path::Path, protocol: ScaleProtocol) -> ScaleConfig {
     ScaleConfig {
         name: "scale".into(),
@@ -147,17 +111,8 @@ fn scale_config(path: &std::path::Path, protocol: ScaleProtocol) -> ScaleConfig 
         stable_readings: 2,
         emit_zero: false,
         offline_after: 3,
-    }
-}
-
-async fn wait_requests(requests: &Arc<Mutex<usize>>, n: usize) {
-    let deadline = tokio::time::Instant::now() + T;
-    while *requests.lock().unwrap() < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "scale polled {n} times"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        reopen_after: 10,
+        deadletter_repeat_interval_ms: 60_000,
     }
 }
 
