@@ -257,3 +257,50 @@ async fn unplugged_scanner_is_reported_down_and_resumes_after_replug() {
     h.shutdown.stop_all();
     task.await.unwrap().unwrap();
 }
+
+/// A scanner repeating one bad frame (a stuck trigger on a label with a wrong check digit)
+/// writes one dead letter at once and the count of the repeats when the interval is over, also
+/// when nothing more arrives; a distinct bad frame in between is its own dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scanner_repeating_one_bad_frame_writes_a_few_dead_letters_with_counts() {
+    let h = Harness::new();
+    let pty = PtyPair::new(h.dir.path(), "stuck").await;
+    let mut cfg = scanner_config(&pty.a);
+    cfg.deadletter_repeat_interval_ms = 300;
+    let task = tokio::spawn(build_scanner(cfg, h.ctx("scanner", "scanner")));
+    h.wait_status("scanner", T, |s| s.state == State::Up).await;
+    let mut dev = open_end(&pty.b);
+    for i in 0..200 {
+        dev.write_all(b"]E04006381333932\r\n").await.unwrap();
+        if i == 100 {
+            dev.write_all(b"]E04006381333933\r\n").await.unwrap();
+        }
+    }
+    let deadline = tokio::time::Instant::now() + T;
+    let dl = loop {
+        let dl = h.payloads("deadletter").await;
+        let repeated: u64 = dl
+            .iter()
+            .filter(|d| d["original_b64"] == edge_core::event::base64_encode(b"]E04006381333932"))
+            .map(|d| d["count"].as_u64().unwrap())
+            .sum();
+        if repeated == 200 {
+            break dl;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{repeated} of 200 counted: {dl:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(dl.len() <= 6, "{} dead letters: {dl:?}", dl.len());
+    let other: Vec<&Value> = dl
+        .iter()
+        .filter(|d| d["original_b64"] == edge_core::event::base64_encode(b"]E04006381333933"))
+        .collect();
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0]["count"], 1);
+    assert!(dl.iter().all(|d| d["reason_label"] == "check_digit"));
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
