@@ -25,7 +25,8 @@
 //! frames become dead letters holding the bytes the scale sent, one per distinct error per
 //! `deadletter_repeat_interval_ms` with a count ([`DeadLetters`]).
 
-use crate::link::{DeadLetters, DeviceLink, default_repeat_interval_ms, store};
+use crate::deadletters::{DeadLetters, default_repeat_interval_ms};
+use crate::link::{DeviceLink, store};
 use crate::serial::{DeviceIdentity, LineSettings, SerialConfig};
 use crate::{Driver, DriverError};
 use edge_core::component::{ComponentContext, Task};
@@ -157,7 +158,11 @@ impl Driver for ScaleConfig {
         if self.reopen_after == 0 {
             problems.push(join(path, "reopen_after"), "must be at least 1");
         }
-        crate::link::validate_repeat_interval(path, self.deadletter_repeat_interval_ms, problems);
+        crate::deadletters::validate_repeat_interval(
+            path,
+            self.deadletter_repeat_interval_ms,
+            problems,
+        );
     }
 }
 

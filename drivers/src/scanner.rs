@@ -7,7 +7,8 @@
 //! use (`02`, `2x`), laid out per config. A frame that fails any check is dead-lettered with the
 //! reason; frames never grow beyond `max_frame_bytes`.
 
-use crate::link::{DeadLetters, DeviceLink, default_repeat_interval_ms, store};
+use crate::deadletters::{DeadLetters, default_repeat_interval_ms};
+use crate::link::{DeviceLink, store};
 use crate::serial::{LineSettings, SerialConfig};
 use crate::{Driver, DriverError};
 use edge_core::component::{ComponentContext, Task};
@@ -134,7 +135,11 @@ impl Driver for ScannerConfig {
                 "must be between 16 and 65536",
             );
         }
-        crate::link::validate_repeat_interval(path, self.deadletter_repeat_interval_ms, problems);
+        crate::deadletters::validate_repeat_interval(
+            path,
+            self.deadletter_repeat_interval_ms,
+            problems,
+        );
         for (i, w) in self.weighed_prefixes.iter().enumerate() {
             let p = format!("{}[{i}]", join(path, "weighed_prefixes"));
             if w.prefix.is_empty() || !w.prefix.bytes().all(|b| b.is_ascii_digit()) {
