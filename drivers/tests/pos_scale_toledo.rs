@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 mod common;
 
-use common::{Harness, PtyPair, fake_scale, wait_requests};
+use common::{Harness, PtyPair, fake_scale_on, open_end, wait_requests};
 use edge_core::State;
 use edge_core::event::base64_encode;
 use edge_drivers::scale::{ScaleConfig, ScaleProtocol, build};
@@ -44,12 +44,13 @@ fn config(path: &Path) -> ScaleConfig {
     }
 }
 
-/// A fake 8217 on the far end of `pty`, answering from `script`.
+/// A fake 8217 on the far end of `pty`, answering from `script`. The end is open when this
+/// returns, so the driver's first poll finds the scale there.
 fn simulator(pty: &PtyPair, script: Vec<Option<Vec<u8>>>) -> (Script, Arc<Mutex<usize>>) {
     let script = Arc::new(Mutex::new(script));
     let requests = Arc::new(Mutex::new(0));
-    tokio::spawn(fake_scale(
-        pty.b.clone(),
+    tokio::spawn(fake_scale_on(
+        open_end(&pty.b),
         b"W",
         script.clone(),
         requests.clone(),

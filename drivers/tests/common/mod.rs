@@ -245,7 +245,17 @@ pub async fn fake_scale(
     script: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
     requests: Arc<Mutex<usize>>,
 ) {
-    let mut port = open_end(&path);
+    fake_scale_on(open_end(&path), request, script, requests).await
+}
+
+/// [`fake_scale`] on a far end the test opened already (so that the scale is there before the
+/// driver's first poll).
+pub async fn fake_scale_on(
+    mut port: tokio_serial::SerialStream,
+    request: &'static [u8],
+    script: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
+    requests: Arc<Mutex<usize>>,
+) {
     let mut buf = [0u8; 64];
     let mut pending = Vec::new();
     loop {
