@@ -9,7 +9,7 @@
 //!   boundary. Only the low five status bits are read as flags (bit 0 motion, 1 over capacity,
 //!   2 under zero, 3 outside the zero capture range, 4 centre of zero): bits 5 and 6 are always 1
 //!   on an 8217 (`0x61` motion, `0x62` over capacity) and bit 7 is parity on an 8-bit line
-//!   (`0xE2`), and simulators leave them 0. The weight carries no unit: `unit` says it.
+//!   (`0xE2`); some simulators leave them 0. The weight carries no unit: `unit` says it.
 //! * **SMA** (Scale Manufacturers Association standard, e.g. Cardinal, Sartorius, Brecknell): the
 //!   host sends `LF W CR`; the scale answers `LF s r n m f xxxxxx.xxx uuu CR`: status (`Z` centre of
 //!   zero, `O` over, `U` under, `E` zero error, `T` tare error), range, `G`ross/`N`et, `M`otion,

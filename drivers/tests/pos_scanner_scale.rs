@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 mod common;
 
-use common::{Harness, PtyPair, fake_scale, open_end, wait_requests};
+use common::{Harness, PtyPair, fake_scale, fake_scale_on, open_end, wait_requests};
 use edge_core::State;
 use edge_drivers::scale::{ScaleConfig, ScaleProtocol, build as build_scale};
 use edge_drivers::scanner::{MeasureValue, ScannerConfig, WeighedPrefix, build as build_scanner};
@@ -135,8 +135,9 @@ async fn toledo_scale_emits_only_stable_weights_and_reports_a_silent_scale() {
         None,                         // then the scale goes silent
     ]));
     let requests = Arc::new(Mutex::new(0));
-    tokio::spawn(fake_scale(
-        pty.b.clone(),
+    // The scale's end is open before the driver's first poll (else it starts reported down).
+    tokio::spawn(fake_scale_on(
+        open_end(&pty.b),
         b"W",
         script.clone(),
         requests.clone(),
