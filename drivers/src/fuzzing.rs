@@ -94,6 +94,7 @@ pub fn scanner(data: &[u8]) {
                 value: MeasureValue::WeightG,
             },
         ],
+        gs1_without_aim: true,
         deadletter_repeat_interval_ms: 60_000,
     };
     let p = ScanParser::new(&cfg);

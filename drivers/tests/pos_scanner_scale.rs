@@ -31,6 +31,7 @@ fn scanner_config(path: &std::path::Path) -> ScannerConfig {
             price_check_digit: true,
             value: MeasureValue::Price,
         }],
+        gs1_without_aim: false,
         deadletter_repeat_interval_ms: 60_000,
     }
 }
@@ -46,8 +47,8 @@ async fn scanner_frames_become_scans_and_bad_frames_dead_letters() {
     h.wait_status("scanner", T, |s| s.state == State::Up).await;
     let mut dev = open_end(&pty.b);
     dev.write_all(b"]E04006381333931\r\n").await.unwrap();
-    dev.write_all(b"]E0020123450499").await.unwrap(); // split frame
-    dev.write_all(b"3\r\n]C1011061414100041517251231103A-7\x1d3102012345\r\n")
+    dev.write_all(b"]E0020123480499").await.unwrap(); // split frame
+    dev.write_all(b"4\r\n]C1011061414100041517251231103A-7\x1d3102012345\r\n")
         .await
         .unwrap();
     dev.write_all(b"]E04006381333932\r\n").await.unwrap(); // wrong check digit
@@ -64,7 +65,7 @@ async fn scanner_frames_become_scans_and_bad_frames_dead_letters() {
     assert_eq!(scans[0]["gtin"], "04006381333931");
     assert_eq!(scans[0]["schema"], "pos.scan/1");
     assert_eq!(scans[0]["lane"], "3");
-    // The weighed item: 02 01234 5 0499 3 -> item 01234 at 4.99.
+    // The weighed item: 02 01234 8 0499 4 -> item 01234 at 4.99 (price check digit 8).
     assert_eq!(scans[1]["variable_measure"]["item"], "01234");
     assert_eq!(scans[1]["variable_measure"]["price_minor"], 499);
     assert_eq!(scans[2]["symbology"], "gs1_128");
@@ -302,6 +303,48 @@ async fn a_scanner_repeating_one_bad_frame_writes_a_few_dead_letters_with_counts
     assert_eq!(other.len(), 1);
     assert_eq!(other[0]["count"], 1);
     assert!(dl.iter().all(|d| d["reason_label"] == "check_digit"));
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
+
+/// Issue 11 item 8 over a PTY: a GS1-only scanner without AIM ids. Element strings with FNC1 as
+/// GS or a leading AI 01 are read as GS1, and a wrong AI 01 check digit is refused; a weighed
+/// item's price check digit is verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gs1_without_aim_ids_and_price_check_digits_over_a_pty() {
+    let h = Harness::new();
+    let pty = PtyPair::new(h.dir.path(), "gs1scan").await;
+    let mut cfg = scanner_config(&pty.a);
+    cfg.aim_ids = false;
+    cfg.gs1_without_aim = true;
+    let task = tokio::spawn(build_scanner(cfg, h.ctx("scanner", "scanner")));
+    h.wait_status("scanner", T, |s| s.state == State::Up).await;
+    let mut dev = open_end(&pty.b);
+    dev.write_all(b"\x1d010950110102091717171231\r\n")
+        .await
+        .unwrap(); // FNC1 as GS
+    dev.write_all(b"010950110102091710LOT7\r\n").await.unwrap(); // leading AI 01
+    dev.write_all(b"010950110102091817171231\r\n")
+        .await
+        .unwrap(); // bad AI 01 check digit
+    dev.write_all(b"0201234928751\r\n").await.unwrap(); // 02 01234 9 2875: price check 9
+    dev.write_all(b"0201234528753\r\n").await.unwrap(); // price check 5: misread price
+    h.wait_for("pos.scans", 3, T).await;
+    h.wait_for("deadletter", 2, T).await;
+    let scans = h.payloads("pos.scans").await;
+    assert_eq!(scans[0]["symbology"], "gs1");
+    assert_eq!(scans[0]["gtin"], "09501101020917");
+    assert_eq!(scans[0]["gs1"]["expiry"], "2017-12-31");
+    assert_eq!(scans[1]["gs1"]["batch"], "LOT7");
+    assert_eq!(scans[2]["variable_measure"]["price_minor"], 2875);
+    assert_eq!(scans.len(), 3, "{scans:?}");
+    let labels: Vec<Value> = h
+        .payloads("deadletter")
+        .await
+        .iter()
+        .map(|d| d["reason_label"].clone())
+        .collect();
+    assert_eq!(labels, vec!["check_digit", "price_check_digit"]);
     h.shutdown.stop_all();
     task.await.unwrap().unwrap();
 }
