@@ -19,12 +19,14 @@
 //!
 //! POS devices: [`printer`] (`escpos_tap`, `printer_proxy`) on top of [`escpos`] (tokenizer, code
 //! pages, receipt segmentation) and [`receipt`] (templates, transactions); [`scanner`]; [`scale`];
-//! [`display`] (customer pole display). [`serial`] is the shared serial transport and [`link`] the
-//! up/down reporting, device backoff, backpressure and dead letters every device driver uses. The
+//! [`display`] (customer pole display). [`serial`] is the shared serial transport, [`link`] the
+//! up/down reporting, device backoff and backpressure every device driver uses, and
+//! [`deadletters`] its dead letters, repeats of one error aggregated with a count. The
 //! configuration reference is `docs/CONFIGURATION-drivers.md`, the payload schemas `docs/schemas/`.
 
 #[cfg(feature = "ble")]
 pub mod ble;
+pub mod deadletters;
 pub mod display;
 pub mod escpos;
 pub mod family;
