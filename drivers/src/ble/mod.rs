@@ -5,4 +5,6 @@
 //! here too. A build without `ble` reports a config that asks for any of them as a config problem
 //! (see [`crate::family`]).
 
+pub mod presence;
+pub mod presence_driver;
 pub mod simulated;
