@@ -7,4 +7,5 @@
 
 pub mod presence;
 pub mod presence_driver;
+pub mod sim;
 pub mod simulated;
