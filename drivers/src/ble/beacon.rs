@@ -218,12 +218,14 @@ fn parse_altbeacon(company_id: u16, data: &[u8]) -> Result<AltBeacon, FrameError
 
 /// Formats a 16-byte UUID as `8-4-4-4-12` lowercase hex.
 pub fn format_uuid(u: &[u8; 16]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(36);
     for (i, b) in u.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
             s.push('-');
         }
-        s.push_str(&format!("{b:02x}"));
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0x0F)]));
     }
     s
 }

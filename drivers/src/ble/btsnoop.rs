@@ -173,7 +173,9 @@ impl<R: Read> Reader<R> {
     pub fn new(mut inner: R) -> Result<Self, BtsnoopError> {
         let mut h = [0u8; 16];
         let n = read_full(&mut inner, &mut h)?;
-        if n >= 8 && &h[..8] != MAGIC || n < 8 && h[..n] != MAGIC[..n] {
+        // A file too short to hold the magic is "short" only if what it holds is its start.
+        let magic_len = n.min(MAGIC.len());
+        if h[..magic_len] != MAGIC[..magic_len] {
             return Err(BtsnoopError::Magic);
         }
         if n < 16 {
@@ -238,11 +240,17 @@ impl<R: Read> Reader<R> {
         }))
     }
 
+    /// The HCI event packets (event code first) of the capture, with each record's Unix time in
+    /// microseconds; records that are not received events are skipped.
+    pub fn hci_events(self) -> HciEvents<R> {
+        HciEvents { reader: self }
+    }
+
     /// The advertising reports of every LE (Extended) Advertising Report event, with the
     /// record's Unix time in microseconds.
     pub fn advertising_reports(self) -> AdvertisingReports<R> {
         AdvertisingReports {
-            reader: self,
+            events: self.hci_events(),
             pending: Vec::new().into_iter(),
             ts: 0,
         }
@@ -270,10 +278,42 @@ impl<R: Read> Iterator for Reader<R> {
     }
 }
 
+/// See [`Reader::hci_events`]. Items are `(unix_us, event packet)`.
+#[derive(Debug)]
+pub struct HciEvents<R> {
+    reader: Reader<R>,
+}
+
+impl<R> HciEvents<R> {
+    /// Index of the record the last item came from.
+    fn last_index(&self) -> u64 {
+        self.reader.index.saturating_sub(1)
+    }
+}
+
+impl<R: Read> Iterator for HciEvents<R> {
+    type Item = Result<(i64, Vec<u8>), BtsnoopError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let mut rec = match self.reader.next()? {
+                Ok(rec) => rec,
+                Err(e) => return Some(Err(e)),
+            };
+            let Some(event) = rec.hci_event(self.reader.datalink) else {
+                continue;
+            };
+            let skip = rec.data.len() - event.len();
+            rec.data.drain(..skip);
+            return Some(Ok((rec.unix_us(), rec.data)));
+        }
+    }
+}
+
 /// See [`Reader::advertising_reports`]. Items are `(unix_us, report)`.
 #[derive(Debug)]
 pub struct AdvertisingReports<R> {
-    reader: Reader<R>,
+    events: HciEvents<R>,
     pending: std::vec::IntoIter<AdvertisingReport>,
     ts: i64,
 }
@@ -286,22 +326,19 @@ impl<R: Read> Iterator for AdvertisingReports<R> {
             if let Some(r) = self.pending.next() {
                 return Some(Ok((self.ts, r)));
             }
-            let rec = match self.reader.next()? {
-                Ok(rec) => rec,
+            let (ts, event) = match self.events.next()? {
+                Ok(e) => e,
                 Err(e) => return Some(Err(e)),
             };
-            let Some(event) = rec.hci_event(self.reader.datalink) else {
-                continue;
-            };
-            match parse_advertising_reports(event) {
+            match parse_advertising_reports(&event) {
                 Ok(Some(reports)) => {
-                    self.ts = rec.unix_us();
+                    self.ts = ts;
                     self.pending = reports.into_iter();
                 }
                 Ok(None) => {}
                 Err(source) => {
                     return Some(Err(BtsnoopError::Hci {
-                        index: self.reader.index - 1,
+                        index: self.events.last_index(),
                         source,
                     }));
                 }
@@ -480,6 +517,27 @@ mod tests {
             assert_eq!(got[2].1.address.to_string(), "C4:7C:8D:6A:3B:03");
             assert_eq!(got[2].1.rssi, Some(-62));
             assert!(matches!(got[2].1.kind, ReportKind::Extended(x) if x.legacy_pdu()));
+        }
+    }
+
+    #[test]
+    fn hci_events_are_the_event_packets_without_their_framing() {
+        for dl in [Datalink::Hci, Datalink::H4, Datalink::Monitor] {
+            let bytes = capture(dl);
+            let events: Vec<(i64, Vec<u8>)> = Reader::new(&bytes[..])
+                .unwrap()
+                .hci_events()
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(events.len(), 3, "{dl:?}");
+            assert_eq!(events[0], (T0, vec![0x0E, 0x04, 0x01, 0x0C, 0x20, 0x00]));
+            assert_eq!(
+                events[1],
+                (
+                    T0 + 1_500,
+                    encode_le_advertising_report(&[report(1, -60)], false).unwrap()
+                )
+            );
         }
     }
 

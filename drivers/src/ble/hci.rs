@@ -316,7 +316,11 @@ impl<'a> HciEvent<'a> {
 
     /// The LE Meta subevent code, if this is an LE Meta event.
     pub fn le_subevent(&self) -> Option<u8> {
-        (self.code == EVENT_LE_META).then(|| self.params.first().copied())?
+        if self.code == EVENT_LE_META {
+            self.params.first().copied()
+        } else {
+            None
+        }
     }
 
     /// The advertising reports of an LE (Extended) Advertising Report event; `None` for any
@@ -451,7 +455,8 @@ fn available(v: i8) -> Option<i8> {
 /// Encodes reports as one LE Meta event packet (event code first): a legacy Advertising Report
 /// (0x02) when `extended` is false, else an Extended Advertising Report (0x0D). Every report
 /// must be of the matching kind (a legacy report in an extended event gets event type 0x10,
-/// legacy PDU, and no secondary PHY). Fails when the event would exceed 255 parameter bytes.
+/// legacy PDU, and no secondary PHY). Fails when the event would exceed 255 parameter bytes or
+/// a legacy report carries more than 31 data bytes: what the parser would refuse is not written.
 pub fn encode_le_advertising_report(
     reports: &[AdvertisingReport],
     extended: bool,
@@ -463,7 +468,13 @@ pub fn encode_le_advertising_report(
     }];
     let count = u8::try_from(reports.len()).map_err(|_| HciError::TooLarge(reports.len(), 0))?;
     p.push(count);
-    for r in reports {
+    for (index, r) in reports.iter().enumerate() {
+        if !extended && r.data.len() > MAX_LEGACY_DATA {
+            return Err(HciError::LegacyDataLength {
+                index,
+                len: r.data.len(),
+            });
+        }
         let len = u8::try_from(r.data.len())
             .map_err(|_| HciError::TooLarge(reports.len(), r.data.len()))?;
         let rssi = r.rssi.unwrap_or(NOT_AVAILABLE) as u8;
@@ -749,8 +760,20 @@ mod tests {
         };
         assert!(encode_le_advertising_report(&vec![r.clone(); 6], false).is_ok());
         assert!(matches!(
-            encode_le_advertising_report(&vec![r; 7], false),
+            encode_le_advertising_report(&vec![r.clone(); 7], false),
             Err(HciError::TooLarge(7, _))
         ));
+        // 32 bytes are too many for a legacy report, not for an extended one.
+        let big = AdvertisingReport {
+            data: vec![0; 32],
+            ..r
+        };
+        assert_eq!(
+            encode_le_advertising_report(std::slice::from_ref(&big), false),
+            Err(HciError::LegacyDataLength { index: 0, len: 32 })
+        );
+        let ext = encode_le_advertising_report(std::slice::from_ref(&big), true).unwrap();
+        let back = parse_advertising_reports(&ext).unwrap().unwrap();
+        assert_eq!(back[0].data, big.data);
     }
 }

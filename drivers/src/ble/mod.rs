@@ -3,7 +3,8 @@
 //! Today it holds the simulated beacon sightings that the `simulated` driver generates
 //! (`sightings_per_second`) and the byte-level parsing layer the beacon sources of issue 9 share
 //! (`docs/BLE.md`), none of which does I/O beyond `std::io::Read`/`Write`:
-//! * [`btsnoop`]: capture files (`btmon -w`, Android) read and written, records to HCI events;
+//! * [`btsnoop`]: capture files (`btmon -w`, Android) read and written: records, HCI events,
+//!   advertising reports;
 //! * [`hci`]: HCI LE Advertising Reports, legacy and extended, to [`hci::AdvertisingReport`]s;
 //! * [`ad`]: the AD structures of an advertisement (flags, names, service and manufacturer data);
 //! * [`beacon`] and [`eddystone`]: iBeacon, AltBeacon and Eddystone UID/URL/TLM/EID frames.
