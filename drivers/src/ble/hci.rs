@@ -258,6 +258,19 @@ impl ExtendedInfo {
     pub fn legacy_pdu(&self) -> bool {
         self.event_type & 0x10 != 0
     }
+    /// For a legacy PDU reported in an extended report, the legacy event type it stands for
+    /// (Core spec Vol 4 Part E §7.7.65.13, table of legacy event type values).
+    pub fn legacy_event_type(&self) -> Option<LegacyEventType> {
+        Some(match self.event_type {
+            0x13 => LegacyEventType::AdvInd,
+            0x15 => LegacyEventType::AdvDirectInd,
+            0x12 => LegacyEventType::AdvScanInd,
+            0x10 => LegacyEventType::AdvNonconnInd,
+            0x1A | 0x1B => LegacyEventType::ScanRsp,
+            _ => return None,
+        })
+    }
+
     pub fn data_status(&self) -> DataStatus {
         match (self.event_type >> 5) & 0x03 {
             0 => DataStatus::Complete,
@@ -622,6 +635,26 @@ mod tests {
             panic!()
         };
         assert!(x.connectable() && x.scannable() && x.legacy_pdu() && !x.directed());
+        assert_eq!(x.legacy_event_type(), Some(LegacyEventType::AdvInd));
+        for (bits, t) in [
+            (0x10, Some(LegacyEventType::AdvNonconnInd)),
+            (0x12, Some(LegacyEventType::AdvScanInd)),
+            (0x15, Some(LegacyEventType::AdvDirectInd)),
+            (0x1B, Some(LegacyEventType::ScanRsp)),
+            (0x1A, Some(LegacyEventType::ScanRsp)),
+            (0x00, None),
+            (0x11, None),
+        ] {
+            assert_eq!(
+                ExtendedInfo {
+                    event_type: bits,
+                    ..x
+                }
+                .legacy_event_type(),
+                t,
+                "{bits:#x}"
+            );
+        }
     }
 
     #[test]
