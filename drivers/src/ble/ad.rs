@@ -8,7 +8,7 @@
 //! * The known types below are checked for their size (a 16-bit UUID list of odd length, an empty
 //!   Flags field...) and refused as [`AdError::FieldLength`]; unknown types are kept as
 //!   [`AdField::Other`] with their bytes.
-//! * Fields borrow from the input: parsing allocates only the list itself.
+//! * Fields borrow from the input: parsing allocates only the field list and UUID lists.
 //!
 //! Multi-byte values in AD are little-endian (company ids, UUIDs); 128-bit UUIDs are returned in
 //! the usual big-endian (textual) order.
