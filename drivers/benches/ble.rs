@@ -154,7 +154,7 @@ fn main() {
     println!(
         "capture: {mb:.1} MB, {n_rec} records, {REPORTS} reports (H4, best of 5, one thread)\n"
     );
-    println!("| stage | time | reports/s | MB/s |");
+    println!("| stage | time | reports/s (200 000 / time) | MB/s |");
     println!("|---|---|---|---|");
     for (name, t) in [
         ("records (btsnoop reader alone, baseline)", t_rec),
