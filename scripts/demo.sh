@@ -55,6 +55,7 @@ cat <<MSG
 == edge-agent is starting with config/demo.toml (data in demo-data/). In another terminal:
      $BIN status --config config/demo.toml
      $BIN log tail --config config/demo.toml --stream pos.transactions --follow
+     $BIN log tail --config config/demo.toml --stream presence.events --follow
      curl -s localhost:9464/metrics | grep edge_
    Ctrl-C stops the agent, the simulated terminal and the demo broker.
 MSG

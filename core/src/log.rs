@@ -404,6 +404,12 @@ pub trait Log: Send + Sync + 'static {
 
     fn integrity(&self) -> IntegrityState;
 
+    /// Whether the log can still commit: `false` once its writer has stopped (closed, or its
+    /// thread ended on a panic). Cheap (no I/O, no queue): for health probes.
+    fn writer_alive(&self) -> bool {
+        true
+    }
+
     /// Changes after every commit; consumers wait on it instead of polling.
     fn subscribe(&self) -> watch::Receiver<u64>;
 

@@ -45,6 +45,11 @@ pub struct ComponentStatus {
     /// Component-specific figures (peer address, counters, lag).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<String, Value>,
+    /// Set while the component runs but makes no progress it should (the uplink with records
+    /// waiting on an up link and nothing committed): why. The agent is then unhealthy, so the
+    /// watchdog lets systemd restart it and `/readyz` tells a load balancer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wedged: Option<String>,
 }
 
 /// The registry of all components' status.
@@ -68,6 +73,7 @@ impl Status {
                 detail: "starting".into(),
                 since_ms: crate::time::now_ms(),
                 fields: BTreeMap::new(),
+                wedged: None,
             },
         );
         metrics::gauge!("edge_component_up", "component" => name.clone()).set(0.0);
@@ -148,6 +154,26 @@ impl StatusHandle {
 
     pub fn state(&self) -> Option<State> {
         self.registry.get(&self.name).map(|s| s.state)
+    }
+
+    /// Marks the component wedged (`Some(why)`) or not. Logs when that changes.
+    pub fn set_wedged(&self, why: Option<String>) {
+        let mut map = self.registry.0.write().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = map.get_mut(&*self.name) else {
+            return;
+        };
+        if s.wedged.is_some() == why.is_some() {
+            s.wedged = why;
+            return;
+        }
+        s.wedged = why.clone();
+        drop(map);
+        metrics::gauge!("edge_component_wedged", "component" => self.name.to_string())
+            .set(if why.is_some() { 1.0 } else { 0.0 });
+        match why {
+            Some(why) => tracing::error!(component = &*self.name, "{why}"),
+            None => tracing::info!(component = &*self.name, "progress again; no longer wedged"),
+        }
     }
 
     /// Sets a component-specific field (no log line).

@@ -4,7 +4,7 @@
 
 use crate::escpos::{CodePage, EndReason, Segmenter, SegmenterConfig, Token, Tokenizer};
 use crate::receipt::TemplateConfig;
-use crate::scale::{ScaleFramer, ScaleProtocol, parse_sma, parse_toledo};
+use crate::scale::{Framed, ScaleFramer, ScaleProtocol, parse_sma, parse_toledo};
 use crate::scanner::{Frame, Framer, MeasureValue, ScanParser, ScannerConfig, WeighedPrefix};
 use crate::serial::SerialConfig;
 
@@ -94,6 +94,8 @@ pub fn scanner(data: &[u8]) {
                 value: MeasureValue::WeightG,
             },
         ],
+        gs1_without_aim: true,
+        deadletter_repeat_interval_ms: 60_000,
     };
     let p = ScanParser::new(&cfg);
     for f in frames {
@@ -110,16 +112,38 @@ pub fn scanner(data: &[u8]) {
     let _ = crate::scanner::parse_gs1(data);
 }
 
-/// Scale framing and both protocol parsers on arbitrary bytes.
+/// Scale framing and both protocol parsers on arbitrary bytes: frames and the raw bytes kept for
+/// dead letters stay bounded; a Toledo status frame `STX ? b CR` is one frame whatever `b` is
+/// (STX, CR, high bits), even after garbage.
 pub fn scale(data: &[u8]) {
     for proto in [ScaleProtocol::Toledo, ScaleProtocol::Sma] {
         let mut f = ScaleFramer::new(proto);
         let mut frames = Vec::new();
         f.push(data, &mut frames);
-        for fr in frames.into_iter().flatten() {
-            assert!(fr.len() <= crate::scale::MAX_SCALE_FRAME);
-            let _ = parse_toledo(&fr, "lb", 2);
-            let _ = parse_sma(&fr);
+        for fr in frames {
+            match fr {
+                Framed::Frame(body) => {
+                    assert!(body.len() <= crate::scale::MAX_SCALE_FRAME);
+                    let _ = parse_toledo(&body, "lb", 2);
+                    let _ = parse_sma(&body);
+                }
+                Framed::Broken { raw, .. } => {
+                    assert!(raw.len() <= crate::scale::MAX_SCALE_FRAME + 2);
+                }
+            }
+        }
+        if proto == ScaleProtocol::Toledo {
+            let status = data.first().copied().unwrap_or(0x02);
+            let mut frames = Vec::new();
+            // Two CRs end whatever frame the data left open (a pending status byte takes one).
+            f.push(&[b'\r', b'\r', 0x02, b'?', status, b'\r'], &mut frames);
+            assert_eq!(
+                frames.last(),
+                Some(&Framed::Frame(vec![b'?', status])),
+                "status byte {status:#04x} after {data:?}"
+            );
+            let r = parse_toledo(&[b'?', status], "lb", 2);
+            assert!(r.is_ok_and(|r| r.weight_milli.is_none()));
         }
     }
     let _ = parse_toledo(data, "kg", 3);

@@ -19,12 +19,14 @@
 //!
 //! POS devices: [`printer`] (`escpos_tap`, `printer_proxy`) on top of [`escpos`] (tokenizer, code
 //! pages, receipt segmentation) and [`receipt`] (templates, transactions); [`scanner`]; [`scale`];
-//! [`display`] (customer pole display). [`serial`] is the shared serial transport and [`link`] the
-//! up/down reporting, device backoff, backpressure and dead letters every device driver uses. The
+//! [`display`] (customer pole display). [`serial`] is the shared serial transport, [`link`] the
+//! up/down reporting, device backoff and backpressure every device driver uses, and
+//! [`deadletters`] its dead letters, repeats of one error aggregated with a count. The
 //! configuration reference is `docs/CONFIGURATION-drivers.md`, the payload schemas `docs/schemas/`.
 
 #[cfg(feature = "ble")]
 pub mod ble;
+pub mod deadletters;
 pub mod display;
 pub mod escpos;
 pub mod family;
@@ -107,7 +109,16 @@ drivers! {
     Scale(scale::ScaleConfig) = "scale",
     /// Customer pole display showing offers for a lane.
     CustomerDisplay(display::CustomerDisplayConfig) = "customer_display",
+    /// Presence engine (feature `ble`): beacon sightings to enter/exit/dwell per zone.
+    Presence(PresenceConfig) = "presence",
 }
+
+/// The presence engine's config (`[[drivers]] type = "presence"`; feature `ble`).
+#[cfg(feature = "ble")]
+pub type PresenceConfig = ble::presence::PresenceConfig;
+/// The presence engine's config in a build without `ble`: reported as a config problem.
+#[cfg(not(feature = "ble"))]
+pub type PresenceConfig = family::Unavailable<family::Ble>;
 
 impl DriverConfig {
     /// The driver's unique name (component name in status and metrics).
@@ -184,7 +195,12 @@ mod tests {
             let doc: Doc = toml::from_str(&src).unwrap_or_else(|e| panic!("{e}\n{src}"));
             let mut p = Problems::new();
             validate_drivers(&doc.drivers, "drivers", &mut p);
-            assert!(p.is_empty(), "{p}\n{src}");
+            if !cfg!(feature = "ble") && src.contains("type = \"presence\"") {
+                // A build without the family reads the example and says what it lacks.
+                assert!(p.to_string().contains("the `ble` feature"), "{p}\n{src}");
+            } else {
+                assert!(p.is_empty(), "{p}\n{src}");
+            }
             // The registered kind is the `type` the entry was written with.
             let raw: toml::Table = toml::from_str(&src).unwrap_or_else(|e| panic!("{e}"));
             let types = raw["drivers"].as_array().map(|a| {

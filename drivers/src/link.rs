@@ -1,11 +1,10 @@
 //! What every device driver does around its device: report it up or down (status, the
 //! `edge_device_up` metric and an `agent.device/1` record in `agent.health`), back off with jitter
-//! between attempts ([`device_backoff`]), store events with backpressure, and
-//! dead-letter what it cannot parse.
+//! between attempts ([`device_backoff`]), and store events with backpressure. What a driver
+//! cannot parse goes to [`crate::deadletters`].
 
 use edge_core::backoff::{Backoff, Jitter, sleep_unless_cancelled};
 use edge_core::component::ComponentContext;
-use edge_core::deadletter::DeadLetter;
 use edge_core::log::{AppendOutcome, AppendRequest, LogError};
 use edge_core::{Event, State};
 use serde_json::json;
@@ -47,6 +46,11 @@ impl DeviceLink {
 
     pub fn device(&self) -> &str {
         &self.device
+    }
+
+    /// Whether the device was last reported up.
+    pub fn is_up(&self) -> bool {
+        self.up == Some(true)
     }
 
     fn gauge(&self, v: f64) {
@@ -148,24 +152,6 @@ pub async fn store(
             Err(e) => return Err(e),
         }
     }
-}
-
-/// A dead letter from a driver, counted by reason.
-pub fn dead_letter(
-    ctx: &ComponentContext,
-    origin: &'static str,
-    reason_label: &'static str,
-    reason: impl Into<String>,
-    original: &[u8],
-) -> Event {
-    metrics::counter!("edge_driver_dead_letters_total", "driver" => ctx.status.name().to_string(), "reason" => reason_label)
-        .increment(1);
-    DeadLetter::new(origin, reason)
-        .field("driver", ctx.status.name())
-        .field("reason_label", reason_label)
-        .field("store", &*ctx.store_id)
-        .original(original, 4096)
-        .into_event()
 }
 
 /// FNV-1a, 64 bit: content identities for event ids (not security relevant).

@@ -21,8 +21,9 @@
 //! with no byte in either direction for `idle_timeout_ms` is closed, so a vanished or idle
 //! client holds the printer for at most that long.
 
+use crate::deadletters::dead_letter;
 use crate::escpos::{CodePage, EndReason, Receipt, Segmenter, SegmenterConfig};
-use crate::link::{DeviceLink, dead_letter, fnv64};
+use crate::link::{DeviceLink, fnv64};
 use crate::receipt::{self, LineKind, Template, TemplateConfig, TxContext};
 use crate::serial::{LineSettings, SerialConfig};
 use crate::{Driver, DriverError};

@@ -7,7 +7,8 @@
 //! use (`02`, `2x`), laid out per config. A frame that fails any check is dead-lettered with the
 //! reason; frames never grow beyond `max_frame_bytes`.
 
-use crate::link::{DeviceLink, dead_letter, store};
+use crate::deadletters::{DeadLetters, default_repeat_interval_ms};
+use crate::link::{DeviceLink, store};
 use crate::serial::{LineSettings, SerialConfig};
 use crate::{Driver, DriverError};
 use edge_core::component::{ComponentContext, Task};
@@ -66,9 +67,15 @@ pub struct ScannerConfig {
     /// The scanner prefixes AIM symbology identifiers (`]E0`...). Frames without one are refused.
     #[serde(default)]
     pub aim_ids: bool,
-    /// Check GTIN check digits (EAN/UPC codes and GS1 AI 01).
+    /// Check GTIN check digits (EAN/UPC codes and GS1 AI 01) and the price check digit of
+    /// weighed-item codes whose layout has one.
     #[serde(default = "yes")]
     pub validate_gtin: bool,
+    /// The scanner sends GS1 element strings without an AIM identifier (a GS1-only scanner):
+    /// a frame that starts with AI 00, 01 or 02 and is longer than a plain GTIN is read as one.
+    /// A frame that starts with GS (FNC1) is read as one whatever this says.
+    #[serde(default)]
+    pub gs1_without_aim: bool,
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: usize,
     /// A frame without its suffix is dropped (and dead-lettered) after this long.
@@ -76,6 +83,9 @@ pub struct ScannerConfig {
     pub frame_timeout_ms: u64,
     #[serde(default = "default_weighed")]
     pub weighed_prefixes: Vec<WeighedPrefix>,
+    /// A repeated identical dead letter is written once per this interval, with a count.
+    #[serde(default = "default_repeat_interval_ms")]
+    pub deadletter_repeat_interval_ms: u64,
 }
 
 fn default_suffix() -> String {
@@ -131,6 +141,11 @@ impl Driver for ScannerConfig {
                 "must be between 16 and 65536",
             );
         }
+        crate::deadletters::validate_repeat_interval(
+            path,
+            self.deadletter_repeat_interval_ms,
+            problems,
+        );
         for (i, w) in self.weighed_prefixes.iter().enumerate() {
             let p = format!("{}[{i}]", join(path, "weighed_prefixes"));
             if w.prefix.is_empty() || !w.prefix.bytes().all(|b| b.is_ascii_digit()) {
@@ -167,6 +182,10 @@ pub enum ScanError {
     NoAim,
     #[error("GTIN {0} has a wrong check digit (misread or line noise)")]
     CheckDigit(String),
+    #[error(
+        "weighed-item code {0} has a wrong price check digit (misread, or a layout in weighed_prefixes that does not match the scale labels)"
+    )]
+    PriceCheckDigit(String),
     #[error("GS1 element string is malformed: {0}")]
     Gs1(String),
 }
@@ -180,6 +199,7 @@ impl ScanError {
             ScanError::Control(_) => "control_byte",
             ScanError::NoAim => "no_aim",
             ScanError::CheckDigit(_) => "check_digit",
+            ScanError::PriceCheckDigit(_) => "price_check_digit",
             ScanError::Gs1(_) => "gs1",
         }
     }
@@ -293,6 +313,7 @@ pub struct ScanParser {
     prefix: Vec<u8>,
     aim_ids: bool,
     validate_gtin: bool,
+    gs1_without_aim: bool,
     weighed: Vec<WeighedPrefix>,
 }
 
@@ -302,6 +323,7 @@ impl ScanParser {
             prefix: cfg.prefix.as_bytes().to_vec(),
             aim_ids: cfg.aim_ids,
             validate_gtin: cfg.validate_gtin,
+            gs1_without_aim: cfg.gs1_without_aim,
             weighed: cfg.weighed_prefixes.clone(),
         }
     }
@@ -340,13 +362,22 @@ impl ScanParser {
         let text = String::from_utf8_lossy(data).into_owned();
         let digits = data.iter().all(u8::is_ascii_digit);
         let aim_b = aim.as_deref().map(str::as_bytes);
-        let gs1 = matches!(
+        let gs1_aim = matches!(
             aim_b,
             Some([b']', b'C', b'1'] | [b']', b'd', b'2'] | [b']', b'Q', b'3'] | [b']', b'e', b'0'])
         );
+        // Without an AIM id: FNC1 sent as GS before the data, or (a GS1-only scanner) an
+        // element string that starts with a GTIN or SSCC and is longer than a plain GTIN.
+        let gs1_bare =
+            aim_b.is_none() && (data[0] == 0x1D || (self.gs1_without_aim && starts_like_gs1(data)));
+        let gs1 = gs1_aim || gs1_bare;
         let mut scan = Scan {
             code: text.replace('\u{1d}', "<GS>"),
-            symbology: symbology(aim_b, data.len(), digits),
+            symbology: if gs1_bare {
+                "gs1"
+            } else {
+                symbology(aim_b, data.len(), digits)
+            },
             aim,
             gtin: None,
             gs1: Map::new(),
@@ -388,6 +419,9 @@ impl ScanParser {
             if text.len() <= 13
                 && let Some(w) = self.weighed.iter().find(|w| ean13.starts_with(&w.prefix))
             {
+                if self.validate_gtin && !price_check_ok(w, &ean13) {
+                    return Err(ScanError::PriceCheckDigit(text));
+                }
                 scan.variable_measure = Some(variable_measure(w, &ean13));
             }
         }
@@ -459,6 +493,51 @@ pub fn gtin_ok(code: &str) -> bool {
         .map(|(i, d)| u32::from(d - b'0') * if i % 2 == 0 { 3 } else { 1 })
         .sum();
     (10 - sum % 10) % 10 == u32::from(check[0] - b'0')
+}
+
+/// Whether an element string without an AIM id starts like GS1 data: AI 01 or 02 (14 digits)
+/// or AI 00 (18 digits), with more after it than a plain GTIN-14 would have.
+fn starts_like_gs1(data: &[u8]) -> bool {
+    let fixed = match data.get(..2) {
+        Some(b"01" | b"02") => 14,
+        Some(b"00") => 18,
+        _ => return false,
+    };
+    data.len() > 14 && data.len() >= 2 + fixed && data[2..2 + fixed].iter().all(u8::is_ascii_digit)
+}
+
+/// The GS1 price check digit of a 4-digit price or weight (GS1 General Specifications 7.9.3):
+/// weights 2-, 2-, 3, 5- per digit, the sum times 3, its last digit.
+pub fn price_check_digit_4(value: &[u8]) -> Option<u8> {
+    const TWO_MINUS: [u8; 10] = [0, 2, 4, 6, 8, 9, 1, 3, 5, 7];
+    const THREE: [u8; 10] = [0, 3, 6, 9, 2, 5, 8, 1, 4, 7];
+    const FIVE_MINUS: [u8; 10] = [0, 5, 9, 4, 8, 3, 7, 2, 6, 1];
+    let d: Vec<usize> = value
+        .iter()
+        .map(|b| b.is_ascii_digit().then(|| usize::from(b - b'0')))
+        .collect::<Option<_>>()?;
+    let [a, b, c, e] = d[..] else {
+        return None;
+    };
+    let sum = u32::from(TWO_MINUS[a])
+        + u32::from(TWO_MINUS[b])
+        + u32::from(THREE[c])
+        + u32::from(FIVE_MINUS[e]);
+    u8::try_from(sum * 3 % 10).ok()
+}
+
+/// Whether the price check digit of a weighed-item code is right. Checked for 4-digit values,
+/// the common layout (`02 IIIII P VVVV C`); other lengths are not checked.
+fn price_check_ok(w: &WeighedPrefix, ean13: &str) -> bool {
+    if !w.price_check_digit || w.value_digits() != 4 {
+        return true;
+    }
+    let at = w.prefix.len() + w.item_digits;
+    let b = ean13.as_bytes();
+    match (b.get(at), b.get(at + 1..at + 5)) {
+        (Some(&p), Some(v)) => price_check_digit_4(v) == Some(p.wrapping_sub(b'0')),
+        _ => false,
+    }
 }
 
 fn variable_measure(w: &WeighedPrefix, ean13: &str) -> Value {
@@ -620,13 +699,20 @@ pub fn parse_gs1(data: &[u8]) -> Result<Map<String, Value>, ScanError> {
 
 pub fn build(cfg: ScannerConfig, ctx: ComponentContext) -> Task {
     Box::pin(async move {
-        run(&cfg, &ctx).await;
+        let mut dead = DeadLetters::new(
+            &ctx,
+            "scanner",
+            cfg.lane.clone(),
+            Duration::from_millis(cfg.deadletter_repeat_interval_ms),
+        );
+        run(&cfg, &ctx, &mut dead).await;
+        dead.flush().await;
         ctx.status.set(State::Stopped, "stopped");
         Ok(())
     })
 }
 
-async fn run(cfg: &ScannerConfig, ctx: &ComponentContext) {
+async fn run(cfg: &ScannerConfig, ctx: &ComponentContext, dead: &mut DeadLetters) {
     let mut link = DeviceLink::new(ctx.clone(), "barcode_scanner", cfg.serial.path.clone());
     let parser = ScanParser::new(cfg);
     let settings = cfg.serial.settings(LineSettings::N81_9600);
@@ -653,6 +739,7 @@ async fn run(cfg: &ScannerConfig, ctx: &ComponentContext) {
         let mut last_byte = Instant::now();
         let why = loop {
             let mut frames = Vec::new();
+            let summaries_due = dead.next_due();
             tokio::select! {
                 _ = ctx.shutdown.intake().cancelled() => return,
                 r = port.read(&mut buf) => match r {
@@ -666,12 +753,14 @@ async fn run(cfg: &ScannerConfig, ctx: &ComponentContext) {
                 _ = tokio::time::sleep_until(last_byte + frame_timeout), if framer.pending() => {
                     frames.extend(framer.take_partial());
                 }
+                _ = tokio::time::sleep_until(summaries_due.unwrap_or_else(Instant::now)), if summaries_due.is_some() => {}
             }
-            if frames.is_empty() {
+            // Summaries of repeated dead letters whose interval is over.
+            let mut events = dead.due();
+            if frames.is_empty() && events.is_empty() {
                 continue;
             }
             let now = edge_core::time::now_ms();
-            let mut events = Vec::new();
             for f in frames {
                 match f {
                     Frame::Data(d) => match parser.parse(&d) {
@@ -682,31 +771,21 @@ async fn run(cfg: &ScannerConfig, ctx: &ComponentContext) {
                         }
                         Err(e) => {
                             rejected += 1;
-                            events.push(
-                                dead_letter(
-                                    ctx,
-                                    "scanner",
-                                    e.label(),
-                                    format!("scanner frame refused: {e}"),
-                                    &d,
-                                )
-                                .with_key(cfg.lane.clone()),
-                            );
+                            events.extend(dead.admit(
+                                e.label(),
+                                format!("scanner frame refused: {e}"),
+                                &d,
+                            ));
                         }
                     },
                     Frame::Overflow { kept, total } => {
                         rejected += 1;
                         let e = ScanError::TooLong(total);
-                        events.push(
-                            dead_letter(
-                                ctx,
-                                "scanner",
-                                e.label(),
-                                format!("scanner frame refused: {e}"),
-                                &kept,
-                            )
-                            .with_key(cfg.lane.clone()),
-                        );
+                        events.extend(dead.admit(
+                            e.label(),
+                            format!("scanner frame refused: {e}"),
+                            &kept,
+                        ));
                     }
                 }
             }
@@ -767,6 +846,8 @@ mod tests {
             max_frame_bytes: 64,
             frame_timeout_ms: 1000,
             weighed_prefixes: default_weighed(),
+            gs1_without_aim: false,
+            deadletter_repeat_interval_ms: default_repeat_interval_ms(),
         }
     }
 
@@ -850,8 +931,8 @@ mod tests {
     #[test]
     fn weighed_item_prefixes() {
         let p = ScanParser::new(&cfg());
-        // UPC-A 2 01234 5 0499 C: item 01234, price 4.99 (price check digit 5).
-        let body = "20123450499";
+        // UPC-A 2 01234 8 0499 C: item 01234, price 4.99 (price check digit 8).
+        let body = "20123480499";
         let code = with_check(body);
         let s = p.parse(code.as_bytes()).unwrap();
         let vm = s.variable_measure.unwrap();
@@ -870,6 +951,88 @@ mod tests {
         let vm = eu.parse(code.as_bytes()).unwrap().variable_measure.unwrap();
         assert_eq!(vm["item"], "00042");
         assert_eq!(vm["weight_g"], 1250);
+    }
+
+    /// Issue 11 item 8: the price check digit of `02 IIIII P VVVV C` codes is verified
+    /// (GS1 7.9.3; 2875 -> 9 is the worked example), for the layouts that have one.
+    #[test]
+    fn price_check_digits_are_verified() {
+        assert_eq!(price_check_digit_4(b"2875"), Some(9));
+        assert_eq!(price_check_digit_4(b"0499"), Some(8));
+        assert_eq!(price_check_digit_4(b"0000"), Some(0));
+        assert_eq!(price_check_digit_4(b"12x4"), None);
+        assert_eq!(price_check_digit_4(b"123"), None);
+        let p = ScanParser::new(&cfg());
+        let good = with_check("020123492875");
+        let vm = p.parse(good.as_bytes()).unwrap().variable_measure.unwrap();
+        assert_eq!(vm["price_minor"], 2875);
+        // The same code with another price check digit (and a GTIN check digit that fits it):
+        // a misread price.
+        let bad = with_check("020123452875");
+        assert_eq!(
+            p.parse(bad.as_bytes()).unwrap_err(),
+            ScanError::PriceCheckDigit(bad.clone())
+        );
+        assert_eq!(
+            p.parse(bad.as_bytes()).unwrap_err().label(),
+            "price_check_digit"
+        );
+        // validate_gtin = false checks neither.
+        let lax = ScanParser::new(&ScannerConfig {
+            validate_gtin: false,
+            ..cfg()
+        });
+        assert!(lax.parse(bad.as_bytes()).is_ok());
+        // A layout without a price check digit is not checked for one.
+        let eu = ScanParser::new(&ScannerConfig {
+            weighed_prefixes: vec![WeighedPrefix {
+                prefix: "22".into(),
+                item_digits: 5,
+                price_check_digit: false,
+                value: MeasureValue::Price,
+            }],
+            ..cfg()
+        });
+        let code = with_check("220004201250");
+        assert_eq!(
+            eu.parse(code.as_bytes()).unwrap().variable_measure.unwrap()["price_minor"],
+            1250
+        );
+    }
+
+    /// Issue 11 item 8: GS1 element strings without an AIM prefix are detected (FNC1 as GS
+    /// always; a leading AI 01/02/00 on a scanner configured with `gs1_without_aim`), and the
+    /// AI 01 GTIN check digit is verified.
+    #[test]
+    fn gs1_without_an_aim_prefix_is_detected_and_ai_01_validated() {
+        let p = ScanParser::new(&cfg());
+        let s = p.parse(b"\x1d010950110102091717171231").unwrap();
+        assert_eq!(s.symbology, "gs1");
+        assert_eq!(s.gtin.as_deref(), Some("09501101020917"));
+        assert_eq!(s.gs1["expiry"], "2017-12-31");
+        assert_eq!(
+            p.parse(b"\x1d010950110102091817171231").unwrap_err(),
+            ScanError::CheckDigit("09501101020918".into())
+        );
+        // Without the setting, digits alone stay an unknown code (not every long number is GS1).
+        let s = p.parse(b"010950110102091717171231").unwrap();
+        assert_eq!((s.symbology, s.gtin), ("unknown", None));
+        let only = ScanParser::new(&ScannerConfig {
+            gs1_without_aim: true,
+            ..cfg()
+        });
+        let s = only.parse(b"010950110102091717171231").unwrap();
+        assert_eq!(s.symbology, "gs1");
+        assert_eq!(s.gtin.as_deref(), Some("09501101020917"));
+        assert_eq!(
+            only.parse(b"010950110102091810ABC").unwrap_err().label(),
+            "check_digit",
+            "a bad GTIN in a bare element string is refused"
+        );
+        // Plain GTINs and other codes are unchanged on a GS1-only scanner.
+        assert_eq!(only.parse(b"4006381333931").unwrap().symbology, "ean13");
+        assert_eq!(only.parse(b"10614141000415").unwrap().symbology, "gtin");
+        assert_eq!(only.parse(b"SKU-42").unwrap().symbology, "unknown");
     }
 
     fn with_check(body: &str) -> String {

@@ -44,6 +44,27 @@ pub struct SerialConfig {
     pub flow_control: Option<FlowControl>,
 }
 
+/// Which device a path resolves to (symlinks followed): `/dev/serial/by-id/...` or a PTY link
+/// that now names another device has another identity, although the path is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    dev: u64,
+    ino: u64,
+    rdev: u64,
+}
+
+impl DeviceIdentity {
+    pub fn of(path: &str) -> std::io::Result<DeviceIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(DeviceIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            rdev: m.rdev(),
+        })
+    }
+}
+
 /// Line settings with every field decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LineSettings {
@@ -160,6 +181,11 @@ impl SerialConfig {
         {
             problems.push(join(path, "stop_bits"), format!("{s} must be 1 or 2"));
         }
+    }
+
+    /// The device the path resolves to now (a `stat`, no open).
+    pub fn identity(&self) -> std::io::Result<DeviceIdentity> {
+        DeviceIdentity::of(&self.path)
     }
 
     /// Opens the port exclusively on the reactor.

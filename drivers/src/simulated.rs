@@ -28,6 +28,11 @@ pub struct SimulatedConfig {
     /// feature (default 2, or 0 in a build without `ble`).
     pub sightings_per_second: f64,
     pub beacons: u32,
+    /// Receivers `sim-receiver-1..=N` the beacons walk between: each beacon stays near one for
+    /// `dwell_s` seconds (strong signal there, weak at the others), then moves to the next, so
+    /// a `presence` driver with one zone per receiver shows enter / exit / dwell.
+    pub receivers: u32,
+    pub dwell_s: u64,
     /// Stop after this many transactions (0 = run until shutdown). Useful for tests.
     pub max_transactions: u64,
 }
@@ -40,6 +45,8 @@ impl Default for SimulatedConfig {
             transactions_per_minute: 12.0,
             sightings_per_second: if cfg!(feature = "ble") { 2.0 } else { 0.0 },
             beacons: 4,
+            receivers: 1,
+            dwell_s: 20,
             max_transactions: 0,
         }
     }
@@ -72,6 +79,12 @@ impl Driver for SimulatedConfig {
                 join(path, "sightings_per_second"),
                 crate::family::missing::<crate::family::Ble>("generating beacon sightings"),
             );
+        }
+        if !(1..=64).contains(&self.receivers) {
+            problems.push(join(path, "receivers"), "must be between 1 and 64");
+        }
+        if self.dwell_s == 0 {
+            problems.push(join(path, "dwell_s"), "must be at least 1");
         }
         if self.sightings_per_second > 0.0 && self.beacons == 0 {
             problems.push(
@@ -177,6 +190,8 @@ fn sightings(ctx: &ComponentContext, cfg: &SimulatedConfig) -> Vec<Event> {
     vec![crate::ble::simulated::sighting(
         &ctx.store_id,
         cfg.beacons,
+        cfg.receivers,
+        cfg.dwell_s,
         edge_core::time::now_ms(),
     )]
 }

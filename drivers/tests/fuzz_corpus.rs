@@ -406,3 +406,30 @@ mod ble {
         }
     }
 }
+
+/// The scale seeds of issue 11 hold what they are named for, so mutations start from real frames.
+#[test]
+fn scale_seeds_hold_the_8217_frames() {
+    use edge_drivers::scale::{Framed, ScaleFramer, ScaleProtocol, parse_toledo};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/scale_frame");
+    let frames = |name: &str| {
+        let mut f = ScaleFramer::new(ScaleProtocol::Toledo);
+        let mut out = Vec::new();
+        f.push(&std::fs::read(dir.join(name)).unwrap(), &mut out);
+        out.into_iter()
+            .map(|fr| match fr {
+                Framed::Frame(body) => parse_toledo(&body, "kg", 2).unwrap(),
+                Framed::Broken { error, .. } => panic!("{name}: {error}"),
+            })
+            .collect::<Vec<_>>()
+    };
+    let net = frames("toledo_net");
+    assert_eq!((net[0].weight_milli, net[0].mode), (Some(300), "net"));
+    assert_eq!(
+        frames("toledo_over_capacity_bare")[0].flags,
+        vec!["over_capacity"]
+    );
+    let statuses = frames("toledo_status_8217");
+    assert_eq!(statuses.len(), 8);
+    assert!(statuses.iter().all(|r| r.weight_milli.is_none()));
+}

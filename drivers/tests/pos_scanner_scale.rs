@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 mod common;
 
-use common::{Harness, PtyPair, open_end};
+use common::{Harness, PtyPair, fake_scale, fake_scale_on, open_end, wait_requests};
 use edge_core::State;
 use edge_drivers::scale::{ScaleConfig, ScaleProtocol, build as build_scale};
 use edge_drivers::scanner::{MeasureValue, ScannerConfig, WeighedPrefix, build as build_scanner};
@@ -10,7 +10,7 @@ use edge_drivers::serial::SerialConfig;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -31,6 +31,8 @@ fn scanner_config(path: &std::path::Path) -> ScannerConfig {
             price_check_digit: true,
             value: MeasureValue::Price,
         }],
+        gs1_without_aim: false,
+        deadletter_repeat_interval_ms: 60_000,
     }
 }
 
@@ -45,8 +47,8 @@ async fn scanner_frames_become_scans_and_bad_frames_dead_letters() {
     h.wait_status("scanner", T, |s| s.state == State::Up).await;
     let mut dev = open_end(&pty.b);
     dev.write_all(b"]E04006381333931\r\n").await.unwrap();
-    dev.write_all(b"]E0020123450499").await.unwrap(); // split frame
-    dev.write_all(b"3\r\n]C1011061414100041517251231103A-7\x1d3102012345\r\n")
+    dev.write_all(b"]E0020123480499").await.unwrap(); // split frame
+    dev.write_all(b"4\r\n]C1011061414100041517251231103A-7\x1d3102012345\r\n")
         .await
         .unwrap();
     dev.write_all(b"]E04006381333932\r\n").await.unwrap(); // wrong check digit
@@ -63,7 +65,7 @@ async fn scanner_frames_become_scans_and_bad_frames_dead_letters() {
     assert_eq!(scans[0]["gtin"], "04006381333931");
     assert_eq!(scans[0]["schema"], "pos.scan/1");
     assert_eq!(scans[0]["lane"], "3");
-    // The weighed item: 02 01234 5 0499 3 -> item 01234 at 4.99.
+    // The weighed item: 02 01234 8 0499 4 -> item 01234 at 4.99 (price check digit 8).
     assert_eq!(scans[1]["variable_measure"]["item"], "01234");
     assert_eq!(scans[1]["variable_measure"]["price_minor"], 499);
     assert_eq!(scans[2]["symbology"], "gs1_128");
@@ -97,43 +99,6 @@ async fn scanner_frames_become_scans_and_bad_frames_dead_letters() {
     task.await.unwrap().unwrap();
 }
 
-/// Plays a scale: answers each request with the next scripted answer (`None` = stays silent);
-/// the last entry repeats.
-async fn fake_scale(
-    path: std::path::PathBuf,
-    request: &'static [u8],
-    script: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
-    requests: Arc<Mutex<usize>>,
-) {
-    let mut port = open_end(&path);
-    let mut buf = [0u8; 64];
-    let mut pending = Vec::new();
-    loop {
-        let n = match port.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        pending.extend_from_slice(&buf[..n]);
-        while let Some(pos) = pending.windows(request.len()).position(|w| w == request) {
-            pending.drain(..pos + request.len());
-            *requests.lock().unwrap() += 1;
-            let answer = {
-                let mut s = script.lock().unwrap();
-                if s.len() > 1 {
-                    s.remove(0)
-                } else {
-                    s[0].clone()
-                }
-            };
-            if let Some(a) = answer
-                && port.write_all(&a).await.is_err()
-            {
-                return;
-            }
-        }
-    }
-}
-
 fn scale_config(path: &std::path::Path, protocol: ScaleProtocol) -> ScaleConfig {
     ScaleConfig {
         name: "scale".into(),
@@ -147,17 +112,8 @@ fn scale_config(path: &std::path::Path, protocol: ScaleProtocol) -> ScaleConfig 
         stable_readings: 2,
         emit_zero: false,
         offline_after: 3,
-    }
-}
-
-async fn wait_requests(requests: &Arc<Mutex<usize>>, n: usize) {
-    let deadline = tokio::time::Instant::now() + T;
-    while *requests.lock().unwrap() < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "scale polled {n} times"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        reopen_after: 10,
+        deadletter_repeat_interval_ms: 60_000,
     }
 }
 
@@ -180,8 +136,9 @@ async fn toledo_scale_emits_only_stable_weights_and_reports_a_silent_scale() {
         None,                         // then the scale goes silent
     ]));
     let requests = Arc::new(Mutex::new(0));
-    tokio::spawn(fake_scale(
-        pty.b.clone(),
+    // The scale's end is open before the driver's first poll (else it starts reported down).
+    tokio::spawn(fake_scale_on(
+        open_end(&pty.b),
         b"W",
         script.clone(),
         requests.clone(),
@@ -299,6 +256,95 @@ async fn unplugged_scanner_is_reported_down_and_resumes_after_replug() {
         .map(|v| v["state"].clone())
         .collect();
     assert_eq!(states, vec!["up", "down", "up"]);
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
+
+/// A scanner repeating one bad frame (a stuck trigger on a label with a wrong check digit)
+/// writes one dead letter at once and the count of the repeats when the interval is over, also
+/// when nothing more arrives; a distinct bad frame in between is its own dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scanner_repeating_one_bad_frame_writes_a_few_dead_letters_with_counts() {
+    let h = Harness::new();
+    let pty = PtyPair::new(h.dir.path(), "stuck").await;
+    let mut cfg = scanner_config(&pty.a);
+    cfg.deadletter_repeat_interval_ms = 300;
+    let task = tokio::spawn(build_scanner(cfg, h.ctx("scanner", "scanner")));
+    h.wait_status("scanner", T, |s| s.state == State::Up).await;
+    let mut dev = open_end(&pty.b);
+    for i in 0..200 {
+        dev.write_all(b"]E04006381333932\r\n").await.unwrap();
+        if i == 100 {
+            dev.write_all(b"]E04006381333933\r\n").await.unwrap();
+        }
+    }
+    let deadline = tokio::time::Instant::now() + T;
+    let dl = loop {
+        let dl = h.payloads("deadletter").await;
+        let repeated: u64 = dl
+            .iter()
+            .filter(|d| d["original_b64"] == edge_core::event::base64_encode(b"]E04006381333932"))
+            .map(|d| d["count"].as_u64().unwrap())
+            .sum();
+        if repeated == 200 {
+            break dl;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{repeated} of 200 counted: {dl:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(dl.len() <= 6, "{} dead letters: {dl:?}", dl.len());
+    let other: Vec<&Value> = dl
+        .iter()
+        .filter(|d| d["original_b64"] == edge_core::event::base64_encode(b"]E04006381333933"))
+        .collect();
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0]["count"], 1);
+    assert!(dl.iter().all(|d| d["reason_label"] == "check_digit"));
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
+
+/// Issue 11 item 8 over a PTY: a GS1-only scanner without AIM ids. Element strings with FNC1 as
+/// GS or a leading AI 01 are read as GS1, and a wrong AI 01 check digit is refused; a weighed
+/// item's price check digit is verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gs1_without_aim_ids_and_price_check_digits_over_a_pty() {
+    let h = Harness::new();
+    let pty = PtyPair::new(h.dir.path(), "gs1scan").await;
+    let mut cfg = scanner_config(&pty.a);
+    cfg.aim_ids = false;
+    cfg.gs1_without_aim = true;
+    let task = tokio::spawn(build_scanner(cfg, h.ctx("scanner", "scanner")));
+    h.wait_status("scanner", T, |s| s.state == State::Up).await;
+    let mut dev = open_end(&pty.b);
+    dev.write_all(b"\x1d010950110102091717171231\r\n")
+        .await
+        .unwrap(); // FNC1 as GS
+    dev.write_all(b"010950110102091710LOT7\r\n").await.unwrap(); // leading AI 01
+    dev.write_all(b"010950110102091817171231\r\n")
+        .await
+        .unwrap(); // bad AI 01 check digit
+    dev.write_all(b"0201234928751\r\n").await.unwrap(); // 02 01234 9 2875: price check 9
+    dev.write_all(b"0201234528753\r\n").await.unwrap(); // price check 5: misread price
+    h.wait_for("pos.scans", 3, T).await;
+    h.wait_for("deadletter", 2, T).await;
+    let scans = h.payloads("pos.scans").await;
+    assert_eq!(scans[0]["symbology"], "gs1");
+    assert_eq!(scans[0]["gtin"], "09501101020917");
+    assert_eq!(scans[0]["gs1"]["expiry"], "2017-12-31");
+    assert_eq!(scans[1]["gs1"]["batch"], "LOT7");
+    assert_eq!(scans[2]["variable_measure"]["price_minor"], 2875);
+    assert_eq!(scans.len(), 3, "{scans:?}");
+    let labels: Vec<Value> = h
+        .payloads("deadletter")
+        .await
+        .iter()
+        .map(|d| d["reason_label"].clone())
+        .collect();
+    assert_eq!(labels, vec!["check_digit", "price_check_digit"]);
     h.shutdown.stop_all();
     task.await.unwrap().unwrap();
 }

@@ -53,9 +53,26 @@ impl DaemonState {
 }
 
 impl DaemonState {
-    /// Why the agent is unhealthy, if it is: a component given up after a crash loop. (The log
-    /// writer's round trip is probed separately, where it is cheap enough.)
+    /// Why the agent is unhealthy, if it is: the log writer has stopped (its thread ended on a
+    /// panic: nothing can be committed, so nothing may be acknowledged), or a component was
+    /// given up after a crash loop. (The writer's round trip, which also catches a wedged
+    /// writer, is probed by the watchdog, where it is cheap enough.)
     pub fn unhealthy(&self) -> Option<String> {
+        if !self.log.writer_alive() {
+            return Some(
+                "the local log's writer has stopped: nothing can be committed (see the log for its panic)"
+                    .into(),
+            );
+        }
+        let wedged: Vec<String> = self
+            .status
+            .snapshot()
+            .into_iter()
+            .filter_map(|(name, c)| c.wedged.map(|why| format!("{name}: {why}")))
+            .collect();
+        if !wedged.is_empty() {
+            return Some(wedged.join("; "));
+        }
         let gone = self.supervision.given_up();
         (!gone.is_empty()).then(|| {
             format!(

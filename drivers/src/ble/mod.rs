@@ -1,8 +1,9 @@
 //! The BLE beacon family (cargo feature `ble`, on by default).
 //!
 //! Today it holds the simulated beacon sightings that the `simulated` driver generates
-//! (`sightings_per_second`) and the byte-level parsing layer the beacon sources of issue 9 share
-//! (`docs/BLE.md`), none of which does I/O beyond `std::io::Read`/`Write`:
+//! (`sightings_per_second`), the presence engine ([`presence`], [`presence_driver`]), and the
+//! byte-level parsing layer the beacon sources of issue 9 share (`docs/BLE.md`). The parsers do
+//! no I/O beyond `std::io::Read`/`Write`:
 //! * [`btsnoop`]: capture files (`btmon -w`, Android) read and written: records, HCI events,
 //!   advertising reports;
 //! * [`hci`]: HCI LE Advertising Reports, legacy and extended, to [`hci::AdvertisingReport`]s;
@@ -19,4 +20,6 @@ pub mod beacon;
 pub mod btsnoop;
 pub mod eddystone;
 pub mod hci;
+pub mod presence;
+pub mod presence_driver;
 pub mod simulated;

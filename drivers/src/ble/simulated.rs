@@ -3,20 +3,31 @@
 use edge_core::Event;
 use serde_json::json;
 
-/// One sighting of one of `beacons` simulated iBeacons by the simulated receiver.
-pub fn sighting(store: &str, beacons: u32, now_ms: i64) -> Event {
+/// The receiver beacon `b` is near at `now_ms`: each beacon walks `sim-receiver-1..=receivers`,
+/// `dwell_s` seconds at each, starting at receiver `b % receivers`.
+pub fn position(b: u32, receivers: u32, dwell_s: u64, now_ms: i64) -> u32 {
+    let step = now_ms.max(0) as u64 / (dwell_s.max(1) * 1000);
+    ((step + u64::from(b)) % u64::from(receivers.max(1))) as u32
+}
+
+/// One sighting of one of `beacons` simulated iBeacons by one of `receivers` simulated receivers:
+/// about -61 dBm (1.2 m) at the receiver the beacon is near, about -81 dBm (10 m) elsewhere.
+pub fn sighting(store: &str, beacons: u32, receivers: u32, dwell_s: u64, now_ms: i64) -> Event {
     let b = fastrand::u32(0..beacons.max(1));
-    let rssi = -40 - fastrand::i32(0..50);
+    let r = fastrand::u32(0..receivers.max(1));
+    let near = receivers <= 1 || position(b, receivers, dwell_s, now_ms) == r;
+    let rssi = if near { -58 } else { -78 } - fastrand::i32(0..7);
+    let receiver = format!("sim-receiver-{}", r + 1);
     let payload = json!({
         "schema": "beacon.sighting/1", "store": store, "beacon": format!("sim-beacon-{b}"),
         "uuid": "f7826da6-4fa2-4e98-8024-bc5b71e0893e", "major": 1, "minor": b,
-        "rssi": rssi, "tx_power": -59, "receiver": "sim-receiver-1", "ts": now_ms,
+        "rssi": rssi, "tx_power": -59, "receiver": receiver, "ts": now_ms,
     });
     Event::new(
         "beacon.sightings",
         serde_json::to_vec(&payload).unwrap_or_default(),
     )
     .with_event_ts(now_ms)
-    .with_source("sim-receiver-1")
+    .with_source(receiver)
     .with_schema("beacon.sighting/1")
 }

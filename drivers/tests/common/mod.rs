@@ -8,8 +8,9 @@ use edge_core::{Record, Shutdown, Status};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 pub fn fixture_dir() -> PathBuf {
@@ -234,4 +235,62 @@ pub fn open_end(path: &Path) -> tokio_serial::SerialStream {
     // different device, but keep it non-exclusive anyway.
     let _ = port.set_exclusive(false);
     port
+}
+
+/// Plays a scale: answers each request with the next scripted answer (`None` = stays silent);
+/// the last entry repeats.
+pub async fn fake_scale(
+    path: std::path::PathBuf,
+    request: &'static [u8],
+    script: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
+    requests: Arc<Mutex<usize>>,
+) {
+    fake_scale_on(open_end(&path), request, script, requests).await
+}
+
+/// [`fake_scale`] on a far end the test opened already (so that the scale is there before the
+/// driver's first poll).
+pub async fn fake_scale_on(
+    mut port: tokio_serial::SerialStream,
+    request: &'static [u8],
+    script: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
+    requests: Arc<Mutex<usize>>,
+) {
+    let mut buf = [0u8; 64];
+    let mut pending = Vec::new();
+    loop {
+        let n = match port.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(pos) = pending.windows(request.len()).position(|w| w == request) {
+            pending.drain(..pos + request.len());
+            *requests.lock().unwrap() += 1;
+            let answer = {
+                let mut s = script.lock().unwrap();
+                if s.len() > 1 {
+                    s.remove(0)
+                } else {
+                    s[0].clone()
+                }
+            };
+            if let Some(a) = answer
+                && port.write_all(&a).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+pub async fn wait_requests(requests: &Arc<Mutex<usize>>, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while *requests.lock().unwrap() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "scale polled {n} times"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -316,6 +316,11 @@ pub struct KafkaConfig {
     /// Longest pause between reconnection attempts (librdkafka adds up to +50 % jitter). Keep it
     /// <= 1000 so that a drain starts within 2 s of the broker coming back.
     pub reconnect_backoff_max_ms: u64,
+    /// An uplink whose link is up while records wait and nothing has been committed for this
+    /// long is **wedged**: the agent reports itself unhealthy (`/healthz`, `/readyz`, the
+    /// systemd watchdog), so systemd restarts it. 0 turns the check off. At least 10 s, and more
+    /// than `transaction_timeout_ms` (a commit may legitimately take that long).
+    pub stall_timeout_ms: u64,
     /// Extra librdkafka properties for tuning (see librdkafka's CONFIGURATION.md). Properties that
     /// the delivery guarantees depend on cannot be overridden here.
     pub client_properties: BTreeMap<String, String>,
@@ -352,6 +357,7 @@ impl Default for KafkaConfig {
             topic_partitions: 3,
             topic_replication_factor: -1,
             reconnect_backoff_max_ms: 500,
+            stall_timeout_ms: 300_000,
             client_properties: BTreeMap::new(),
             security: SecurityConfig::default(),
             downlink: DownlinkConfig::default(),
@@ -568,6 +574,18 @@ impl KafkaConfig {
             problems.push(
                 join(path, "event_time_max_ahead_ms"),
                 "must be at most 3600000 (1 h, Kafka's default log.message.timestamp.after.max.ms): a broker refuses records further ahead",
+            );
+        }
+        if self.stall_timeout_ms != 0
+            && (self.stall_timeout_ms < 10_000
+                || self.stall_timeout_ms <= self.transaction_timeout_ms)
+        {
+            problems.push(
+                join(path, "stall_timeout_ms"),
+                format!(
+                    "must be 0 (off) or at least 10000 and more than transaction_timeout_ms ({}): a commit may take that long",
+                    self.transaction_timeout_ms
+                ),
             );
         }
         if !(100..=60_000).contains(&self.reconnect_backoff_max_ms) {

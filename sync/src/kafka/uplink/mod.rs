@@ -33,7 +33,7 @@ use edge_core::Record;
 use edge_core::component::{ComponentContext, ComponentError, Task};
 use edge_core::log::{AppendRequest, CursorMove, Gap, Log, LogError, ReadLimits};
 use edge_core::status::State;
-use progress::{Bandwidth, Link, Progress, report};
+use progress::{Bandwidth, Figures, Link, Progress, report};
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
@@ -444,6 +444,7 @@ impl Runner {
                             this.track_unseen_streams().await;
                             let f = this.progress.figures(this.log()).await;
                             this.progress.publish(&this.ctx.status, &f);
+                            this.check_stall(&f);
                         }
                     }
                 }
@@ -492,6 +493,26 @@ impl Runner {
             this.ctx.status.set(State::Stopped, "stopped");
         }
         result
+    }
+
+    /// Marks the uplink wedged while records have waited on an up link with nothing committed
+    /// for `stall_timeout_ms` (a session stuck in a call that never returns, say).
+    fn check_stall(&self, f: &Figures) {
+        let limit = Duration::from_millis(self.cfg.stall_timeout_ms);
+        let stalled = self.progress.stalled_for(f.backlog_records);
+        let why = stalled.filter(|d| !limit.is_zero() && *d >= limit).map(|d| {
+            format!(
+                "the uplink looks wedged: the link to {} is up and {} records wait, but nothing was committed for {} s (stall_timeout_ms = {}); the agent reports itself unhealthy so that systemd restarts it",
+                self.cfg.brokers.join(","),
+                f.backlog_records,
+                d.as_secs(),
+                self.cfg.stall_timeout_ms
+            )
+        });
+        self.ctx
+            .status
+            .field("stalled_s", serde_json::json!(stalled.map(|d| d.as_secs())));
+        self.ctx.status.set_wedged(why);
     }
 
     /// Counts streams no session has seen yet (the link never came up) in the backlog, from their

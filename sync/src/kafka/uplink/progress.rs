@@ -79,6 +79,8 @@ struct Inner {
     last_error: Option<String>,
     /// When the link last went from not-up to up.
     up_since: Option<Instant>,
+    /// Since when records have waited while the link was up ([`Progress::stalled_for`]).
+    backlog_since: Option<Instant>,
 }
 
 /// Figures for `status` and heartbeats.
@@ -105,6 +107,7 @@ impl Progress {
                 last_commit: None,
                 last_error: None,
                 up_since: None,
+                backlog_since: None,
             }),
         }
     }
@@ -151,6 +154,23 @@ impl Progress {
         g.records_total += records;
         g.transactions_total += 1;
         g.last_commit = Some(Instant::now());
+    }
+
+    /// How long records have waited with the link up and no transaction committed: since the
+    /// latest of the last commit, the link coming up and the backlog appearing. `None` while
+    /// nothing waits or the link is not up (an outage is not a stall: the link says so).
+    pub fn stalled_for(&self, backlog_records: u64) -> Option<std::time::Duration> {
+        let mut g = self.lock();
+        if backlog_records == 0 || g.link != Link::Up {
+            g.backlog_since = None;
+            return None;
+        }
+        let since = *g.backlog_since.get_or_insert_with(Instant::now);
+        let from = [Some(since), g.last_commit, g.up_since]
+            .into_iter()
+            .flatten()
+            .max()?;
+        Some(from.elapsed())
     }
 
     pub fn records_total(&self) -> u64 {
@@ -288,6 +308,35 @@ impl Bandwidth {
 
 #[cfg(test)]
 mod tests {
+
+    /// A wedged uplink (the link up, records waiting, nothing committed) is told from an idle
+    /// one, an outage and a draining one.
+    #[test]
+    fn a_stall_counts_only_while_records_wait_on_an_up_link() {
+        let p = Progress::new();
+        assert_eq!(p.stalled_for(10), None, "connecting is not a stall");
+        p.set_link(Link::Up, None);
+        assert_eq!(p.stalled_for(0), None, "nothing waits");
+        let first = p.stalled_for(10).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let later = p.stalled_for(10).unwrap();
+        assert!(later >= first + std::time::Duration::from_millis(30));
+        p.committed_batch(5);
+        assert!(
+            p.stalled_for(10).unwrap() < std::time::Duration::from_millis(30),
+            "a commit is progress"
+        );
+        p.set_link(Link::Down, None);
+        assert_eq!(p.stalled_for(10), None, "an outage is not a stall");
+        p.set_link(Link::Up, None);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(p.stalled_for(0), None, "drained");
+        assert!(
+            p.stalled_for(10).unwrap() < std::time::Duration::from_millis(30),
+            "a new backlog starts a new count"
+        );
+    }
+
     use super::*;
 
     #[tokio::test(start_paused = true)]

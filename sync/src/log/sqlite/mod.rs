@@ -690,6 +690,11 @@ impl Log for SqliteLog {
             .await
     }
 
+    fn writer_alive(&self) -> bool {
+        // The writer thread owns the receiver: it is dropped when the thread ends, panic or not.
+        !self.tx.is_closed()
+    }
+
     async fn usage(&self) -> Result<DiskUsage, LogError> {
         let mut u = *self.shared.usage.lock().unwrap_or_else(|e| e.into_inner());
         let wal = PathBuf::from(format!("{}-wal", self.path.display()));
@@ -1085,6 +1090,35 @@ mod tests {
             "{entries} dedup entries after {total} records, window 1000"
         );
         log.close().await.unwrap();
+    }
+
+    /// A writer thread that ends on a panic leaves a log that cannot commit: health probes see
+    /// it at once (`writer_alive`, which `/healthz`, `/readyz` and the watchdog consult) and
+    /// every append fails instead of hanging, so nothing is acknowledged.
+    #[tokio::test]
+    async fn a_dead_writer_is_visible_and_appends_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SqliteLog::open(dir.path(), LogConfig::default()).unwrap();
+        assert!(log.writer_alive());
+        log.append(AppendRequest::one(Event::new("s", b"1".to_vec())))
+            .await
+            .unwrap();
+        log.tx.send(WriterMsg::Panic).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while log.writer_alive() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer is still reported alive"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            log.append(AppendRequest::one(Event::new("s", b"2".to_vec()))),
+        )
+        .await
+        .expect("an append to a dead writer returns");
+        assert!(matches!(r, Err(LogError::Closed)), "{r:?}");
     }
 
     #[tokio::test]

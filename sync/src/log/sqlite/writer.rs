@@ -48,6 +48,9 @@ enum ApplyError {
 }
 
 pub(super) enum WriterMsg {
+    /// Makes the writer thread panic (tests of what a dead writer looks like from outside).
+    #[cfg(test)]
+    Panic,
     Append(
         AppendRequest,
         oneshot::Sender<Result<AppendOutcome, LogError>>,
@@ -184,6 +187,8 @@ impl Writer {
             let mut close = None;
             for m in batch {
                 match m {
+                    #[cfg(test)]
+                    WriterMsg::Panic => panic!("writer panic requested by a test"),
                     WriterMsg::Maintain(reply) => maintain.push(reply),
                     WriterMsg::Close(reply) => close = Some(reply),
                     other => work.push(other),

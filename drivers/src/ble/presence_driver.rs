@@ -1,0 +1,174 @@
+//! `[[drivers]] type = "presence"`: the [presence engine](super::presence) as a component. It
+//! reads `beacon.sighting/1` records from a durable cursor and commits the `presence.event/1`
+//! records they cause in the same transaction as the cursor move, so a crash neither loses nor
+//! repeats an event for the sightings before it. Exits by timeout and dwell updates are written
+//! once a second. The engine's state (the tags' smoothed signals and zones) is in memory: after
+//! a restart a tag that is still there enters its zone again.
+
+use super::presence::{Engine, PresenceConfig, PresenceEvent, Sighting};
+use crate::deadletters::dead_letter;
+use crate::{Driver, DriverError};
+use edge_core::component::{ComponentContext, ComponentError, Task};
+use edge_core::config::{Problems, join};
+use edge_core::cursor::{CursorReader, Start};
+use edge_core::log::{AppendRequest, ReadLimits};
+use edge_core::{Event, Record, State};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+impl Driver for PresenceConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn validate(&self, path: &str, problems: &mut Problems) {
+        for (field, message) in self.problems() {
+            problems.push(join(path, &field), message);
+        }
+        for (field, stream) in [("input", &self.input), ("output", &self.output)] {
+            if let Err(e) = edge_core::config::check_stream_name(stream) {
+                problems.push(join(path, field), e);
+            }
+        }
+        if self.input == self.output {
+            problems.push(join(path, "output"), "must differ from input");
+        }
+    }
+
+    fn build(&self, ctx: ComponentContext) -> Result<Task, DriverError> {
+        let cfg = self.clone();
+        Ok(Box::pin(async move { run(cfg, ctx).await }))
+    }
+}
+
+/// A `beacon.sighting/1` payload as a [`Sighting`]: `beacon` (or `tag`), `receiver`, `rssi`,
+/// optional `tx_power`, and `ts` (else the record's event time).
+pub fn sighting(r: &Record) -> Result<Sighting, String> {
+    let v: Value = serde_json::from_slice(&r.event.payload)
+        .map_err(|e| format!("the sighting is not JSON: {e}"))?;
+    let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    let tag = text("beacon")
+        .or_else(|| text("tag"))
+        .ok_or("the sighting has no `beacon` field")?;
+    let receiver = text("receiver").ok_or("the sighting has no `receiver` field")?;
+    let rssi = v
+        .get("rssi")
+        .and_then(Value::as_f64)
+        .filter(|x| (-130.0..=20.0).contains(x))
+        .ok_or("the sighting has no `rssi` between -130 and 20 dBm")?;
+    Ok(Sighting {
+        tag,
+        receiver,
+        rssi,
+        tx_power: v.get("tx_power").and_then(Value::as_f64),
+        ts_ms: v
+            .get("ts")
+            .and_then(Value::as_i64)
+            .unwrap_or(r.event.event_ts_ms),
+    })
+}
+
+fn event(cfg: &PresenceConfig, store: &str, e: &PresenceEvent) -> Event {
+    let mut v = serde_json::to_value(e).unwrap_or_else(|_| json!({}));
+    v["schema"] = json!("presence.event/1");
+    v["store"] = json!(store);
+    v["ts"] = json!(e.ts_ms);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("ts_ms");
+    }
+    Event::new(
+        cfg.output.as_str(),
+        serde_json::to_vec(&v).unwrap_or_default(),
+    )
+    .with_event_ts(e.ts_ms)
+    .with_key(e.tag.clone())
+    .with_source(cfg.name.clone())
+    .with_schema("presence.event/1")
+}
+
+async fn run(cfg: PresenceConfig, ctx: ComponentContext) -> Result<(), ComponentError> {
+    let cancel = ctx.shutdown.intake().clone();
+    let mut reader = CursorReader::open(
+        ctx.log.clone(),
+        format!("presence.{}", cfg.name),
+        cfg.input.clone(),
+        Start::Latest,
+    )
+    .await
+    .map_err(|e| ComponentError::from(format!("opening the sightings cursor: {e}")))?
+    .with_limits(ReadLimits {
+        max_records: 5_000,
+        max_bytes: 4 << 20,
+    });
+    reader
+        .remember_start()
+        .await
+        .map_err(|e| ComponentError::from(format!("remembering the sightings cursor: {e}")))?;
+    let mut engine = Engine::new(cfg.clone());
+    ctx.status.set(
+        State::Up,
+        format!(
+            "{} zones from {} to {}",
+            cfg.zones.len(),
+            cfg.input,
+            cfg.output
+        ),
+    );
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut bad = 0u64;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            b = reader.next_batch(&cancel) => {
+                let batch = match b {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(e) => return Err(ComponentError::from(format!("reading sightings: {e}"))),
+                };
+                let mut out = Vec::new();
+                for r in &batch.records {
+                    match sighting(r) {
+                        Ok(s) => out.extend(
+                            engine.observe(&s).iter().map(|e| event(&cfg, &ctx.store_id, e)),
+                        ),
+                        Err(reason) => {
+                            bad += 1;
+                            out.push(dead_letter(&ctx, "presence", "bad_sighting", reason, &r.event.payload));
+                        }
+                    }
+                }
+                let n = out.len() as u64;
+                reader
+                    .commit_with(batch.next_seq, out)
+                    .await
+                    .map_err(|e| ComponentError::from(format!("committing presence events: {e}")))?;
+                metrics::counter!("edge_presence_events_total").increment(n);
+            }
+            _ = tick.tick() => {
+                let events: Vec<Event> = engine
+                    .tick(edge_core::time::now_ms())
+                    .iter()
+                    .map(|e| event(&cfg, &ctx.store_id, e))
+                    .collect();
+                if !events.is_empty() {
+                    let n = events.len() as u64;
+                    ctx.log
+                        .append(AppendRequest::events(events))
+                        .await
+                        .map_err(|e| ComponentError::from(format!("committing presence events: {e}")))?;
+                    metrics::counter!("edge_presence_events_total").increment(n);
+                }
+                let st = engine.stats();
+                ctx.status.field("tags", st.tags);
+                ctx.status.field("sightings_total", st.sightings);
+                ctx.status.field("events_total", st.events);
+                ctx.status.field("tags_forgotten_total", st.tags_forgotten);
+                ctx.status.field("bad_sightings_total", bad);
+                metrics::gauge!("edge_presence_tags").set(st.tags as f64);
+            }
+        }
+    }
+    ctx.status.set(State::Stopped, "stopped");
+    Ok(())
+}
