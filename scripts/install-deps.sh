@@ -49,6 +49,21 @@ if [ "${java_major%%.*}" -lt 17 ] 2>/dev/null; then
 fi
 bash scripts/kafka.sh fetch
 # ------------------------------------------------------------------------------------------------
+# --- btmon, BlueZ's HCI decoder, for the btsnoop capture tests (drivers/tests/ble_capture.rs) ----
+# Unpacked from the Debian bluez package into the tools cache instead of installed: installing
+# bluez pulls in udev and a systemd upgrade, and the tests need only btmon reading files (it runs
+# on the libglib/libudev already present).
+tools="${EDGE_AGENT_TOOLS:-/var/cache/edge-agent-ci/tools}"
+if [ ! -x "$tools/bluez/usr/bin/btmon" ] && ! command -v btmon >/dev/null 2>&1; then
+  echo "install-deps: unpacking btmon from the bluez package into $tools/bluez"
+  $SUDO apt-get update -qq
+  dl="$(mktemp -d)"
+  (cd "$dl" && apt-get download -qq bluez 2>/dev/null)
+  $SUDO mkdir -p "$tools/bluez"
+  $SUDO dpkg-deb -x "$dl"/bluez_*.deb "$tools/bluez"
+  rm -rf "$dl"
+fi
+# ------------------------------------------------------------------------------------------------
 
 # The packaged Mosquitto service is not used: tests start their own brokers on free ports.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then

@@ -32,9 +32,9 @@ echo "== cargo test -p edge-drivers --no-default-features"
 cargo test -p edge-drivers --no-default-features --locked -- --test-threads="${TEST_THREADS:-2}"
 
 # --- The input surface: coverage-guided fuzzing -------------------------------------------------
-# POS drivers, downlink admission, MQTT ingress and topics, the config loader. The committed seed
-# corpora plus seeded mutations already run in every `cargo test` (<crate>/tests/fuzz_corpus.rs,
-# about a second each). On top, each cargo-fuzz target runs coverage-guided for EDGE_FUZZ_SECONDS
+# POS and BLE drivers, downlink admission, MQTT ingress and topics, the config loader. The
+# committed seed corpora plus seeded mutations already run in every `cargo test`
+# (<crate>/tests/fuzz_corpus.rs, a few seconds each). On top, each cargo-fuzz target runs coverage-guided for EDGE_FUZZ_SECONDS
 # (default 15 s in CI, off elsewhere). Nightly sanitizer builds are cached after the first: the
 # drivers crate ~2.5 minutes cold on the 2-core machine; sync (without librdkafka, with SQLite's C)
 # 10.5 CPU-minutes; edge-agent (everything, librdkafka included) is the heaviest, see
@@ -48,8 +48,10 @@ if [ -n "$fuzz_seconds" ] && [ "$fuzz_seconds" != 0 ]; then
     cargo install cargo-fuzz --locked
   fi
   # <crate dir>:<target>; core:downlink_record is the downlink's admission (signatures, commands).
-  # sync:mqtt_* are the MQTT bridge's ingress and topic mapping; edge-agent:config the config loader.
+  # sync:mqtt_* are the MQTT bridge's ingress and topic mapping; edge-agent:config the config loader;
+  # drivers:ble_* / hci_event / btsnoop_capture the BLE parsers (docs/BLE.md).
   for ct in drivers:escpos_tokenizer drivers:scanner_frame drivers:scale_frame core:downlink_record \
+      drivers:ble_advertising drivers:hci_event drivers:btsnoop_capture \
       sync:mqtt_ingress sync:mqtt_topic edge-agent:config; do
     crate="${ct%%:*}" t="${ct#*:}"
     echo "== cargo fuzz run $t (${fuzz_seconds}s)"

@@ -149,3 +149,87 @@ pub fn scale(data: &[u8]) {
     let _ = parse_toledo(data, "kg", 3);
     let _ = parse_sma(data);
 }
+
+/// AD structures and beacon frames on arbitrary advertising data: structures re-encode to the
+/// bytes they came from, and every decoded beacon encodes to an advertisement that decodes to the
+/// same beacon.
+#[cfg(feature = "ble")]
+pub fn ble_advertising(data: &[u8]) {
+    use crate::ble::ad::{Advertisement, push_structure, structures};
+    let mut it = structures(data);
+    let mut again = Vec::with_capacity(data.len());
+    let mut failed = false;
+    for s in it.by_ref() {
+        match s {
+            Ok(s) => {
+                assert_eq!(s.offset, again.len(), "structures are contiguous");
+                push_structure(&mut again, s.ad_type, s.data).expect("a parsed structure fits");
+            }
+            Err(_) => failed = true,
+        }
+    }
+    assert_eq!(&data[..again.len()], &again[..], "structures re-encode");
+    if !failed {
+        // Whatever follows the last structure is the early-termination padding.
+        assert!(again.len() == data.len() || data[again.len()] == 0);
+        assert_eq!(it.consumed(), data.len());
+    }
+    let Ok(ad) = Advertisement::parse(data) else {
+        return;
+    };
+    let _ = (ad.flags(), ad.local_name(), ad.tx_power());
+    for b in ad.beacons().flatten() {
+        let encoded = b
+            .to_advertising_data()
+            .unwrap_or_else(|e| panic!("{b:?} does not re-encode: {e}"));
+        assert!(encoded.len() <= 31, "{b:?} encodes to {encoded:02x?}");
+        let back = Advertisement::parse(&encoded).expect("an encoded beacon parses");
+        let beacons: Vec<_> = back.beacons().collect();
+        assert_eq!(beacons, vec![Ok(b)], "beacon round trip");
+    }
+}
+
+/// HCI event packets: an event that parses as advertising reports re-encodes to the same bytes,
+/// and each report's data goes through [`ble_advertising`].
+#[cfg(feature = "ble")]
+pub fn hci_event(data: &[u8]) {
+    use crate::ble::hci::{
+        MAX_LEGACY_DATA, ReportKind, encode_le_advertising_report, parse_advertising_reports,
+    };
+    let Ok(Some(reports)) = parse_advertising_reports(data) else {
+        return;
+    };
+    let extended = data[2] == crate::ble::hci::SUBEVENT_EXTENDED_ADVERTISING_REPORT;
+    for r in &reports {
+        assert_eq!(matches!(r.kind, ReportKind::Extended(_)), extended);
+        assert!(extended || r.data.len() <= MAX_LEGACY_DATA);
+        ble_advertising(&r.data);
+    }
+    let again = encode_le_advertising_report(&reports, extended).expect("parsed reports fit");
+    assert_eq!(again, data, "reports re-encode byte for byte");
+}
+
+/// btsnoop captures: the records read re-encode to the bytes they came from, and the
+/// advertising reports of any capture can be iterated without a panic.
+#[cfg(feature = "ble")]
+pub fn btsnoop_capture(data: &[u8]) {
+    use crate::ble::btsnoop::{MAX_RECORD_BYTES, Reader, Writer};
+    let Ok(reader) = Reader::new(data) else {
+        return;
+    };
+    let datalink = reader.datalink();
+    let mut w = Writer::new(Vec::new(), datalink).expect("a Vec takes the header");
+    for rec in reader.flatten() {
+        assert!(rec.data.len() <= MAX_RECORD_BYTES as usize);
+        if let Some(ev) = rec.hci_event(datalink) {
+            hci_event(ev);
+        }
+        w.write_record(&rec).expect("a read record can be written");
+    }
+    let again = w.into_inner();
+    assert_eq!(&data[..again.len()], &again[..], "records re-encode");
+    let n = Reader::new(data)
+        .map(|r| r.advertising_reports().count())
+        .unwrap_or(0);
+    assert!(n <= data.len(), "at most one report per byte");
+}

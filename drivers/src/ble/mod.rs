@@ -1,10 +1,25 @@
 //! The BLE beacon family (cargo feature `ble`, on by default).
 //!
 //! Today it holds the simulated beacon sightings that the `simulated` driver generates
-//! (`sightings_per_second`); the BlueZ, HCI-capture and remote-receiver sources of issue 9 belong
-//! here too. A build without `ble` reports a config that asks for any of them as a config problem
-//! (see [`crate::family`]).
+//! (`sightings_per_second`), the presence engine ([`presence`], [`presence_driver`]), and the
+//! byte-level parsing layer the beacon sources of issue 9 share (`docs/BLE.md`). The parsers do
+//! no I/O beyond `std::io::Read`/`Write`:
+//! * [`btsnoop`]: capture files (`btmon -w`, Android) read and written: records, HCI events,
+//!   advertising reports;
+//! * [`hci`]: HCI LE Advertising Reports, legacy and extended, to [`hci::AdvertisingReport`]s;
+//! * [`ad`]: the AD structures of an advertisement (flags, names, service and manufacturer data);
+//! * [`beacon`] and [`eddystone`]: iBeacon, AltBeacon and Eddystone UID/URL/TLM/EID frames.
+//!
+//! Each layer returns an error value for malformed input and never panics on it; the fuzz
+//! targets of `drivers/fuzz/` (`ble_advertising`, `hci_event`, `btsnoop_capture`) check that.
+//! The BlueZ, remote-receiver and replay sources belong here too. A build without `ble` reports
+//! a config that asks for any of them as a config problem (see [`crate::family`]).
 
+pub mod ad;
+pub mod beacon;
+pub mod btsnoop;
+pub mod eddystone;
+pub mod hci;
 pub mod presence;
 pub mod presence_driver;
 pub mod sim;
