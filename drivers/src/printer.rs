@@ -22,6 +22,7 @@
 //! client holds the printer for at most that long.
 
 use crate::deadletters::dead_letter;
+use crate::escpos::StatusReader;
 use crate::escpos::{CodePage, EndReason, Receipt, Segmenter, SegmenterConfig};
 use crate::link::{DeviceLink, fnv64};
 use crate::receipt::{self, LineKind, Template, TemplateConfig, TxContext};
@@ -31,6 +32,7 @@ use edge_core::component::{ComponentContext, Task};
 use edge_core::config::{Problems, join};
 use edge_core::event::base64_encode;
 use edge_core::{Event, State};
+use health::{PrinterHealth, probe_tcp};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -40,6 +42,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+
+mod health;
 
 /// `[drivers.receipt]`: how the byte stream is cut into receipts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -176,6 +180,11 @@ pub struct PrinterProxyConfig {
     /// went away without closing (or an idle client) cannot hold the printer.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_ms: u64,
+    /// Between jobs the printer is probed this often (a network printer: connect and `DLE EOT
+    /// 1..4`; a serial one: open its port), so a printer switched off or out of paper shows
+    /// while no POS prints.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval_ms: u64,
     #[serde(default)]
     pub receipt: ReceiptOptions,
     #[serde(default)]
@@ -184,6 +193,10 @@ pub struct PrinterProxyConfig {
 
 fn default_idle_timeout() -> u64 {
     30_000
+}
+
+fn default_probe_interval() -> u64 {
+    10_000
 }
 
 fn default_listen() -> String {
@@ -304,6 +317,12 @@ impl Driver for PrinterProxyConfig {
                 "must be between 1000 and 3600000",
             );
         }
+        if !(500..=3_600_000).contains(&self.probe_interval_ms) {
+            problems.push(
+                join(path, "probe_interval_ms"),
+                "must be between 500 and 3600000",
+            );
+        }
         for (i, a) in self.allow.iter().enumerate() {
             if a.parse::<IpAddr>().is_err() {
                 problems.push(
@@ -339,6 +358,10 @@ pub struct ReceiptProcessor {
     pub parsed: u64,
     pub failed: u64,
     pub flagged: u64,
+    /// Bytes and unknown commands of the connections (or port openings) that ended: the status
+    /// counters are cumulative over them, not the current one's.
+    bytes_before: u64,
+    unknown_before: u64,
 }
 
 impl ReceiptProcessor {
@@ -360,7 +383,16 @@ impl ReceiptProcessor {
             parsed: 0,
             failed: 0,
             flagged: 0,
+            bytes_before: 0,
+            unknown_before: 0,
         }
+    }
+
+    /// The segmenter of a connection that ended: its counts go into the cumulative ones.
+    pub fn segmenter_done(&mut self, seg: &Segmenter) {
+        let s = seg.stats();
+        self.bytes_before += s.bytes;
+        self.unknown_before += s.unknown_commands;
     }
 
     fn event(
@@ -698,6 +730,8 @@ async fn tap_loop(
         for r in seg.idle(EndReason::StreamEnd) {
             enqueue(ctx, &tx, proc.events(&r, ctx, now));
         }
+        report(ctx, &proc, &seg);
+        proc.segmenter_done(&seg);
         drop(port);
         match reason {
             None => break,
@@ -715,8 +749,9 @@ fn report(ctx: &ComponentContext, proc: &ReceiptProcessor, seg: &Segmenter) {
     ctx.status.field("receipts_flagged", proc.flagged);
     ctx.status.field("receipts_failed", proc.failed);
     let s = seg.stats();
-    ctx.status.field("bytes", s.bytes);
-    ctx.status.field("unknown_commands", s.unknown_commands);
+    ctx.status.field("bytes", proc.bytes_before + s.bytes);
+    ctx.status
+        .field("unknown_commands", proc.unknown_before + s.unknown_commands);
 }
 
 /// The printer end of the proxy.
@@ -777,7 +812,7 @@ async fn proxy_loop(
         .clone()
         .or_else(|| cfg.printer.serial.as_ref().map(|s| s.path.clone()))
         .unwrap_or_default();
-    let mut link = DeviceLink::new(ctx.clone(), "receipt_printer", printer_name.clone());
+    let mut health = PrinterHealth::new(ctx, &cfg.lane, &printer_name);
     let mut proc = ReceiptProcessor::new(
         &ctx.store_id,
         ctx.status.name(),
@@ -790,7 +825,8 @@ async fn proxy_loop(
         match TcpListener::bind(&cfg.listen).await {
             Ok(l) => break l,
             Err(e) => {
-                if !link
+                if !health
+                    .link
                     .down_and_wait(format!("cannot listen on {}: {e}", cfg.listen))
                     .await
                 {
@@ -799,37 +835,63 @@ async fn proxy_loop(
             }
         }
     };
-    if let Ok(a) = listener.local_addr() {
-        ctx.status.field("listen", a.to_string());
-    }
-    ctx.status.set(
-        State::Up,
-        format!(
-            "listening on {} for the POS, printer {printer_name}",
-            cfg.listen
-        ),
-    );
+    let listen = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| cfg.listen.clone());
+    ctx.status.field("listen", listen.clone());
+    let idle = format!("listening on {listen} for the POS, printer {printer_name}");
+    let probe_every = Duration::from_millis(cfg.probe_interval_ms);
     let mut serial: Option<tokio_serial::SerialStream> = None;
+    // The state at start is the printer's (the first agent.device record), not "up until a POS
+    // prints".
+    probe(cfg, &mut health, &mut serial, &idle).await;
+    let mut next_probe = Instant::now() + probe_every;
     let mut stray = vec![0u8; 256];
+    // ASB messages a serial printer pushes between jobs.
+    let mut idle_status = StatusReader::new();
     let mut forwarded_unstored = 0u64;
     let mut refused = [0u64; 2];
     // The one POS connection that waits for the current one to end.
     let mut waiting: Option<(TcpStream, SocketAddr)> = None;
     loop {
-        // Between jobs a serial printer may still talk (ASB); read and count it so its buffer
-        // never fills, and notice an unplug early.
+        // Between jobs a serial printer may still talk (ASB); read it so its buffer never fills,
+        // and notice an unplug early. A network printer is probed on the interval.
         let accepted = if let Some(next) = waiting.take() {
             Ok(next)
         } else {
             tokio::select! {
             _ = ctx.shutdown.intake().cancelled() => return,
             a = listener.accept() => a,
+            _ = tokio::time::sleep_until(next_probe) => {
+                // A POS that connects during the probe goes first (the probe is dropped).
+                let a = tokio::select! {
+                    _ = ctx.shutdown.intake().cancelled() => return,
+                    a = listener.accept() => a,
+                    _ = probe(cfg, &mut health, &mut serial, &idle) => {
+                        next_probe = Instant::now() + probe_every;
+                        continue;
+                    }
+                };
+                a
+            }
             r = async { match serial.as_mut() { Some(s) => s.read(&mut stray).await, None => std::future::pending().await } } => {
                 match r {
-                    Ok(n) if n > 0 => { metrics::counter!("edge_printer_unsolicited_bytes_total", "driver" => ctx.status.name().to_string()).increment(n as u64); }
+                    Ok(n) if n > 0 => {
+                        metrics::counter!("edge_printer_unsolicited_bytes_total", "driver" => ctx.status.name().to_string()).increment(n as u64);
+                        let mut replies = Vec::new();
+                        idle_status.push(&stray[..n], &mut replies);
+                        health.observe(&replies).await;
+                    }
                     other => {
                         serial = None;
-                        link.down_and_wait(format!("the printer's serial port closed: {other:?}")).await;
+                        idle_status = StatusReader::new();
+                        let why = match other {
+                            Ok(_) => "reported end of file".to_string(),
+                            Err(e) => format!("failed: {e}"),
+                        };
+                        health.down(format!("reading the printer's serial port {printer_name} {why} (unplugged or switched off?); opening it again every {} ms and at the next POS connection", cfg.probe_interval_ms)).await;
+                        next_probe = Instant::now() + probe_every;
                     }
                 }
                 continue;
@@ -862,11 +924,11 @@ async fn proxy_loop(
                     Upstream::Tcp(s)
                 }
                 Ok(Err(e)) => {
-                    printer_down(&mut link, format!("printer {addr} refused the connection: {e}; the POS connection from {peer} is closed so the POS reports the printer offline")).await;
+                    health.down(format!("printer {addr} refused the connection: {e}; the POS connection from {peer} is closed so the POS reports the printer offline")).await;
                     continue;
                 }
                 Err(_) => {
-                    printer_down(&mut link, format!("printer {addr} did not answer within {} ms; the POS connection from {peer} is closed", cfg.connect_timeout_ms)).await;
+                    health.down(format!("printer {addr} did not answer within {} ms; the POS connection from {peer} is closed", cfg.connect_timeout_ms)).await;
                     continue;
                 }
             }
@@ -879,18 +941,18 @@ async fn proxy_loop(
                 None => match sc.open(LineSettings::N81_9600) {
                     Ok(p) => p,
                     Err(e) => {
-                        printer_down(
-                            &mut link,
-                            format!("{e}; the POS connection from {peer} is closed"),
-                        )
-                        .await;
+                        health
+                            .down(format!("{e}; the POS connection from {peer} is closed"))
+                            .await;
                         continue;
                     }
                 },
             };
+            idle_status = StatusReader::new();
             Upstream::Serial(port)
         };
-        link.up(format!("forwarding POS {peer} to printer {printer_name}"))
+        health
+            .up(format!("forwarding POS {peer} to printer {printer_name}"))
             .await;
         // While one POS prints, the next connection waits (a POS that closes and reconnects at
         // once for its next job is served in turn, as by a printer); a third is refused at once
@@ -903,6 +965,7 @@ async fn proxy_loop(
                 &tx,
                 pos,
                 &mut upstream,
+                &mut health,
                 &mut forwarded_unstored,
             );
             tokio::pin!(relaying);
@@ -929,12 +992,56 @@ async fn proxy_loop(
                 if let Upstream::Serial(p) = upstream {
                     serial = Some(p);
                 }
+                // The POS left: the sentence says so (a waiting one is served next and says its own).
+                health.up(idle.clone()).await;
             }
-            Err(RelayEnd::Printer(why)) => {
-                printer_down(&mut link, why).await;
-            }
+            Err(RelayEnd::Printer(why)) => health.down(why).await,
             Err(RelayEnd::Shutdown) => return,
         }
+        next_probe = Instant::now() + probe_every;
+    }
+}
+
+/// One probe of the printer between jobs. A network printer: connect and ask for its status
+/// (`DLE EOT 1..4`), so a printer that was switched off, unplugged or has run out of paper shows
+/// within one interval with no POS printing. A serial printer: open its port when it is closed
+/// (an open one is read between jobs, which notices an unplug at once).
+async fn probe(
+    cfg: &PrinterProxyConfig,
+    health: &mut PrinterHealth,
+    serial: &mut Option<tokio_serial::SerialStream>,
+    idle: &str,
+) {
+    let every = cfg.probe_interval_ms;
+    if let Some(addr) = &cfg.printer.tcp {
+        match probe_tcp(addr, Duration::from_millis(cfg.connect_timeout_ms)).await {
+            Ok(replies) => {
+                health.observe(&replies).await;
+                health.up(idle).await;
+            }
+            Err(why) => {
+                health
+                    .down(format!(
+                        "{why}; probing again every {every} ms and at the next POS connection"
+                    ))
+                    .await
+            }
+        }
+    } else if let Some(sc) = &cfg.printer.serial {
+        if serial.is_none() {
+            match sc.open(LineSettings::N81_9600) {
+                Ok(p) => *serial = Some(p),
+                Err(e) => {
+                    health
+                        .down(format!(
+                            "{e}; opening it again every {every} ms and at the next POS connection"
+                        ))
+                        .await;
+                    return;
+                }
+            }
+        }
+        health.up(idle).await;
     }
 }
 
@@ -968,13 +1075,6 @@ fn refuse(ctx: &ComponentContext, counts: &mut [u64; 2], peer: SocketAddr, why: 
     tracing::warn!(component = ctx.status.name(), %peer, reason, "refused a POS connection: {what}");
 }
 
-/// Reports the printer down without sleeping: the next POS connection retries at once (the POS
-/// paces its retries; the proxy must not add its own delay to a print job).
-async fn printer_down(link: &mut DeviceLink, why: String) {
-    link.backoff = crate::link::device_backoff(Duration::ZERO, Duration::ZERO);
-    link.down_and_wait(why).await;
-}
-
 enum RelayEnd {
     Printer(String),
     Shutdown,
@@ -987,11 +1087,15 @@ async fn relay(
     tx: &mpsc::Sender<Batch>,
     mut pos: TcpStream,
     upstream: &mut Upstream,
+    health: &mut PrinterHealth,
     forwarded_unstored: &mut u64,
 ) -> Result<(), RelayEnd> {
     let (mut pos_r, mut pos_w) = pos.split();
     let (mut up_r, mut up_w) = upstream.split();
     let mut seg = Segmenter::new(cfg.receipt.segmenter());
+    // The printer's answers to this connection's status requests, and its ASB messages.
+    let mut status = StatusReader::new();
+    let mut replies = Vec::new();
     let idle_gap = Duration::from_millis(cfg.receipt.idle_gap_ms);
     let store_timeout = Duration::from_millis(cfg.store_timeout_ms);
     let mut buf = vec![0u8; 8192];
@@ -1036,6 +1140,9 @@ async fn relay(
                         _ => enqueue(ctx, tx, events),
                     }
                 }
+                for n in seg.take_status_requests() {
+                    status.requested(n);
+                }
                 if let Err(e) = up_w.write_all(&chunk[sent..]).await {
                     break 'relay Err(RelayEnd::Printer(format!("writing to the printer failed: {e}")));
                 }
@@ -1047,9 +1154,15 @@ async fn relay(
                     Err(e) => break Err(RelayEnd::Printer(format!("reading from the printer failed: {e}"))),
                     Ok(m) => {
                         last_activity = Instant::now();
-                        // Status replies (DLE EOT, GS r) and ASB go back to the POS unchanged.
+                        // Status replies (DLE EOT, GS r) and ASB go back to the POS unchanged,
+                        // then tell the agent about the printer's faults.
                         if pos_w.write_all(&rbuf[..m]).await.is_err() {
                             break Ok(());
+                        }
+                        status.push(&rbuf[..m], &mut replies);
+                        if !replies.is_empty() {
+                            health.observe(&replies).await;
+                            replies.clear();
                         }
                     }
                 }
@@ -1068,6 +1181,7 @@ async fn relay(
         enqueue(ctx, tx, proc.events(&r, ctx, now));
     }
     report(ctx, proc, &seg);
+    proc.segmenter_done(&seg);
     end
 }
 

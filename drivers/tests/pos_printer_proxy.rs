@@ -8,6 +8,7 @@ use common::{Harness, PtyPair, open_end};
 use edge_core::State;
 use edge_core::log::Log;
 use edge_drivers::Driver as _;
+use edge_drivers::escpos::status::PROBE_REQUEST;
 use edge_drivers::escpos::{CodePage, Token, Tokenizer, tokenizer::RealTime};
 use edge_drivers::printer::{PrinterProxyConfig, PrinterUpstream, ReceiptOptions, build_proxy};
 use edge_drivers::receipt::TemplateConfig;
@@ -20,22 +21,60 @@ use tokio::net::{TcpListener, TcpStream};
 const T: Duration = Duration::from_secs(20);
 const ASB: [u8; 4] = [0x14, 0x00, 0x00, 0x0F];
 
-/// What the fake printer saw.
-#[derive(Default)]
+/// What the fake printer saw, and the status it reports.
 struct Printed {
-    bytes: Vec<u8>,
+    /// The bytes of each connection, in the order they were accepted.
+    conns: Vec<Vec<u8>>,
     cuts: usize,
     /// Cuts that arrived before the receipt they end was in the local log.
     cuts_before_commit: usize,
+    /// The replies to DLE EOT 1 to 4 (a healthy printer: `0x12` each, as the tests' POS expects).
+    status: [u8; 4],
 }
 
-/// Plays an ESC/POS printer: answers DLE EOT and GS r with a status byte, sends an ASB message when
-/// ASB is enabled (GS a), and checks at every cut that the proxy already stored the receipt.
+impl Default for Printed {
+    fn default() -> Self {
+        Printed {
+            conns: Vec::new(),
+            cuts: 0,
+            cuts_before_commit: 0,
+            status: [0x12; 4],
+        }
+    }
+}
+
+impl Printed {
+    /// What the POS connections printed: every connection but the proxy's status probes.
+    fn bytes(&self) -> Vec<u8> {
+        self.conns
+            .iter()
+            .filter(|c| c.as_slice() != PROBE_REQUEST)
+            .flatten()
+            .copied()
+            .collect()
+    }
+
+    fn probes(&self) -> usize {
+        self.conns
+            .iter()
+            .filter(|c| c.as_slice() == PROBE_REQUEST)
+            .count()
+    }
+}
+
+/// Plays an ESC/POS printer on one connection: answers DLE EOT n with its status byte n and GS r
+/// with 0, sends an ASB message when ASB is enabled (GS a), and checks at every cut that the proxy
+/// already stored the receipt.
 async fn printer<S: AsyncRead + AsyncWrite + Unpin>(
     mut io: S,
     seen: Arc<Mutex<Printed>>,
     log: Option<Arc<edge_sync::log::SqliteLog>>,
 ) {
+    let conn = {
+        let mut s = seen.lock().unwrap();
+        s.conns.push(Vec::new());
+        s.conns.len() - 1
+    };
     let mut tok = Tokenizer::new(CodePage::DEFAULT);
     let mut buf = vec![0u8; 4096];
     loop {
@@ -43,9 +82,13 @@ async fn printer<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        let status = seen.lock().unwrap().status;
         let mut replies = Vec::new();
         let mut cuts = 0;
         tok.push(&buf[..n], |t, _| match t {
+            Token::RealTime(RealTime::StatusRequest(k @ 1..=4)) => {
+                replies.push(status[usize::from(k) - 1])
+            }
             Token::RealTime(RealTime::StatusRequest(_)) => replies.push(0x12),
             Token::StatusRequest { command: b'r', .. } => replies.push(0x00),
             Token::Setting => {}
@@ -57,7 +100,7 @@ async fn printer<S: AsyncRead + AsyncWrite + Unpin>(
         }
         {
             let mut s = seen.lock().unwrap();
-            s.bytes.extend_from_slice(&buf[..n]);
+            s.conns[conn].extend_from_slice(&buf[..n]);
             s.cuts += cuts;
             if let Some(log) = &log {
                 let stored = log.next_seq("pos.receipts").unwrap_or(1) - 1;
@@ -82,6 +125,8 @@ fn proxy_config(upstream: PrinterUpstream) -> PrinterProxyConfig {
         store_timeout_ms: 2000,
         allow: Vec::new(),
         idle_timeout_ms: 30_000,
+        // Only the probe at start, unless a test asks for more.
+        probe_interval_ms: 3_600_000,
         receipt: ReceiptOptions::default(),
         template: TemplateConfig::default(),
     }
@@ -98,11 +143,11 @@ async fn proxy_addr(h: &Harness) -> String {
 
 async fn wait_printed(seen: &Arc<Mutex<Printed>>, n: usize) {
     let deadline = tokio::time::Instant::now() + T;
-    while seen.lock().unwrap().bytes.len() < n {
+    while seen.lock().unwrap().bytes().len() < n {
         assert!(
             tokio::time::Instant::now() < deadline,
             "printer got {} of {n} bytes",
-            seen.lock().unwrap().bytes.len()
+            seen.lock().unwrap().bytes().len()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -120,14 +165,8 @@ async fn read_exactly(s: &mut TcpStream, n: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_forwards_every_byte_relays_status_and_stores_baskets() {
     let h = Harness::new();
-    let printer_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let printer_addr = printer_l.local_addr().unwrap().to_string();
     let seen = Arc::new(Mutex::new(Printed::default()));
-    let (seen2, log2) = (seen.clone(), h.log.clone());
-    tokio::spawn(async move {
-        let (s, _) = printer_l.accept().await.unwrap();
-        printer(s, seen2, Some(log2)).await;
-    });
+    let printer_addr = network_printer_with(seen.clone(), Some(h.log.clone())).await;
     let cfg = proxy_config(PrinterUpstream {
         tcp: Some(printer_addr),
         serial: None,
@@ -161,7 +200,7 @@ async fn proxy_forwards_every_byte_relays_status_and_stores_baskets() {
     drop(pos);
     {
         let s = seen.lock().unwrap();
-        assert!(s.bytes == sent, "the printer got every byte unchanged");
+        assert!(s.bytes() == sent, "the printer got every byte unchanged");
         assert_eq!(s.cuts, baskets.len());
         assert_eq!(
             s.cuts_before_commit, 0,
@@ -184,14 +223,8 @@ const SALE: &[u8] = b"\x1b@BREAD                      2.49\nTOTAL               
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_still_prints_when_the_log_cannot_store() {
     let h = Harness::new();
-    let printer_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let printer_addr = printer_l.local_addr().unwrap().to_string();
     let seen = Arc::new(Mutex::new(Printed::default()));
-    let seen2 = seen.clone();
-    tokio::spawn(async move {
-        let (s, _) = printer_l.accept().await.unwrap();
-        printer(s, seen2, None).await;
-    });
+    let printer_addr = network_printer(seen.clone()).await;
     let cfg = proxy_config(PrinterUpstream {
         tcp: Some(printer_addr),
         serial: None,
@@ -203,7 +236,7 @@ async fn proxy_still_prints_when_the_log_cannot_store() {
     pos.write_all(SALE).await.unwrap();
     assert_eq!(read_exactly(&mut pos, 1).await, vec![0x12]);
     wait_printed(&seen, SALE.len()).await;
-    assert_eq!(seen.lock().unwrap().bytes, SALE);
+    assert_eq!(seen.lock().unwrap().bytes(), SALE);
     h.wait_status("proxy", T, |s| {
         s.fields.get("forwarded_unstored").and_then(|v| v.as_u64()) >= Some(1)
             || s.state == State::Degraded
@@ -290,7 +323,7 @@ async fn proxy_to_a_serial_printer_over_a_pty() {
     h.wait_for("pos.transactions", 1, T).await;
     {
         let s = seen.lock().unwrap();
-        assert_eq!(s.bytes, [SALE, SALE].concat());
+        assert_eq!(s.bytes(), [SALE, SALE].concat());
         assert_eq!(s.cuts_before_commit, 0);
     }
     h.shutdown.stop_all();
@@ -334,16 +367,31 @@ async fn an_unplugged_serial_printer_is_reported_and_used_again_after_replug() {
     task.await.unwrap().unwrap();
 }
 
-/// A fake network printer that serves every connection the proxy opens.
+/// A fake network printer that serves every connection the proxy opens (its probes too).
 async fn network_printer(seen: Arc<Mutex<Printed>>) -> String {
+    network_printer_with(seen, None).await
+}
+
+async fn network_printer_with(
+    seen: Arc<Mutex<Printed>>,
+    log: Option<Arc<edge_sync::log::SqliteLog>>,
+) -> String {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
+    serve_printer(l, seen, log);
+    addr
+}
+
+fn serve_printer(
+    l: TcpListener,
+    seen: Arc<Mutex<Printed>>,
+    log: Option<Arc<edge_sync::log::SqliteLog>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(printer(s, seen.clone(), None));
+            tokio::spawn(printer(s, seen.clone(), log.clone()));
         }
-    });
-    addr
+    })
 }
 
 /// Reads until the proxy closes the connection (EOF or reset), within the deadline.
@@ -398,7 +446,7 @@ async fn one_pos_connection_waits_for_the_served_one_and_a_third_is_refused() {
         .await;
     assert_eq!(status_count(&h, "refused_busy"), 1);
     assert_eq!(
-        seen.lock().unwrap().bytes.len(),
+        seen.lock().unwrap().bytes().len(),
         3,
         "only the first printed so far"
     );
@@ -407,7 +455,7 @@ async fn one_pos_connection_waits_for_the_served_one_and_a_third_is_refused() {
     assert_eq!(read_exactly(&mut second, 1).await, vec![0x12]);
     wait_printed(&seen, 3 + SALE.len()).await;
     assert_eq!(
-        seen.lock().unwrap().bytes,
+        seen.lock().unwrap().bytes(),
         [&b"\x10\x04\x01"[..], SALE].concat()
     );
     h.wait_for("pos.transactions", 1, T).await;
@@ -470,7 +518,7 @@ async fn only_allowed_pos_addresses_may_print() {
         .await;
     assert_eq!(status_count(&h, "refused_not_allowed"), 1);
     assert!(
-        seen.lock().unwrap().bytes.is_empty(),
+        seen.lock().unwrap().bytes().is_empty(),
         "a refused POS printed"
     );
     h.shutdown.stop_all();
