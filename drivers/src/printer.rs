@@ -358,6 +358,8 @@ pub struct ReceiptProcessor {
     pub parsed: u64,
     pub failed: u64,
     pub flagged: u64,
+    /// Receipts the proxy forwarded before they were stored (the log was slow or failing).
+    pub forwarded_unstored: u64,
     /// Bytes and unknown commands of the connections (or port openings) that ended: the status
     /// counters are cumulative over them, not the current one's.
     bytes_before: u64,
@@ -383,6 +385,7 @@ impl ReceiptProcessor {
             parsed: 0,
             failed: 0,
             flagged: 0,
+            forwarded_unstored: 0,
             bytes_before: 0,
             unknown_before: 0,
         }
@@ -850,7 +853,6 @@ async fn proxy_loop(
     let mut stray = vec![0u8; 256];
     // ASB messages a serial printer pushes between jobs.
     let mut idle_status = StatusReader::new();
-    let mut forwarded_unstored = 0u64;
     let mut refused = [0u64; 2];
     // The one POS connection that waits for the current one to end.
     let mut waiting: Option<(TcpStream, SocketAddr)> = None;
@@ -958,16 +960,7 @@ async fn proxy_loop(
         // once for its next job is served in turn, as by a printer); a third is refused at once
         // rather than left in the backlog with no answer. The idle timeout bounds the wait.
         let outcome = {
-            let relaying = relay(
-                cfg,
-                ctx,
-                &mut proc,
-                &tx,
-                pos,
-                &mut upstream,
-                &mut health,
-                &mut forwarded_unstored,
-            );
+            let relaying = relay(cfg, ctx, &mut proc, &tx, pos, &mut upstream, &mut health);
             tokio::pin!(relaying);
             loop {
                 tokio::select! {
@@ -986,7 +979,8 @@ async fn proxy_loop(
                 }
             }
         };
-        ctx.status.field("forwarded_unstored", forwarded_unstored);
+        ctx.status
+            .field("forwarded_unstored", proc.forwarded_unstored);
         match outcome {
             Ok(()) => {
                 if let Upstream::Serial(p) = upstream {
@@ -1088,7 +1082,6 @@ async fn relay(
     mut pos: TcpStream,
     upstream: &mut Upstream,
     health: &mut PrinterHealth,
-    forwarded_unstored: &mut u64,
 ) -> Result<(), RelayEnd> {
     let (mut pos_r, mut pos_w) = pos.split();
     let (mut up_r, mut up_w) = upstream.split();
@@ -1133,7 +1126,7 @@ async fn relay(
                             }
                             sent = hold;
                             if !store_and_wait(ctx, tx, events, store_timeout).await {
-                                *forwarded_unstored += 1;
+                                proc.forwarded_unstored += 1;
                                 ctx.status.set(State::Degraded, "a receipt was forwarded to the printer before it could be stored (local log slow or full)");
                             }
                         }
