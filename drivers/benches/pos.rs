@@ -210,6 +210,7 @@ async fn latency(n: usize) {
         serial: SerialConfig::new(a.to_string_lossy()),
         receipt: ReceiptOptions::default(),
         template: TemplateConfig::default(),
+        deadletter_repeat_interval_ms: 60_000,
     };
     let task = tokio::spawn(build_tap(cfg, ctx("tap")).unwrap());
     while status.get("tap").map(|s| s.state) != Some(edge_core::State::Up) {
@@ -293,6 +294,7 @@ async fn latency(n: usize) {
         probe_interval_ms: 3_600_000,
         receipt: ReceiptOptions::default(),
         template: TemplateConfig::default(),
+        deadletter_repeat_interval_ms: 60_000,
     };
     let ptask = tokio::spawn(build_proxy(cfg, ctx("proxy")).unwrap());
     let addr = loop {

@@ -21,7 +21,9 @@
 //! with no byte in either direction for `idle_timeout_ms` is closed, so a vanished or idle
 //! client holds the printer for at most that long.
 
-use crate::deadletters::dead_letter;
+use crate::deadletters::{
+    DEFAULT_REPEAT_INTERVAL_MS, DeadLetters, default_repeat_interval_ms, validate_repeat_interval,
+};
 use crate::escpos::StatusReader;
 use crate::escpos::{CodePage, EndReason, Receipt, Segmenter, SegmenterConfig};
 use crate::link::{DeviceLink, fnv64};
@@ -145,6 +147,9 @@ pub struct EscposTapConfig {
     pub receipt: ReceiptOptions,
     #[serde(default)]
     pub template: TemplateConfig,
+    /// A repeated identical dead letter is written once per this interval, with a count.
+    #[serde(default = "default_repeat_interval_ms")]
+    pub deadletter_repeat_interval_ms: u64,
 }
 
 /// The real printer behind the proxy: exactly one of `tcp` or `serial`.
@@ -189,6 +194,9 @@ pub struct PrinterProxyConfig {
     pub receipt: ReceiptOptions,
     #[serde(default)]
     pub template: TemplateConfig,
+    /// A repeated identical dead letter is written once per this interval, with a count.
+    #[serde(default = "default_repeat_interval_ms")]
+    pub deadletter_repeat_interval_ms: u64,
 }
 
 fn default_idle_timeout() -> u64 {
@@ -245,6 +253,7 @@ impl Driver for EscposTapConfig {
     fn validate(&self, path: &str, problems: &mut Problems) {
         self.serial.validate(&join(path, "serial"), problems);
         validate_common(&self.lane, &self.receipt, &self.template, path, problems);
+        validate_repeat_interval(path, self.deadletter_repeat_interval_ms, problems);
     }
 }
 
@@ -274,6 +283,7 @@ impl Driver for PrinterProxyConfig {
 
     fn validate(&self, path: &str, problems: &mut Problems) {
         validate_common(&self.lane, &self.receipt, &self.template, path, problems);
+        validate_repeat_interval(path, self.deadletter_repeat_interval_ms, problems);
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             problems.push(
                 join(path, "listen"),
@@ -364,6 +374,9 @@ pub struct ReceiptProcessor {
     /// counters are cumulative over them, not the current one's.
     bytes_before: u64,
     unknown_before: u64,
+    /// Dead letters of refused receipts, repeats aggregated (created with the first).
+    dead: Option<DeadLetters>,
+    dead_letter_interval: Duration,
 }
 
 impl ReceiptProcessor {
@@ -388,6 +401,47 @@ impl ReceiptProcessor {
             forwarded_unstored: 0,
             bytes_before: 0,
             unknown_before: 0,
+            dead: None,
+            dead_letter_interval: Duration::from_millis(DEFAULT_REPEAT_INTERVAL_MS),
+        }
+    }
+
+    /// Repeats of one dead letter within `interval` are counted into one (default 60 s).
+    pub fn with_dead_letter_interval(mut self, interval: Duration) -> Self {
+        self.dead_letter_interval = interval;
+        self
+    }
+
+    /// A refused receipt, through the driver's aggregation: the first of its kind now, repeats
+    /// (a POS sending the same bytes again and again) counted into one per interval.
+    fn dead_letter(
+        &mut self,
+        ctx: &ComponentContext,
+        label: &'static str,
+        reason: String,
+        raw: &[u8],
+    ) -> Option<Event> {
+        let interval = self.dead_letter_interval;
+        let lane = self.lane.clone();
+        self.dead
+            .get_or_insert_with(|| DeadLetters::new(ctx, "printer", lane, interval))
+            .admit(label, reason, raw)
+    }
+
+    /// When the next summary of repeated dead letters is due.
+    pub fn dead_letters_due_at(&self) -> Option<Instant> {
+        self.dead.as_ref().and_then(DeadLetters::next_due)
+    }
+
+    /// The summaries of repeated dead letters whose interval is over, to be stored.
+    pub fn due_dead_letters(&mut self) -> Vec<Event> {
+        self.dead.as_mut().map(DeadLetters::due).unwrap_or_default()
+    }
+
+    /// Stores the counts still open (the driver stops).
+    pub async fn flush_dead_letters(&mut self) {
+        if let Some(d) = self.dead.as_mut() {
+            d.flush().await;
         }
     }
 
@@ -448,11 +502,7 @@ impl ReceiptProcessor {
                 "{} bytes on the printer line formed no receipt: {} unknown commands, {} stray control bytes, malformed: {:?} (line noise, a wrong baud rate, or a printer language other than ESC/POS?)",
                 r.raw_len, r.unknown_commands, r.stray_controls, r.malformed
             );
-            out.push(
-                dead_letter(ctx, "printer", "not_a_receipt", reason, &r.raw)
-                    .with_event_ts(ts)
-                    .with_key(self.lane.clone()),
-            );
+            out.extend(self.dead_letter(ctx, "not_a_receipt", reason, &r.raw));
             return out;
         }
         if !r.has_text() && r.codes.is_empty() {
@@ -518,17 +568,12 @@ impl ReceiptProcessor {
             Err(e) => {
                 self.failed += 1;
                 metrics::counter!("edge_pos_receipts_total", "driver" => self.driver.clone(), "outcome" => "failed", "reason" => e.label()).increment(1);
-                out.push(
-                    dead_letter(
-                        ctx,
-                        "printer",
-                        e.label(),
-                        format!("receipt did not parse: {e}; stored raw in pos.receipts"),
-                        &r.raw,
-                    )
-                    .with_event_ts(ts)
-                    .with_key(self.lane.clone()),
-                );
+                out.extend(self.dead_letter(
+                    ctx,
+                    e.label(),
+                    format!("receipt did not parse: {e}; stored raw in pos.receipts"),
+                    &r.raw,
+                ));
                 if r.drawer_kicks > 0 {
                     out.push(self.exception(&rid, ts, "drawer_open_without_tender", 0, json!({"detail": "the cash drawer was opened on a receipt that is not a parsed sale"})));
                 }
@@ -666,8 +711,17 @@ pub fn build_tap(cfg: EscposTapConfig, ctx: ComponentContext) -> Result<Task, St
     Ok(Box::pin(async move {
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let w = tokio::spawn(writer(ctx.clone(), rx));
-        tap_loop(&cfg, template, &ctx, tx).await;
+        let mut proc = ReceiptProcessor::new(
+            &ctx.store_id,
+            ctx.status.name(),
+            &cfg.lane,
+            template,
+            &cfg.receipt,
+        )
+        .with_dead_letter_interval(Duration::from_millis(cfg.deadletter_repeat_interval_ms));
+        tap_loop(&cfg, &mut proc, &ctx, tx).await;
         w.await.ok();
+        proc.flush_dead_letters().await;
         ctx.status.set(State::Stopped, "stopped");
         Ok(())
     }))
@@ -675,18 +729,11 @@ pub fn build_tap(cfg: EscposTapConfig, ctx: ComponentContext) -> Result<Task, St
 
 async fn tap_loop(
     cfg: &EscposTapConfig,
-    template: Template,
+    proc: &mut ReceiptProcessor,
     ctx: &ComponentContext,
     tx: mpsc::Sender<Batch>,
 ) {
     let mut link = DeviceLink::new(ctx.clone(), "receipt_printer_tap", cfg.serial.path.clone());
-    let mut proc = ReceiptProcessor::new(
-        &ctx.store_id,
-        ctx.status.name(),
-        &cfg.lane,
-        template,
-        &cfg.receipt,
-    );
     let idle_gap = Duration::from_millis(cfg.receipt.idle_gap_ms);
     let settings = cfg.serial.settings(LineSettings::N81_9600);
     while !ctx.shutdown.intake().is_cancelled() {
@@ -706,8 +753,12 @@ async fn tap_loop(
         let mut last_byte = Instant::now();
         let reason = loop {
             let idle_at = last_byte + idle_gap;
+            let summaries_due = proc.dead_letters_due_at();
             tokio::select! {
                 _ = ctx.shutdown.intake().cancelled() => break None,
+                _ = tokio::time::sleep_until(summaries_due.unwrap_or_else(Instant::now)), if summaries_due.is_some() => {
+                    enqueue(ctx, &tx, proc.due_dead_letters());
+                }
                 r = port.read(&mut buf) => match r {
                     Ok(0) => break Some("the serial port reported end of file (device unplugged?)".to_string()),
                     Ok(n) => {
@@ -796,8 +847,17 @@ pub fn build_proxy(cfg: PrinterProxyConfig, ctx: ComponentContext) -> Result<Tas
     Ok(Box::pin(async move {
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let w = tokio::spawn(writer(ctx.clone(), rx));
-        proxy_loop(&cfg, template, &ctx, tx).await;
+        let mut proc = ReceiptProcessor::new(
+            &ctx.store_id,
+            ctx.status.name(),
+            &cfg.lane,
+            template,
+            &cfg.receipt,
+        )
+        .with_dead_letter_interval(Duration::from_millis(cfg.deadletter_repeat_interval_ms));
+        proxy_loop(&cfg, &mut proc, &ctx, tx).await;
         w.await.ok();
+        proc.flush_dead_letters().await;
         ctx.status.set(State::Stopped, "stopped");
         Ok(())
     }))
@@ -805,7 +865,7 @@ pub fn build_proxy(cfg: PrinterProxyConfig, ctx: ComponentContext) -> Result<Tas
 
 async fn proxy_loop(
     cfg: &PrinterProxyConfig,
-    template: Template,
+    proc: &mut ReceiptProcessor,
     ctx: &ComponentContext,
     tx: mpsc::Sender<Batch>,
 ) {
@@ -816,13 +876,6 @@ async fn proxy_loop(
         .or_else(|| cfg.printer.serial.as_ref().map(|s| s.path.clone()))
         .unwrap_or_default();
     let mut health = PrinterHealth::new(ctx, &cfg.lane, &printer_name);
-    let mut proc = ReceiptProcessor::new(
-        &ctx.store_id,
-        ctx.status.name(),
-        &cfg.lane,
-        template,
-        &cfg.receipt,
-    );
     // Bind (retrying: the address may be taken by a process that is still stopping).
     let listener = loop {
         match TcpListener::bind(&cfg.listen).await {
@@ -862,9 +915,14 @@ async fn proxy_loop(
         let accepted = if let Some(next) = waiting.take() {
             Ok(next)
         } else {
+            let summaries_due = proc.dead_letters_due_at();
             tokio::select! {
             _ = ctx.shutdown.intake().cancelled() => return,
             a = listener.accept() => a,
+            _ = tokio::time::sleep_until(summaries_due.unwrap_or_else(Instant::now)), if summaries_due.is_some() => {
+                enqueue(ctx, &tx, proc.due_dead_letters());
+                continue;
+            }
             _ = tokio::time::sleep_until(next_probe) => {
                 // A POS that connects during the probe goes first (the probe is dropped).
                 let a = tokio::select! {
@@ -960,7 +1018,7 @@ async fn proxy_loop(
         // once for its next job is served in turn, as by a printer); a third is refused at once
         // rather than left in the backlog with no answer. The idle timeout bounds the wait.
         let outcome = {
-            let relaying = relay(cfg, ctx, &mut proc, &tx, pos, &mut upstream, &mut health);
+            let relaying = relay(cfg, ctx, proc, &tx, pos, &mut upstream, &mut health);
             tokio::pin!(relaying);
             loop {
                 tokio::select! {
@@ -1097,8 +1155,12 @@ async fn relay(
     let idle_timeout = Duration::from_millis(cfg.idle_timeout_ms);
     let mut last_activity = Instant::now();
     let end = 'relay: loop {
+        let summaries_due = proc.dead_letters_due_at();
         tokio::select! {
             _ = ctx.shutdown.intake().cancelled() => break Err(RelayEnd::Shutdown),
+            _ = tokio::time::sleep_until(summaries_due.unwrap_or_else(Instant::now)), if summaries_due.is_some() => {
+                enqueue(ctx, tx, proc.due_dead_letters());
+            }
             _ = tokio::time::sleep_until(last_activity + idle_timeout) => {
                 metrics::counter!("edge_printer_idle_closed_total", "driver" => ctx.status.name().to_string()).increment(1);
                 tracing::info!(component = ctx.status.name(), idle_ms = cfg.idle_timeout_ms, "closed an idle POS connection (idle_timeout_ms)");
@@ -1117,7 +1179,7 @@ async fn relay(
                 for r in seg.push(chunk) {
                     let events = proc.events(&r, ctx, now);
                     match r.end_offset {
-                        Some(e) if r.end == EndReason::Cut && e > sent => {
+                        Some(e) if r.end == EndReason::Cut && e > sent && !events.is_empty() => {
                             // Forward up to the last byte of the cut; the cut completes only once
                             // the receipt is durable.
                             let hold = e - 1;

@@ -129,6 +129,7 @@ fn proxy_config(upstream: PrinterUpstream) -> PrinterProxyConfig {
         probe_interval_ms: 3_600_000,
         receipt: ReceiptOptions::default(),
         template: TemplateConfig::default(),
+        deadletter_repeat_interval_ms: 60_000,
     }
 }
 
@@ -989,4 +990,37 @@ async fn bytes_are_cumulative_and_the_detail_drops_the_pos_that_left() {
     h.wait_for("pos.receipts", 2, T).await;
     h.shutdown.stop_all();
     task.await.unwrap().unwrap();
+}
+
+/// A POS that sends the same bytes that form no receipt, again and again, writes one dead letter
+/// at once and one with the count of the repeats (at the interval, or when the driver stops),
+/// not one per receipt; the bytes still reach the printer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pos_repeating_one_refused_receipt_writes_counted_dead_letters() {
+    const NOISE: &[u8] = b"\x1b\x01\x1b\x02\x07\x07\x1dV\x00";
+    let h = Harness::new();
+    let seen = Arc::new(Mutex::new(Printed::default()));
+    let cfg = proxy_config(PrinterUpstream {
+        tcp: Some(network_printer(seen.clone()).await),
+        serial: None,
+    });
+    let task = tokio::spawn(build_proxy(cfg, h.ctx("proxy", "printer_proxy")).unwrap());
+    let addr = proxy_addr(&h).await;
+    let mut pos = TcpStream::connect(&addr).await.unwrap();
+    for _ in 0..20 {
+        pos.write_all(NOISE).await.unwrap();
+    }
+    wait_printed(&seen, NOISE.len() * 20).await;
+    drop(pos);
+    h.wait_for("deadletter", 1, T).await;
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+    let dead = h.payloads("deadletter").await;
+    let counts: Vec<u64> = dead.iter().map(|d| d["count"].as_u64().unwrap()).collect();
+    assert_eq!(counts, vec![1, 19], "{dead:?}");
+    assert!(dead.iter().all(|d| d["reason_label"] == "not_a_receipt"));
+    assert_eq!(
+        dead[1]["original_b64"],
+        edge_core::event::base64_encode(NOISE)
+    );
 }
