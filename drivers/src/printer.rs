@@ -767,7 +767,7 @@ async fn tap_loop(
                         for r in seg.push(&buf[..n]) {
                             enqueue(ctx, &tx, proc.events(&r, ctx, now));
                         }
-                        report(ctx, &proc, &seg);
+                        report(ctx, proc, &seg);
                     }
                     Err(e) => break Some(format!("reading {} failed: {e} (device unplugged?)", cfg.serial.path)),
                 },
@@ -776,7 +776,7 @@ async fn tap_loop(
                     for r in seg.idle(EndReason::IdleGap) {
                         enqueue(ctx, &tx, proc.events(&r, ctx, now));
                     }
-                    report(ctx, &proc, &seg);
+                    report(ctx, proc, &seg);
                 }
             }
         };
@@ -784,7 +784,7 @@ async fn tap_loop(
         for r in seg.idle(EndReason::StreamEnd) {
             enqueue(ctx, &tx, proc.events(&r, ctx, now));
         }
-        report(ctx, &proc, &seg);
+        report(ctx, proc, &seg);
         proc.segmenter_done(&seg);
         drop(port);
         match reason {
