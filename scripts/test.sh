@@ -49,7 +49,7 @@ if [ -n "$fuzz_seconds" ] && [ "$fuzz_seconds" != 0 ]; then
   fi
   # <crate dir>:<target>; core:downlink_record is the downlink's admission (signatures, commands).
   # sync:mqtt_* are the MQTT bridge's ingress and topic mapping; edge-agent:config the config loader.
-  for ct in drivers:escpos_tokenizer drivers:scanner_frame drivers:scale_frame core:downlink_record \
+  for ct in drivers:escpos_tokenizer drivers:scanner_frame drivers:scale_frame drivers:printer_status core:downlink_record \
       sync:mqtt_ingress sync:mqtt_topic edge-agent:config; do
     crate="${ct%%:*}" t="${ct#*:}"
     echo "== cargo fuzz run $t (${fuzz_seconds}s)"
