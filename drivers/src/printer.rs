@@ -14,6 +14,11 @@
 //! `store_timeout_ms`, the bytes are forwarded anyway (printing never depends on the agent's disk),
 //! and the miss is counted and shown in status.
 //!
+//! The proxy also reads what the printer says about itself, the `DLE EOT` replies and ASB
+//! messages on their way to the POS, and probes the printer between jobs (`probe_interval_ms`),
+//! so paper-out, cover-open and a printer that was switched off show in status, metrics and
+//! `agent.device` records while no POS prints (`printer/health.rs`).
+//!
 //! Who may print through the proxy: POS addresses in `allow` (default: any). One POS connection
 //! is served at a time, like a printer. One more may wait for it (a POS that closes and at once
 //! reconnects for the next job is served in turn); any further one is refused at once (closed,
