@@ -125,7 +125,12 @@ impl DeviceLink {
     /// The device failed; returns after the backoff delay, or `false` when the agent is stopping.
     pub async fn down_and_wait(&mut self, reason: impl std::fmt::Display) -> bool {
         let delay = self.backoff.next_delay();
-        let detail = format!("{reason}; retrying in {} ms", delay.as_millis());
+        // A driver that retries on its own schedule (no backoff delay) says when in `reason`.
+        let detail = if delay.is_zero() {
+            reason.to_string()
+        } else {
+            format!("{reason}; retrying in {} ms", delay.as_millis())
+        };
         self.ctx.status.set(State::Down, detail.clone());
         if self.up != Some(false) {
             self.up = Some(false);

@@ -73,7 +73,9 @@ impl PrinterHealth {
         self.link.up(detail).await;
     }
 
-    /// Status messages the printer sent: the faults they report, changes recorded.
+    /// Status messages the printer sent: the faults they report, changes recorded. A change
+    /// waits for its record at most 2 s (a slow log); it is rare, and the printer is not printing
+    /// while it has a new fault.
     pub async fn observe(&mut self, replies: &[StatusReply]) {
         let faults = replies
             .iter()
