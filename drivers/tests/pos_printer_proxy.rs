@@ -1024,3 +1024,45 @@ async fn a_pos_repeating_one_refused_receipt_writes_counted_dead_letters() {
         edge_core::event::base64_encode(NOISE)
     );
 }
+
+/// A serial printer between jobs: the ASB messages it pushes (cover open, all clear) show and
+/// clear the fault; unplugged, it is down, and the probe opens its port again when it is back,
+/// with no POS printing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_printer_between_jobs_reports_asb_faults_and_is_reopened_by_the_probe() {
+    let h = Harness::new();
+    let pty = PtyPair::new(h.dir.path(), "lpt-asb").await;
+    let mut far = open_end(&pty.b);
+    let cfg = PrinterProxyConfig {
+        probe_interval_ms: 500,
+        ..proxy_config(PrinterUpstream {
+            tcp: None,
+            serial: Some(SerialConfig::new(pty.a.to_string_lossy())),
+        })
+    };
+    let task = tokio::spawn(build_proxy(cfg, h.ctx("proxy", "printer_proxy")).unwrap());
+    h.wait_status("proxy", T, |s| s.state == State::Up).await;
+    far.write_all(&[0x38, 0x00, 0x00, 0x00]).await.unwrap();
+    h.wait_status("proxy", T, |s| s.state == State::Degraded)
+        .await;
+    assert!(
+        h.status
+            .get("proxy")
+            .unwrap()
+            .detail
+            .starts_with("lane 3 printer: cover open, offline")
+    );
+    far.write_all(&[0x14, 0x00, 0x00, 0x0F]).await.unwrap();
+    h.wait_status("proxy", T, |s| s.state == State::Up).await;
+    assert!(faults_field(&h, "proxy").is_empty());
+    drop(far);
+    let (a, b) = pty.unplug().await;
+    h.wait_status("proxy", T, |s| s.state == State::Down).await;
+    let _pty = PtyPair::at(a, b).await;
+    h.wait_status("proxy", T, |s| s.state == State::Up).await;
+    h.wait_for("agent.health", 5, T).await;
+    let states: Vec<String> = device_records(&h).await.into_iter().map(|r| r.0).collect();
+    assert_eq!(states, strings(&["up", "degraded", "up", "down", "up"]));
+    h.shutdown.stop_all();
+    task.await.unwrap().unwrap();
+}
