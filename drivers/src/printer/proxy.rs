@@ -5,7 +5,7 @@
 
 use super::health::{PrinterHealth, probe_tcp};
 use super::{Batch, PrinterProxyConfig, ReceiptProcessor, WRITER_QUEUE, enqueue, report, writer};
-use crate::escpos::{EndReason, Segmenter, StatusReader};
+use crate::escpos::{EndReason, Segmenter, StatusReader, StatusReply};
 use crate::serial::LineSettings;
 use edge_core::component::{ComponentContext, Task};
 use edge_core::{Event, State};
@@ -132,16 +132,21 @@ async fn proxy_loop(
                 continue;
             }
             _ = tokio::time::sleep_until(next_probe) => {
-                // A POS that connects during the probe goes first (the probe is dropped).
-                let a = tokio::select! {
+                // A POS that connects during the probe's I/O goes first (the probe is dropped
+                // before it changed anything).
+                let probed = tokio::select! {
                     _ = ctx.shutdown.intake().cancelled() => return,
-                    a = listener.accept() => a,
-                    _ = probe(cfg, &mut health, &mut serial, &idle) => {
+                    a = listener.accept() => Err(a),
+                    p = probe_printer(cfg, &mut serial) => Ok(p),
+                };
+                match probed {
+                    Ok(p) => {
+                        record_probe(&mut health, p, &idle).await;
                         next_probe = Instant::now() + probe_every;
                         continue;
                     }
-                };
-                a
+                    Err(a) => a,
+                }
             }
             r = async { match serial.as_mut() { Some(s) => s.read(&mut stray).await, None => std::future::pending().await } } => {
                 match r {
@@ -272,36 +277,46 @@ async fn probe(
     serial: &mut Option<tokio_serial::SerialStream>,
     idle: &str,
 ) {
+    let probed = probe_printer(cfg, serial).await;
+    record_probe(health, probed, idle).await;
+}
+
+/// The I/O of a probe, with no state change: it may be dropped when a POS connects meanwhile.
+async fn probe_printer(
+    cfg: &PrinterProxyConfig,
+    serial: &mut Option<tokio_serial::SerialStream>,
+) -> Result<Vec<StatusReply>, String> {
     let every = cfg.probe_interval_ms;
     if let Some(addr) = &cfg.printer.tcp {
-        match probe_tcp(addr, Duration::from_millis(cfg.connect_timeout_ms)).await {
-            Ok(replies) => {
-                health.observe(&replies).await;
-                health.up(idle).await;
-            }
-            Err(why) => {
-                health
-                    .down(format!(
-                        "{why}; probing again every {every} ms and at the next POS connection"
-                    ))
-                    .await
-            }
-        }
+        probe_tcp(addr, Duration::from_millis(cfg.connect_timeout_ms))
+            .await
+            .map_err(|why| {
+                format!("{why}; probing again every {every} ms and at the next POS connection")
+            })
     } else if let Some(sc) = &cfg.printer.serial {
         if serial.is_none() {
-            match sc.open(LineSettings::N81_9600) {
-                Ok(p) => *serial = Some(p),
-                Err(e) => {
-                    health
-                        .down(format!(
-                            "{e}; opening it again every {every} ms and at the next POS connection"
-                        ))
-                        .await;
-                    return;
-                }
-            }
+            *serial = Some(sc.open(LineSettings::N81_9600).map_err(|e| {
+                format!("{e}; opening it again every {every} ms and at the next POS connection")
+            })?);
         }
-        health.up(idle).await;
+        Ok(Vec::new())
+    } else {
+        Ok(Vec::new())
+    }
+}
+
+/// What a probe found becomes the printer's state: its faults, then up; or down.
+async fn record_probe(
+    health: &mut PrinterHealth,
+    probed: Result<Vec<StatusReply>, String>,
+    idle: &str,
+) {
+    match probed {
+        Ok(replies) => {
+            health.observe(&replies).await;
+            health.up(idle).await;
+        }
+        Err(why) => health.down(why).await,
     }
 }
 
