@@ -49,8 +49,9 @@ if [ -n "$fuzz_seconds" ] && [ "$fuzz_seconds" != 0 ]; then
   fi
   # <crate dir>:<target>; core:downlink_record is the downlink's admission (signatures, commands).
   # sync:mqtt_* are the MQTT bridge's ingress and topic mapping; edge-agent:config the config loader;
-  # drivers:ble_* / hci_event / btsnoop_capture the BLE parsers (docs/BLE.md).
-  for ct in drivers:escpos_tokenizer drivers:scanner_frame drivers:scale_frame core:downlink_record \
+  # drivers:ble_* / hci_event / btsnoop_capture the BLE parsers (docs/BLE.md); drivers:printer_status
+  # the printer's status replies.
+  for ct in drivers:escpos_tokenizer drivers:scanner_frame drivers:scale_frame drivers:printer_status core:downlink_record \
       drivers:ble_advertising drivers:hci_event drivers:btsnoop_capture \
       sync:mqtt_ingress sync:mqtt_topic edge-agent:config; do
     crate="${ct%%:*}" t="${ct#*:}"

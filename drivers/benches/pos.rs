@@ -210,6 +210,7 @@ async fn latency(n: usize) {
         serial: SerialConfig::new(a.to_string_lossy()),
         receipt: ReceiptOptions::default(),
         template: TemplateConfig::default(),
+        deadletter_repeat_interval_ms: 60_000,
     };
     let task = tokio::spawn(build_tap(cfg, ctx("tap")).unwrap());
     while status.get("tap").map(|s| s.state) != Some(edge_core::State::Up) {
@@ -255,19 +256,27 @@ async fn latency(n: usize) {
     // printer acknowledges each complete receipt with one byte back to the POS.
     let printer = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let paddr = printer.local_addr().unwrap().to_string();
+    // The proxy's probe between jobs (DLE EOT 1..4 on its own connection) is answered too.
     tokio::spawn(async move {
-        let (mut s, _) = printer.accept().await.unwrap();
-        let mut buf = vec![0u8; 4096];
-        let mut got = 0usize;
-        while let Ok(k) = s.read(&mut buf).await {
-            if k == 0 {
-                return;
-            }
-            got += k;
-            while got >= SALE.len() {
-                got -= SALE.len();
-                s.write_all(b"\x12").await.unwrap();
-            }
+        while let Ok((mut s, _)) = printer.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = 0usize;
+                while let Ok(k) = s.read(&mut buf).await {
+                    if k == 0 {
+                        return;
+                    }
+                    if buf[..k] == edge_drivers::escpos::status::PROBE_REQUEST {
+                        s.write_all(&[0x12; 4]).await.unwrap();
+                        continue;
+                    }
+                    got += k;
+                    while got >= SALE.len() {
+                        got -= SALE.len();
+                        s.write_all(b"\x12").await.unwrap();
+                    }
+                }
+            });
         }
     });
     let cfg = PrinterProxyConfig {
@@ -282,8 +291,10 @@ async fn latency(n: usize) {
         store_timeout_ms: 2000,
         allow: Vec::new(),
         idle_timeout_ms: 30_000,
+        probe_interval_ms: 3_600_000,
         receipt: ReceiptOptions::default(),
         template: TemplateConfig::default(),
+        deadletter_repeat_interval_ms: 60_000,
     };
     let ptask = tokio::spawn(build_proxy(cfg, ctx("proxy")).unwrap());
     let addr = loop {

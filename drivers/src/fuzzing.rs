@@ -233,3 +233,49 @@ pub fn btsnoop_capture(data: &[u8]) {
         .unwrap_or(0);
     assert!(n <= data.len(), "at most one report per byte");
 }
+
+/// The printer status reader on arbitrary input: `data[0] % 8` requests `DLE EOT n` with `n` from
+/// the next bytes, the rest is what the printer sent. The same replies whatever the split; every
+/// reply has its identifying bits (a `DLE EOT` reply `0xx1 xx10`, an ASB message `0xx1 xx00` then
+/// three `0xx0 xxxx`); no more `DLE EOT` replies than requests; applying an observation twice is
+/// applying it once.
+pub fn printer_status(data: &[u8]) {
+    use crate::escpos::{Faults, StatusReader, StatusReply};
+    let Some((&k, rest)) = data.split_first() else {
+        return;
+    };
+    let k = usize::from(k % 8).min(rest.len());
+    let (requests, bytes) = rest.split_at(k);
+    let read = |split: usize| {
+        let mut r = StatusReader::new();
+        for &n in requests {
+            r.requested(n);
+        }
+        let mut out = Vec::new();
+        r.push(&bytes[..split], &mut out);
+        r.push(&bytes[split..], &mut out);
+        out
+    };
+    let whole = read(bytes.len());
+    let split = bytes.first().map_or(0, |&b| usize::from(b)) % (bytes.len() + 1);
+    assert_eq!(whole, read(split), "replies depend on the split at {split}");
+    let mut realtime = 0;
+    let mut faults = Faults::NONE;
+    for reply in &whole {
+        match *reply {
+            StatusReply::RealTime { byte, .. } => {
+                realtime += 1;
+                assert_eq!(byte & 0x93, 0x12, "{byte:#04x} is no DLE EOT reply");
+            }
+            StatusReply::Asb(m) => {
+                assert_eq!(m[0] & 0x93, 0x10, "{m:02x?}");
+                assert!(m[1..].iter().all(|b| b & 0x90 == 0), "{m:02x?}");
+            }
+        }
+        if let Some(obs) = reply.observation() {
+            faults = faults.apply(obs);
+            assert_eq!(faults, faults.apply(obs));
+        }
+    }
+    assert!(realtime <= requests.len());
+}

@@ -1,5 +1,6 @@
 //! What every device driver does around its device: report it up or down (status, the
-//! `edge_device_up` metric and an `agent.device/1` record in `agent.health`), back off with jitter
+//! `edge_device_up` metric and an `agent.device/1` record in `agent.health`), with the faults of a
+//! device that reports them (a printer's paper-out: state `degraded`), back off with jitter
 //! between attempts ([`device_backoff`]), and store events with backpressure. What a driver
 //! cannot parse goes to [`crate::deadletters`].
 
@@ -23,6 +24,9 @@ pub struct DeviceLink {
     kind: &'static str,
     device: String,
     up: Option<bool>,
+    /// The device's current faults (labels), `None` for a device that reports none. Known only
+    /// while it is up; cleared when it goes down.
+    faults: Option<Vec<&'static str>>,
     pub backoff: Backoff,
 }
 
@@ -35,8 +39,55 @@ impl DeviceLink {
             kind,
             device,
             up: None,
+            faults: None,
             backoff: device_backoff(Duration::from_millis(200), Duration::from_secs(10)),
         }
+    }
+
+    /// The device reports faults ([`DeviceLink::set_faults`]): its records carry `faults`, and
+    /// it is `degraded` while it has any.
+    pub fn with_faults(mut self) -> Self {
+        self.faults = Some(Vec::new());
+        self
+    }
+
+    fn has_faults(&self) -> bool {
+        self.faults.as_ref().is_some_and(|f| !f.is_empty())
+    }
+
+    fn up_state(&self) -> (State, &'static str) {
+        if self.has_faults() {
+            (State::Degraded, "degraded")
+        } else {
+            (State::Up, "up")
+        }
+    }
+
+    /// The device's faults changed to `faults` (labels); `detail` is the status sentence. While
+    /// the device is up, the change is its state (`degraded` with faults, else `up`) and one
+    /// `agent.device` record with the faults that appeared and cleared; before it is up, the faults
+    /// go into the record of its coming up.
+    pub async fn set_faults(&mut self, faults: Vec<&'static str>, detail: impl Into<String>) {
+        let Some(old) = self.faults.replace(faults.clone()) else {
+            return;
+        };
+        if old == faults || !self.is_up() {
+            return;
+        }
+        let detail = detail.into();
+        let (state, label) = self.up_state();
+        self.ctx.status.set(state, detail.clone());
+        let appeared: Vec<&str> = faults
+            .iter()
+            .copied()
+            .filter(|f| !old.contains(f))
+            .collect();
+        let cleared: Vec<&str> = old
+            .iter()
+            .copied()
+            .filter(|f| !faults.contains(f))
+            .collect();
+        self.health(label, &detail, &appeared, &cleared).await;
     }
 
     pub fn with_backoff(mut self, min: Duration, max: Duration) -> Self {
@@ -57,37 +108,49 @@ impl DeviceLink {
         metrics::gauge!("edge_device_up", "driver" => self.ctx.status.name().to_string(), "device" => self.device.clone()).set(v);
     }
 
-    /// The device works. Records the transition once.
+    /// The device works (`degraded` while it has faults). Records the transition once.
     pub async fn up(&mut self, detail: impl Into<String>) {
         let detail = detail.into();
         self.backoff.reset();
-        self.ctx.status.set(State::Up, detail.clone());
+        let (state, label) = self.up_state();
+        self.ctx.status.set(state, detail.clone());
         if self.up != Some(true) {
             self.up = Some(true);
             self.gauge(1.0);
-            self.health("up", &detail).await;
+            let faults = self.faults.clone().unwrap_or_default();
+            self.health(label, &detail, &faults, &[]).await;
         }
     }
 
     /// The device failed; returns after the backoff delay, or `false` when the agent is stopping.
     pub async fn down_and_wait(&mut self, reason: impl std::fmt::Display) -> bool {
         let delay = self.backoff.next_delay();
-        let detail = format!("{reason}; retrying in {} ms", delay.as_millis());
+        // A driver that retries on its own schedule (no backoff delay) says when in `reason`.
+        let detail = if delay.is_zero() {
+            reason.to_string()
+        } else {
+            format!("{reason}; retrying in {} ms", delay.as_millis())
+        };
         self.ctx.status.set(State::Down, detail.clone());
         if self.up != Some(false) {
             self.up = Some(false);
             self.gauge(0.0);
             metrics::counter!("edge_device_down_total", "driver" => self.ctx.status.name().to_string())
                 .increment(1);
-            self.health("down", &reason.to_string()).await;
+            let cleared = match self.faults.as_mut() {
+                Some(f) => std::mem::take(f),
+                None => Vec::new(),
+            };
+            self.health("down", &reason.to_string(), &[], &cleared)
+                .await;
         }
         sleep_unless_cancelled(delay, self.ctx.shutdown.intake()).await
     }
 
     /// Writes the state change to `agent.health`. Best effort with a short deadline: a full or
     /// closed log must not keep a driver from reconnecting; the status and metric still change.
-    async fn health(&self, state: &str, detail: &str) {
-        let payload = json!({
+    async fn health(&self, state: &str, detail: &str, appeared: &[&str], cleared: &[&str]) {
+        let mut payload = json!({
             "schema": "agent.device/1",
             "store": &*self.ctx.store_id,
             "component": self.ctx.status.name(),
@@ -97,6 +160,11 @@ impl DeviceLink {
             "detail": detail,
             "ts": edge_core::time::now_ms(),
         });
+        if let Some(faults) = &self.faults {
+            payload["faults"] = json!(faults);
+            payload["faults_appeared"] = json!(appeared);
+            payload["faults_cleared"] = json!(cleared);
+        }
         let ev = Event::new(
             "agent.health",
             serde_json::to_vec(&payload).unwrap_or_default(),

@@ -14,6 +14,14 @@
 //! `store_timeout_ms`, the bytes are forwarded anyway (printing never depends on the agent's disk),
 //! and the miss is counted and shown in status.
 //!
+//! The proxy also reads what the printer says about itself, the `DLE EOT` replies and ASB
+//! messages on their way to the POS, and probes the printer between jobs (`probe_interval_ms`),
+//! so paper-out, cover-open and a printer that was switched off show in status, metrics and
+//! `agent.device` records while no POS prints.
+//!
+//! This module holds the configs and the receipt processing both share; `tap` runs the serial
+//! tap, `proxy` the proxy's connections (relay and probe), `health` the printer's state and faults.
+//!
 //! Who may print through the proxy: POS addresses in `allow` (default: any). One POS connection
 //! is served at a time, like a printer. One more may wait for it (a POS that closes and at once
 //! reconnects for the next job is served in turn); any further one is refused at once (closed,
@@ -21,11 +29,13 @@
 //! with no byte in either direction for `idle_timeout_ms` is closed, so a vanished or idle
 //! client holds the printer for at most that long.
 
-use crate::deadletters::dead_letter;
-use crate::escpos::{CodePage, EndReason, Receipt, Segmenter, SegmenterConfig};
-use crate::link::{DeviceLink, fnv64};
+use crate::deadletters::{
+    DEFAULT_REPEAT_INTERVAL_MS, DeadLetters, default_repeat_interval_ms, validate_repeat_interval,
+};
+use crate::escpos::{CodePage, Receipt, Segmenter, SegmenterConfig};
+use crate::link::fnv64;
 use crate::receipt::{self, LineKind, Template, TemplateConfig, TxContext};
-use crate::serial::{LineSettings, SerialConfig};
+use crate::serial::SerialConfig;
 use crate::{Driver, DriverError};
 use edge_core::component::{ComponentContext, Task};
 use edge_core::config::{Problems, join};
@@ -34,12 +44,17 @@ use edge_core::{Event, State};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+
+mod health;
+mod proxy;
+mod tap;
+
+pub use proxy::build_proxy;
+pub use tap::build_tap;
 
 /// `[drivers.receipt]`: how the byte stream is cut into receipts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,6 +156,9 @@ pub struct EscposTapConfig {
     pub receipt: ReceiptOptions,
     #[serde(default)]
     pub template: TemplateConfig,
+    /// A repeated identical dead letter is written once per this interval, with a count.
+    #[serde(default = "default_repeat_interval_ms")]
+    pub deadletter_repeat_interval_ms: u64,
 }
 
 /// The real printer behind the proxy: exactly one of `tcp` or `serial`.
@@ -176,14 +194,26 @@ pub struct PrinterProxyConfig {
     /// went away without closing (or an idle client) cannot hold the printer.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_ms: u64,
+    /// Between jobs the printer is probed this often (a network printer: connect and `DLE EOT
+    /// 1..4`; a serial one: open its port), so a printer switched off or out of paper shows
+    /// while no POS prints.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval_ms: u64,
     #[serde(default)]
     pub receipt: ReceiptOptions,
     #[serde(default)]
     pub template: TemplateConfig,
+    /// A repeated identical dead letter is written once per this interval, with a count.
+    #[serde(default = "default_repeat_interval_ms")]
+    pub deadletter_repeat_interval_ms: u64,
 }
 
 fn default_idle_timeout() -> u64 {
     30_000
+}
+
+fn default_probe_interval() -> u64 {
+    10_000
 }
 
 fn default_listen() -> String {
@@ -232,6 +262,7 @@ impl Driver for EscposTapConfig {
     fn validate(&self, path: &str, problems: &mut Problems) {
         self.serial.validate(&join(path, "serial"), problems);
         validate_common(&self.lane, &self.receipt, &self.template, path, problems);
+        validate_repeat_interval(path, self.deadletter_repeat_interval_ms, problems);
     }
 }
 
@@ -261,6 +292,7 @@ impl Driver for PrinterProxyConfig {
 
     fn validate(&self, path: &str, problems: &mut Problems) {
         validate_common(&self.lane, &self.receipt, &self.template, path, problems);
+        validate_repeat_interval(path, self.deadletter_repeat_interval_ms, problems);
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             problems.push(
                 join(path, "listen"),
@@ -304,6 +336,12 @@ impl Driver for PrinterProxyConfig {
                 "must be between 1000 and 3600000",
             );
         }
+        if !(500..=3_600_000).contains(&self.probe_interval_ms) {
+            problems.push(
+                join(path, "probe_interval_ms"),
+                "must be between 500 and 3600000",
+            );
+        }
         for (i, a) in self.allow.iter().enumerate() {
             if a.parse::<IpAddr>().is_err() {
                 problems.push(
@@ -339,6 +377,15 @@ pub struct ReceiptProcessor {
     pub parsed: u64,
     pub failed: u64,
     pub flagged: u64,
+    /// Receipts the proxy forwarded before they were stored (the log was slow or failing).
+    pub forwarded_unstored: u64,
+    /// Bytes and unknown commands of the connections (or port openings) that ended: the status
+    /// counters are cumulative over them, not the current one's.
+    bytes_before: u64,
+    unknown_before: u64,
+    /// Dead letters of refused receipts, repeats aggregated (created with the first).
+    dead: Option<DeadLetters>,
+    dead_letter_interval: Duration,
 }
 
 impl ReceiptProcessor {
@@ -360,7 +407,58 @@ impl ReceiptProcessor {
             parsed: 0,
             failed: 0,
             flagged: 0,
+            forwarded_unstored: 0,
+            bytes_before: 0,
+            unknown_before: 0,
+            dead: None,
+            dead_letter_interval: Duration::from_millis(DEFAULT_REPEAT_INTERVAL_MS),
         }
+    }
+
+    /// Repeats of one dead letter within `interval` are counted into one (default 60 s).
+    pub fn with_dead_letter_interval(mut self, interval: Duration) -> Self {
+        self.dead_letter_interval = interval;
+        self
+    }
+
+    /// A refused receipt, through the driver's aggregation: the first of its kind now, repeats
+    /// (a POS sending the same bytes again and again) counted into one per interval.
+    fn dead_letter(
+        &mut self,
+        ctx: &ComponentContext,
+        label: &'static str,
+        reason: String,
+        raw: &[u8],
+    ) -> Option<Event> {
+        let interval = self.dead_letter_interval;
+        let lane = self.lane.clone();
+        self.dead
+            .get_or_insert_with(|| DeadLetters::new(ctx, "printer", lane, interval))
+            .admit(label, reason, raw)
+    }
+
+    /// When the next summary of repeated dead letters is due.
+    pub fn dead_letters_due_at(&self) -> Option<Instant> {
+        self.dead.as_ref().and_then(DeadLetters::next_due)
+    }
+
+    /// The summaries of repeated dead letters whose interval is over, to be stored.
+    pub fn due_dead_letters(&mut self) -> Vec<Event> {
+        self.dead.as_mut().map(DeadLetters::due).unwrap_or_default()
+    }
+
+    /// Stores the counts still open (the driver stops).
+    pub async fn flush_dead_letters(&mut self) {
+        if let Some(d) = self.dead.as_mut() {
+            d.flush().await;
+        }
+    }
+
+    /// The segmenter of a connection that ended: its counts go into the cumulative ones.
+    pub fn segmenter_done(&mut self, seg: &Segmenter) {
+        let s = seg.stats();
+        self.bytes_before += s.bytes;
+        self.unknown_before += s.unknown_commands;
     }
 
     fn event(
@@ -413,11 +511,7 @@ impl ReceiptProcessor {
                 "{} bytes on the printer line formed no receipt: {} unknown commands, {} stray control bytes, malformed: {:?} (line noise, a wrong baud rate, or a printer language other than ESC/POS?)",
                 r.raw_len, r.unknown_commands, r.stray_controls, r.malformed
             );
-            out.push(
-                dead_letter(ctx, "printer", "not_a_receipt", reason, &r.raw)
-                    .with_event_ts(ts)
-                    .with_key(self.lane.clone()),
-            );
+            out.extend(self.dead_letter(ctx, "not_a_receipt", reason, &r.raw));
             return out;
         }
         if !r.has_text() && r.codes.is_empty() {
@@ -483,17 +577,12 @@ impl ReceiptProcessor {
             Err(e) => {
                 self.failed += 1;
                 metrics::counter!("edge_pos_receipts_total", "driver" => self.driver.clone(), "outcome" => "failed", "reason" => e.label()).increment(1);
-                out.push(
-                    dead_letter(
-                        ctx,
-                        "printer",
-                        e.label(),
-                        format!("receipt did not parse: {e}; stored raw in pos.receipts"),
-                        &r.raw,
-                    )
-                    .with_event_ts(ts)
-                    .with_key(self.lane.clone()),
-                );
+                out.extend(self.dead_letter(
+                    ctx,
+                    e.label(),
+                    format!("receipt did not parse: {e}; stored raw in pos.receipts"),
+                    &r.raw,
+                ));
                 if r.drawer_kicks > 0 {
                     out.push(self.exception(&rid, ts, "drawer_open_without_tender", 0, json!({"detail": "the cash drawer was opened on a receipt that is not a parsed sale"})));
                 }
@@ -618,481 +707,14 @@ fn enqueue(ctx: &ComponentContext, tx: &mpsc::Sender<Batch>, events: Vec<Event>)
 
 const WRITER_QUEUE: usize = 64;
 
-pub fn build_tap(cfg: EscposTapConfig, ctx: ComponentContext) -> Result<Task, String> {
-    let template = cfg.template.compile().map_err(|e| {
-        format!(
-            "template: {}",
-            e.into_iter()
-                .map(|(f, m)| format!("{f} {m}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })?;
-    Ok(Box::pin(async move {
-        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-        let w = tokio::spawn(writer(ctx.clone(), rx));
-        tap_loop(&cfg, template, &ctx, tx).await;
-        w.await.ok();
-        ctx.status.set(State::Stopped, "stopped");
-        Ok(())
-    }))
-}
-
-async fn tap_loop(
-    cfg: &EscposTapConfig,
-    template: Template,
-    ctx: &ComponentContext,
-    tx: mpsc::Sender<Batch>,
-) {
-    let mut link = DeviceLink::new(ctx.clone(), "receipt_printer_tap", cfg.serial.path.clone());
-    let mut proc = ReceiptProcessor::new(
-        &ctx.store_id,
-        ctx.status.name(),
-        &cfg.lane,
-        template,
-        &cfg.receipt,
-    );
-    let idle_gap = Duration::from_millis(cfg.receipt.idle_gap_ms);
-    let settings = cfg.serial.settings(LineSettings::N81_9600);
-    while !ctx.shutdown.intake().is_cancelled() {
-        let mut port = match cfg.serial.open(LineSettings::N81_9600) {
-            Ok(p) => p,
-            Err(e) => {
-                if !link.down_and_wait(e).await {
-                    break;
-                }
-                continue;
-            }
-        };
-        link.up(format!("tapping {} ({settings})", cfg.serial.path))
-            .await;
-        let mut seg = Segmenter::new(cfg.receipt.segmenter());
-        let mut buf = vec![0u8; 4096];
-        let mut last_byte = Instant::now();
-        let reason = loop {
-            let idle_at = last_byte + idle_gap;
-            tokio::select! {
-                _ = ctx.shutdown.intake().cancelled() => break None,
-                r = port.read(&mut buf) => match r {
-                    Ok(0) => break Some("the serial port reported end of file (device unplugged?)".to_string()),
-                    Ok(n) => {
-                        last_byte = Instant::now();
-                        let now = edge_core::time::now_ms();
-                        for r in seg.push(&buf[..n]) {
-                            enqueue(ctx, &tx, proc.events(&r, ctx, now));
-                        }
-                        report(ctx, &proc, &seg);
-                    }
-                    Err(e) => break Some(format!("reading {} failed: {e} (device unplugged?)", cfg.serial.path)),
-                },
-                _ = tokio::time::sleep_until(idle_at), if seg.in_progress() => {
-                    let now = edge_core::time::now_ms();
-                    for r in seg.idle(EndReason::IdleGap) {
-                        enqueue(ctx, &tx, proc.events(&r, ctx, now));
-                    }
-                    report(ctx, &proc, &seg);
-                }
-            }
-        };
-        let now = edge_core::time::now_ms();
-        for r in seg.idle(EndReason::StreamEnd) {
-            enqueue(ctx, &tx, proc.events(&r, ctx, now));
-        }
-        drop(port);
-        match reason {
-            None => break,
-            Some(why) => {
-                if !link.down_and_wait(why).await {
-                    break;
-                }
-            }
-        }
-    }
-}
-
 fn report(ctx: &ComponentContext, proc: &ReceiptProcessor, seg: &Segmenter) {
     ctx.status.field("receipts_parsed", proc.parsed);
     ctx.status.field("receipts_flagged", proc.flagged);
     ctx.status.field("receipts_failed", proc.failed);
     let s = seg.stats();
-    ctx.status.field("bytes", s.bytes);
-    ctx.status.field("unknown_commands", s.unknown_commands);
-}
-
-/// The printer end of the proxy.
-enum Upstream {
-    Tcp(TcpStream),
-    Serial(tokio_serial::SerialStream),
-}
-
-impl Upstream {
-    fn split(
-        &mut self,
-    ) -> (
-        Box<dyn AsyncRead + Unpin + Send + '_>,
-        Box<dyn AsyncWrite + Unpin + Send + '_>,
-    ) {
-        match self {
-            Upstream::Tcp(s) => {
-                let (r, w) = s.split();
-                (Box::new(r), Box::new(w))
-            }
-            Upstream::Serial(s) => {
-                let (r, w) = tokio::io::split(s);
-                (Box::new(r), Box::new(w))
-            }
-        }
-    }
-}
-
-pub fn build_proxy(cfg: PrinterProxyConfig, ctx: ComponentContext) -> Result<Task, String> {
-    let template = cfg.template.compile().map_err(|e| {
-        format!(
-            "template: {}",
-            e.into_iter()
-                .map(|(f, m)| format!("{f} {m}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })?;
-    Ok(Box::pin(async move {
-        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-        let w = tokio::spawn(writer(ctx.clone(), rx));
-        proxy_loop(&cfg, template, &ctx, tx).await;
-        w.await.ok();
-        ctx.status.set(State::Stopped, "stopped");
-        Ok(())
-    }))
-}
-
-async fn proxy_loop(
-    cfg: &PrinterProxyConfig,
-    template: Template,
-    ctx: &ComponentContext,
-    tx: mpsc::Sender<Batch>,
-) {
-    let printer_name = cfg
-        .printer
-        .tcp
-        .clone()
-        .or_else(|| cfg.printer.serial.as_ref().map(|s| s.path.clone()))
-        .unwrap_or_default();
-    let mut link = DeviceLink::new(ctx.clone(), "receipt_printer", printer_name.clone());
-    let mut proc = ReceiptProcessor::new(
-        &ctx.store_id,
-        ctx.status.name(),
-        &cfg.lane,
-        template,
-        &cfg.receipt,
-    );
-    // Bind (retrying: the address may be taken by a process that is still stopping).
-    let listener = loop {
-        match TcpListener::bind(&cfg.listen).await {
-            Ok(l) => break l,
-            Err(e) => {
-                if !link
-                    .down_and_wait(format!("cannot listen on {}: {e}", cfg.listen))
-                    .await
-                {
-                    return;
-                }
-            }
-        }
-    };
-    if let Ok(a) = listener.local_addr() {
-        ctx.status.field("listen", a.to_string());
-    }
-    ctx.status.set(
-        State::Up,
-        format!(
-            "listening on {} for the POS, printer {printer_name}",
-            cfg.listen
-        ),
-    );
-    let mut serial: Option<tokio_serial::SerialStream> = None;
-    let mut stray = vec![0u8; 256];
-    let mut forwarded_unstored = 0u64;
-    let mut refused = [0u64; 2];
-    // The one POS connection that waits for the current one to end.
-    let mut waiting: Option<(TcpStream, SocketAddr)> = None;
-    loop {
-        // Between jobs a serial printer may still talk (ASB); read and count it so its buffer
-        // never fills, and notice an unplug early.
-        let accepted = if let Some(next) = waiting.take() {
-            Ok(next)
-        } else {
-            tokio::select! {
-            _ = ctx.shutdown.intake().cancelled() => return,
-            a = listener.accept() => a,
-            r = async { match serial.as_mut() { Some(s) => s.read(&mut stray).await, None => std::future::pending().await } } => {
-                match r {
-                    Ok(n) if n > 0 => { metrics::counter!("edge_printer_unsolicited_bytes_total", "driver" => ctx.status.name().to_string()).increment(n as u64); }
-                    other => {
-                        serial = None;
-                        link.down_and_wait(format!("the printer's serial port closed: {other:?}")).await;
-                    }
-                }
-                continue;
-            }
-            }
-        };
-        ctx.status.field("pos_waiting", 0);
-        let (pos, peer) = match accepted {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(component = ctx.status.name(), error = %e, "accepting a POS connection failed");
-                continue;
-            }
-        };
-        if !cfg.allows(peer.ip()) {
-            refuse(ctx, &mut refused, peer, Refusal::NotAllowed);
-            continue;
-        }
-        pos.set_nodelay(true).ok();
-        // Connect (or reuse) the printer.
-        let mut upstream = if let Some(addr) = &cfg.printer.tcp {
-            match tokio::time::timeout(
-                Duration::from_millis(cfg.connect_timeout_ms),
-                TcpStream::connect(addr),
-            )
-            .await
-            {
-                Ok(Ok(s)) => {
-                    s.set_nodelay(true).ok();
-                    Upstream::Tcp(s)
-                }
-                Ok(Err(e)) => {
-                    printer_down(&mut link, format!("printer {addr} refused the connection: {e}; the POS connection from {peer} is closed so the POS reports the printer offline")).await;
-                    continue;
-                }
-                Err(_) => {
-                    printer_down(&mut link, format!("printer {addr} did not answer within {} ms; the POS connection from {peer} is closed", cfg.connect_timeout_ms)).await;
-                    continue;
-                }
-            }
-        } else {
-            let Some(sc) = &cfg.printer.serial else {
-                return;
-            };
-            let port = match serial.take() {
-                Some(p) => p,
-                None => match sc.open(LineSettings::N81_9600) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        printer_down(
-                            &mut link,
-                            format!("{e}; the POS connection from {peer} is closed"),
-                        )
-                        .await;
-                        continue;
-                    }
-                },
-            };
-            Upstream::Serial(port)
-        };
-        link.up(format!("forwarding POS {peer} to printer {printer_name}"))
-            .await;
-        // While one POS prints, the next connection waits (a POS that closes and reconnects at
-        // once for its next job is served in turn, as by a printer); a third is refused at once
-        // rather than left in the backlog with no answer. The idle timeout bounds the wait.
-        let outcome = {
-            let relaying = relay(
-                cfg,
-                ctx,
-                &mut proc,
-                &tx,
-                pos,
-                &mut upstream,
-                &mut forwarded_unstored,
-            );
-            tokio::pin!(relaying);
-            loop {
-                tokio::select! {
-                    o = &mut relaying => break o,
-                    a = listener.accept() => if let Ok((next, peer)) = a {
-                        if !cfg.allows(peer.ip()) {
-                            refuse(ctx, &mut refused, peer, Refusal::NotAllowed);
-                        } else if waiting.is_none() {
-                            waiting = Some((next, peer));
-                            ctx.status.field("pos_waiting", 1);
-                        } else {
-                            drop(next);
-                            refuse(ctx, &mut refused, peer, Refusal::Busy);
-                        }
-                    },
-                }
-            }
-        };
-        ctx.status.field("forwarded_unstored", forwarded_unstored);
-        match outcome {
-            Ok(()) => {
-                if let Upstream::Serial(p) = upstream {
-                    serial = Some(p);
-                }
-            }
-            Err(RelayEnd::Printer(why)) => {
-                printer_down(&mut link, why).await;
-            }
-            Err(RelayEnd::Shutdown) => return,
-        }
-    }
-}
-
-/// Why a POS connection was closed at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    /// Its address is not in `allow`.
-    NotAllowed,
-    /// One POS connection is being served and another one waits for it.
-    Busy,
-}
-
-/// Closes a refused POS connection: one log line, a counter by reason, a count in status.
-fn refuse(ctx: &ComponentContext, counts: &mut [u64; 2], peer: SocketAddr, why: Refusal) {
-    let (reason, what, i) = match why {
-        Refusal::NotAllowed => (
-            "not_allowed",
-            "its address is not in the driver's allow list",
-            0,
-        ),
-        Refusal::Busy => (
-            "busy",
-            "one POS connection is being served and another waits; the POS sees the printer offline and retries",
-            1,
-        ),
-    };
-    counts[i] += 1;
-    metrics::counter!("edge_printer_refused_connections_total", "driver" => ctx.status.name().to_string(), "reason" => reason)
-        .increment(1);
-    ctx.status.field(&format!("refused_{reason}"), counts[i]);
-    tracing::warn!(component = ctx.status.name(), %peer, reason, "refused a POS connection: {what}");
-}
-
-/// Reports the printer down without sleeping: the next POS connection retries at once (the POS
-/// paces its retries; the proxy must not add its own delay to a print job).
-async fn printer_down(link: &mut DeviceLink, why: String) {
-    link.backoff = crate::link::device_backoff(Duration::ZERO, Duration::ZERO);
-    link.down_and_wait(why).await;
-}
-
-enum RelayEnd {
-    Printer(String),
-    Shutdown,
-}
-
-async fn relay(
-    cfg: &PrinterProxyConfig,
-    ctx: &ComponentContext,
-    proc: &mut ReceiptProcessor,
-    tx: &mpsc::Sender<Batch>,
-    mut pos: TcpStream,
-    upstream: &mut Upstream,
-    forwarded_unstored: &mut u64,
-) -> Result<(), RelayEnd> {
-    let (mut pos_r, mut pos_w) = pos.split();
-    let (mut up_r, mut up_w) = upstream.split();
-    let mut seg = Segmenter::new(cfg.receipt.segmenter());
-    let idle_gap = Duration::from_millis(cfg.receipt.idle_gap_ms);
-    let store_timeout = Duration::from_millis(cfg.store_timeout_ms);
-    let mut buf = vec![0u8; 8192];
-    let mut rbuf = vec![0u8; 1024];
-    let mut last_byte = Instant::now();
-    let idle_timeout = Duration::from_millis(cfg.idle_timeout_ms);
-    let mut last_activity = Instant::now();
-    let end = 'relay: loop {
-        tokio::select! {
-            _ = ctx.shutdown.intake().cancelled() => break Err(RelayEnd::Shutdown),
-            _ = tokio::time::sleep_until(last_activity + idle_timeout) => {
-                metrics::counter!("edge_printer_idle_closed_total", "driver" => ctx.status.name().to_string()).increment(1);
-                tracing::info!(component = ctx.status.name(), idle_ms = cfg.idle_timeout_ms, "closed an idle POS connection (idle_timeout_ms)");
-                break Ok(());
-            }
-            r = pos_r.read(&mut buf) => {
-                let n = match r {
-                    Ok(0) | Err(_) => break Ok(()),
-                    Ok(n) => n,
-                };
-                last_byte = Instant::now();
-                last_activity = last_byte;
-                let chunk = &buf[..n];
-                let mut sent = 0;
-                let now = edge_core::time::now_ms();
-                for r in seg.push(chunk) {
-                    let events = proc.events(&r, ctx, now);
-                    match r.end_offset {
-                        Some(e) if r.end == EndReason::Cut && e > sent => {
-                            // Forward up to the last byte of the cut; the cut completes only once
-                            // the receipt is durable.
-                            let hold = e - 1;
-                            if let Err(e) = up_w.write_all(&chunk[sent..hold]).await {
-                                break 'relay Err(RelayEnd::Printer(format!("writing to the printer failed: {e}")));
-                            }
-                            sent = hold;
-                            if !store_and_wait(ctx, tx, events, store_timeout).await {
-                                *forwarded_unstored += 1;
-                                ctx.status.set(State::Degraded, "a receipt was forwarded to the printer before it could be stored (local log slow or full)");
-                            }
-                        }
-                        _ => enqueue(ctx, tx, events),
-                    }
-                }
-                if let Err(e) = up_w.write_all(&chunk[sent..]).await {
-                    break 'relay Err(RelayEnd::Printer(format!("writing to the printer failed: {e}")));
-                }
-                report(ctx, proc, &seg);
-            }
-            r = up_r.read(&mut rbuf) => {
-                match r {
-                    Ok(0) => break Err(RelayEnd::Printer("the printer closed the connection".into())),
-                    Err(e) => break Err(RelayEnd::Printer(format!("reading from the printer failed: {e}"))),
-                    Ok(m) => {
-                        last_activity = Instant::now();
-                        // Status replies (DLE EOT, GS r) and ASB go back to the POS unchanged.
-                        if pos_w.write_all(&rbuf[..m]).await.is_err() {
-                            break Ok(());
-                        }
-                    }
-                }
-            }
-            _ = tokio::time::sleep_until(last_byte + idle_gap), if seg.in_progress() => {
-                let now = edge_core::time::now_ms();
-                for r in seg.idle(EndReason::IdleGap) {
-                    enqueue(ctx, tx, proc.events(&r, ctx, now));
-                }
-            }
-        }
-    };
-    up_w.flush().await.ok();
-    let now = edge_core::time::now_ms();
-    for r in seg.idle(EndReason::StreamEnd) {
-        enqueue(ctx, tx, proc.events(&r, ctx, now));
-    }
-    report(ctx, proc, &seg);
-    end
-}
-
-/// Hands a receipt's records to the writer and waits until they are durable, at most `timeout`.
-async fn store_and_wait(
-    ctx: &ComponentContext,
-    tx: &mpsc::Sender<Batch>,
-    events: Vec<Event>,
-    timeout: Duration,
-) -> bool {
-    let (ack, done) = oneshot::channel();
-    let deadline = Instant::now() + timeout;
-    let sent = tokio::time::timeout_at(
-        deadline,
-        tx.send(Batch {
-            events,
-            ack: Some(ack),
-        }),
-    )
-    .await;
-    if !matches!(sent, Ok(Ok(()))) {
-        metrics::counter!("edge_pos_receipts_dropped_total", "driver" => ctx.status.name().to_string(), "reason" => "queue_full").increment(1);
-        return false;
-    }
-    matches!(tokio::time::timeout_at(deadline, done).await, Ok(Ok(true)))
+    ctx.status.field("bytes", proc.bytes_before + s.bytes);
+    ctx.status
+        .field("unknown_commands", proc.unknown_before + s.unknown_commands);
 }
 
 #[cfg(test)]

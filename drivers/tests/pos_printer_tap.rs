@@ -23,6 +23,7 @@ fn tap_config(path: &std::path::Path) -> EscposTapConfig {
             ..Default::default()
         },
         template: TemplateConfig::default(),
+        deadletter_repeat_interval_ms: 60_000,
     }
 }
 

@@ -12,7 +12,7 @@
 //! arrived without an end.
 
 use super::codepage::CodePage;
-use super::tokenizer::{Token, Tokenizer, TokenizerStats};
+use super::tokenizer::{RealTime, Token, Tokenizer, TokenizerStats};
 use regex::Regex;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +153,12 @@ pub struct Segmenter {
     chunk_start: usize,
     /// Receipts closed and not yet returned.
     closed: Vec<Receipt>,
+    /// `DLE EOT n` requests seen and not yet taken, in order (bounded).
+    status_requests: Vec<u8>,
 }
+
+/// `DLE EOT` requests kept between two [`Segmenter::take_status_requests`].
+const MAX_STATUS_REQUESTS: usize = 256;
 
 fn empty_receipt() -> Receipt {
     Receipt {
@@ -185,7 +190,14 @@ impl Segmenter {
             content: false,
             chunk_start: 0,
             closed: Vec::new(),
+            status_requests: Vec::new(),
         }
+    }
+
+    /// The `DLE EOT n` requests in the bytes pushed since the last call, in order: the printer
+    /// answers each with one status byte ([`super::StatusReader`]).
+    pub fn take_status_requests(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.status_requests)
     }
 
     pub fn stats(&self) -> TokenizerStats {
@@ -295,6 +307,11 @@ impl Segmenter {
             Token::Malformed(why) => {
                 if self.cur.malformed.len() < 16 {
                     self.cur.malformed.push(why);
+                }
+            }
+            Token::RealTime(RealTime::StatusRequest(n)) => {
+                if self.status_requests.len() < MAX_STATUS_REQUESTS {
+                    self.status_requests.push(n);
                 }
             }
             Token::CodePage(_)
