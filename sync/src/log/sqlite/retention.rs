@@ -39,9 +39,10 @@ impl Writer {
     }
 
     /// Compacts the streams with `keep_latest_per_key` (the `hq.*` streams by default): of the
-    /// records older than the newest `history`, deletes those a newer record has the key of,
-    /// and the keyless ones every cursor on the stream has passed. Records the mirror cursor
-    /// has not passed stay (a stream mirrored to HQ gets no hole). A stream is rescanned once it
+    /// records older than the newest `history`, deletes those a newer record has the entity key
+    /// of (the key of a record routed by its `edge.store` header, or a `<store>/<entity>` key;
+    /// a routing key such as `*` or the store id names no entity, and such records stay).
+    /// Records the mirror cursor has not passed stay (a stream mirrored to HQ gets no hole). A stream is rescanned once it
     /// has doubled since its last compaction, so the scan costs O(1) per record and the stream
     /// stays below twice its live keys plus its history.
     fn compact(&mut self, report: &mut MaintenanceReport) -> Result<(), LogError> {
@@ -75,7 +76,7 @@ impl Writer {
     ) -> Result<u64, LogError> {
         let (lo, hi) = (row_id(st.id, 1), row_id(st.id + 1, 0));
         // Superseded records may go up to the mirror cursor (all of them when the stream is
-        // not mirrored or no uplink mirrors it); keyless ones only once every cursor read them.
+        // not mirrored or no uplink mirrors it).
         let mirror: Option<i64> = self
             .conn
             .prepare_cached("SELECT next_seq FROM cursors WHERE name = ?1 AND stream_id = ?2")
@@ -88,20 +89,14 @@ impl Writer {
             Some(c) if self.shared.policy(name).mirrored => c.max(0) as u64,
             _ => st.next_seq,
         };
-        let read_by_all: u64 = self
-            .conn
-            .prepare_cached("SELECT min(next_seq) FROM cursors WHERE stream_id = ?1")
-            .and_then(|mut s| s.query_row([st.id], |r| r.get::<_, Option<i64>>(0)))
-            .map_err(storage("reading the stream's cursors"))?
-            .map_or(st.next_seq, |c| c.max(0) as u64)
-            .min(mirror_bound);
         let mut doomed: Vec<(i64, i64)> = Vec::new();
         {
             let mut seen: HashSet<String> = HashSet::new();
             let mut stmt = self
                 .conn
                 .prepare_cached(
-                    "SELECT id, key, length(payload) FROM records WHERE id >= ?1 AND id < ?2 ORDER BY id DESC",
+                    "SELECT id, key, length(payload), instr(coalesce(headers, ''), '\"edge.store\"') > 0
+                       FROM records WHERE id >= ?1 AND id < ?2 ORDER BY id DESC",
                 )
                 .map_err(storage("scanning a compacted stream"))?;
             let mut rows = stmt
@@ -116,12 +111,18 @@ impl Writer {
                 let key: Option<String> =
                     r.get(1).map_err(storage("scanning a compacted stream"))?;
                 let len: i64 = r.get(2).map_err(storage("scanning a compacted stream"))?;
+                let routed_by_header: bool =
+                    r.get(3).map_err(storage("scanning a compacted stream"))?;
                 newest += 1;
                 let seq = seq_of(id);
                 let in_history = newest <= history;
-                let delete = match key {
+                // Only an entity key supersedes: a key under an `edge.store` header, or a
+                // `<store>/<entity>` key. A key that only routes the record (`*`, empty, the
+                // store id) names no entity: two prices for all stores are two prices.
+                let entity = key.filter(|k| routed_by_header || k.contains('/'));
+                let delete = match entity {
                     Some(k) => !seen.insert(k) && !in_history && seq < mirror_bound,
-                    None => !in_history && seq < read_by_all,
+                    None => false,
                 };
                 if delete {
                     doomed.push((id, len));
