@@ -164,6 +164,17 @@ impl Writer {
                 .is_some_and(|f| f + p.free < self.fs_need())
     }
 
+    /// Below the floor itself, not counting the room a released reserve would take back: only
+    /// this pauses intake. (Eviction also makes the reserve's room, but a log with nothing left to
+    /// evict and the floor met keeps taking sales without its reserve.)
+    fn below_strict_floor(&self, p: &Pages) -> bool {
+        self.floor() > 0
+            && self
+                .space
+                .fs_free
+                .is_some_and(|f| f + p.free < self.floor())
+    }
+
     /// The filesystem itself is short: below what the log needs there, or nearly full.
     fn fs_short(&self) -> bool {
         self.space
@@ -409,7 +420,7 @@ impl Writer {
         let p = self.pages()?;
         let cause = if self.over_budget(&p, self.budget()) {
             Some(FullCause::Budget)
-        } else if self.below_floor(&p) {
+        } else if self.below_strict_floor(&p) {
             Some(FullCause::FreeSpace)
         } else {
             None
