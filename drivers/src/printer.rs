@@ -53,6 +53,19 @@ mod health;
 mod proxy;
 mod tap;
 
+/// The receipt template of a printer driver, its problems in one sentence for the build error.
+fn compile_template(t: &TemplateConfig) -> Result<Template, String> {
+    t.compile().map_err(|e| {
+        format!(
+            "template: {}",
+            e.into_iter()
+                .map(|(f, m)| format!("{f} {m}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })
+}
+
 pub use proxy::build_proxy;
 pub use tap::build_tap;
 

@@ -4,7 +4,10 @@
 //! printer says about itself is [`super::health`].
 
 use super::health::{PrinterHealth, probe_tcp};
-use super::{Batch, PrinterProxyConfig, ReceiptProcessor, WRITER_QUEUE, enqueue, report, writer};
+use super::{
+    Batch, PrinterProxyConfig, ReceiptProcessor, WRITER_QUEUE, compile_template, enqueue, report,
+    writer,
+};
 use crate::escpos::{EndReason, Segmenter, StatusReader, StatusReply};
 use crate::serial::LineSettings;
 use edge_core::component::{ComponentContext, Task};
@@ -43,15 +46,7 @@ impl Upstream {
 }
 
 pub fn build_proxy(cfg: PrinterProxyConfig, ctx: ComponentContext) -> Result<Task, String> {
-    let template = cfg.template.compile().map_err(|e| {
-        format!(
-            "template: {}",
-            e.into_iter()
-                .map(|(f, m)| format!("{f} {m}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })?;
+    let template = compile_template(&cfg.template)?;
     Ok(Box::pin(async move {
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let w = tokio::spawn(writer(ctx.clone(), rx));

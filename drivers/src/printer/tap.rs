@@ -2,7 +2,10 @@
 //! segmentation, reopening the port after an unplug. It sees only the POS's side, so it reports no
 //! printer faults.
 
-use super::{Batch, EscposTapConfig, ReceiptProcessor, WRITER_QUEUE, enqueue, report, writer};
+use super::{
+    Batch, EscposTapConfig, ReceiptProcessor, WRITER_QUEUE, compile_template, enqueue, report,
+    writer,
+};
 use crate::escpos::{EndReason, Segmenter};
 use crate::link::DeviceLink;
 use crate::serial::LineSettings;
@@ -14,15 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 pub fn build_tap(cfg: EscposTapConfig, ctx: ComponentContext) -> Result<Task, String> {
-    let template = cfg.template.compile().map_err(|e| {
-        format!(
-            "template: {}",
-            e.into_iter()
-                .map(|(f, m)| format!("{f} {m}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })?;
+    let template = compile_template(&cfg.template)?;
     Ok(Box::pin(async move {
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let w = tokio::spawn(writer(ctx.clone(), rx));
