@@ -506,19 +506,23 @@ fn starts_like_gs1(data: &[u8]) -> bool {
     data.len() > 14 && data.len() >= 2 + fixed && data[2..2 + fixed].iter().all(u8::is_ascii_digit)
 }
 
+const TWO_MINUS: [u8; 10] = [0, 2, 4, 6, 8, 9, 1, 3, 5, 7];
+const THREE: [u8; 10] = [0, 3, 6, 9, 2, 5, 8, 1, 4, 7];
+const FIVE_PLUS: [u8; 10] = [0, 5, 1, 6, 2, 7, 3, 8, 4, 9];
+const FIVE_MINUS: [u8; 10] = [0, 5, 9, 4, 8, 3, 7, 2, 6, 1];
+
+/// The digits of `value` as table indexes, when it has exactly `N` and all are digits.
+fn digits<const N: usize>(value: &[u8]) -> Option<[usize; N]> {
+    let d: [u8; N] = value.try_into().ok()?;
+    d.iter()
+        .all(u8::is_ascii_digit)
+        .then(|| d.map(|b| usize::from(b - b'0')))
+}
+
 /// The GS1 price check digit of a 4-digit price or weight (GS1 General Specifications 7.9.3):
 /// weights 2-, 2-, 3, 5- per digit, the sum times 3, its last digit.
 pub fn price_check_digit_4(value: &[u8]) -> Option<u8> {
-    const TWO_MINUS: [u8; 10] = [0, 2, 4, 6, 8, 9, 1, 3, 5, 7];
-    const THREE: [u8; 10] = [0, 3, 6, 9, 2, 5, 8, 1, 4, 7];
-    const FIVE_MINUS: [u8; 10] = [0, 5, 9, 4, 8, 3, 7, 2, 6, 1];
-    let d: Vec<usize> = value
-        .iter()
-        .map(|b| b.is_ascii_digit().then(|| usize::from(b - b'0')))
-        .collect::<Option<_>>()?;
-    let [a, b, c, e] = d[..] else {
-        return None;
-    };
+    let [a, b, c, e] = digits::<4>(value)?;
     let sum = u32::from(TWO_MINUS[a])
         + u32::from(TWO_MINUS[b])
         + u32::from(THREE[c])
@@ -526,18 +530,42 @@ pub fn price_check_digit_4(value: &[u8]) -> Option<u8> {
     u8::try_from(sum * 3 % 10).ok()
 }
 
-/// Whether the price check digit of a weighed-item code is right. Checked for 4-digit values,
-/// the common layout (`02 IIIII P VVVV C`); other lengths are not checked.
+/// The GS1 price check digit of a 5-digit price or weight (GS1 General Specifications 7.9.4):
+/// weights 5+, 2-, 5-, 5+, 2- per digit. The check digit sits in a 5- position, so it is the
+/// digit whose 5- product brings the sum to a multiple of ten.
+pub fn price_check_digit_5(value: &[u8]) -> Option<u8> {
+    let [a, b, c, d, e] = digits::<5>(value)?;
+    let sum = u32::from(FIVE_PLUS[a])
+        + u32::from(TWO_MINUS[b])
+        + u32::from(FIVE_MINUS[c])
+        + u32::from(FIVE_PLUS[d])
+        + u32::from(TWO_MINUS[e]);
+    let wanted = ((10 - sum % 10) % 10) as u8;
+    FIVE_MINUS
+        .iter()
+        .position(|&p| p == wanted)
+        .and_then(|c| u8::try_from(c).ok())
+}
+
+/// Whether the price check digit of a weighed-item code is right. Checked for 4- and 5-digit
+/// values (`02 IIIII P VVVV C`, `2x IIII P VVVVV C`); a layout with a shorter value has no
+/// GS1 price check digit calculation and is not checked.
 fn price_check_ok(w: &WeighedPrefix, ean13: &str) -> bool {
-    if !w.price_check_digit || w.value_digits() != 4 {
+    let n = w.value_digits();
+    if !w.price_check_digit || !(4..=5).contains(&n) {
         return true;
     }
     let at = w.prefix.len() + w.item_digits;
     let b = ean13.as_bytes();
-    match (b.get(at), b.get(at + 1..at + 5)) {
-        (Some(&p), Some(v)) => price_check_digit_4(v) == Some(p.wrapping_sub(b'0')),
-        _ => false,
-    }
+    let (Some(&p), Some(v)) = (b.get(at), b.get(at + 1..at + 1 + n)) else {
+        return false;
+    };
+    let expected = if n == 4 {
+        price_check_digit_4(v)
+    } else {
+        price_check_digit_5(v)
+    };
+    expected == Some(p.wrapping_sub(b'0'))
 }
 
 fn variable_measure(w: &WeighedPrefix, ean13: &str) -> Value {
@@ -998,6 +1026,56 @@ mod tests {
             eu.parse(code.as_bytes()).unwrap().variable_measure.unwrap()["price_minor"],
             1250
         );
+    }
+
+    /// The 5-digit price check digit (GS1 7.9.4; 14685 -> 6 is the worked example) is verified
+    /// for a `22 IIII P VVVVV C` layout, and both calculations catch every single-digit misread
+    /// of the value (each weight is a permutation of the digits).
+    #[test]
+    fn five_digit_price_check_digits_are_verified() {
+        assert_eq!(price_check_digit_5(b"14685"), Some(6));
+        assert_eq!(price_check_digit_5(b"00000"), Some(0));
+        assert_eq!(price_check_digit_5(b"1468"), None);
+        assert_eq!(price_check_digit_5(b"1468x"), None);
+        let p = ScanParser::new(&ScannerConfig {
+            weighed_prefixes: vec![WeighedPrefix {
+                prefix: "22".into(),
+                item_digits: 4,
+                price_check_digit: true,
+                value: MeasureValue::Price,
+            }],
+            ..cfg()
+        });
+        let good = with_check("220042614685");
+        let vm = p.parse(good.as_bytes()).unwrap().variable_measure.unwrap();
+        assert_eq!(
+            (vm["item"].as_str(), vm["price_minor"].as_i64()),
+            (Some("0042"), Some(14685))
+        );
+        let bad = with_check("220042714685");
+        assert_eq!(
+            p.parse(bad.as_bytes()).unwrap_err(),
+            ScanError::PriceCheckDigit(bad.clone())
+        );
+        for (n, check) in [
+            (4, price_check_digit_4 as fn(&[u8]) -> Option<u8>),
+            (5, price_check_digit_5),
+        ] {
+            for value in (0..10u32.pow(n)).step_by(7) {
+                let digits = format!("{value:0w$}", w = n as usize).into_bytes();
+                let right = check(&digits);
+                for at in 0..digits.len() {
+                    for other in b'0'..=b'9' {
+                        let mut misread = digits.clone();
+                        if misread[at] == other {
+                            continue;
+                        }
+                        misread[at] = other;
+                        assert_ne!(check(&misread), right, "{n}-digit {value}: misread at {at}");
+                    }
+                }
+            }
+        }
     }
 
     /// Issue 11 item 8: GS1 element strings without an AIM prefix are detected (FNC1 as GS
