@@ -29,6 +29,7 @@ pub mod shutdown;
 pub mod signing;
 pub mod status;
 pub mod time;
+pub mod tls;
 
 pub use event::{Event, Header, Record};
 pub use priority::Priority;

@@ -111,7 +111,16 @@ drivers! {
     CustomerDisplay(display::CustomerDisplayConfig) = "customer_display",
     /// Presence engine (feature `ble`): beacon sightings to enter/exit/dwell per zone.
     Presence(PresenceConfig) = "presence",
+    /// BLE beacons (feature `ble`): a replay file or remote receivers to beacon sightings.
+    Beacons(BeaconsConfig) = "beacons",
 }
+
+/// The beacon driver's config (`[[drivers]] type = "beacons"`; feature `ble`).
+#[cfg(feature = "ble")]
+pub type BeaconsConfig = ble::beacons::BeaconsConfig;
+/// The beacon driver's config in a build without `ble`: reported as a config problem.
+#[cfg(not(feature = "ble"))]
+pub type BeaconsConfig = family::Unavailable<family::Ble>;
 
 /// The presence engine's config (`[[drivers]] type = "presence"`; feature `ble`).
 #[cfg(feature = "ble")]

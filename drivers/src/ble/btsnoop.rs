@@ -375,6 +375,12 @@ impl<W: Write> Writer<W> {
         self
     }
 
+    /// Changes the adapter index of the monitor (2001) records written from now on (one capture
+    /// of several receivers).
+    pub fn set_adapter_index(&mut self, index: u16) {
+        self.adapter_index = index;
+    }
+
     /// Writes one record as given (its `data` is the included bytes).
     pub fn write_record(&mut self, r: &Record) -> io::Result<()> {
         let included = u32::try_from(r.data.len())

@@ -12,15 +12,24 @@
 //!
 //! Each layer returns an error value for malformed input and never panics on it; the fuzz
 //! targets of `drivers/fuzz/` (`ble_advertising`, `hci_event`, `btsnoop_capture`) check that.
-//! The BlueZ, remote-receiver and replay sources belong here too. A build without `ble` reports
-//! a config that asks for any of them as a config problem (see [`crate::family`]).
+//!
+//! The `beacons` driver ([`beacons`]) turns a source into `beacon.sightings`: [`replay`] (btsnoop
+//! and JSONL captures) and [`mqtt_source`] (remote receivers, [`receivers`]: our schema and
+//! ESPresense), behind [`source::SightingSource`], with the allow-list of [`source`] applied at
+//! ingest. The BlueZ source belongs here too. A build without `ble` reports a config that asks
+//! for any of them as a config problem (see [`crate::family`]).
 
 pub mod ad;
 pub mod beacon;
+pub mod beacons;
 pub mod btsnoop;
 pub mod eddystone;
 pub mod hci;
+pub mod mqtt_source;
 pub mod presence;
 pub mod presence_driver;
+pub mod receivers;
+pub mod replay;
 pub mod sim;
 pub mod simulated;
+pub mod source;

@@ -41,31 +41,42 @@ impl Driver for PresenceConfig {
     }
 }
 
-/// A `beacon.sighting/1` payload as a [`Sighting`]: `beacon` (or `tag`), `receiver`, `rssi`,
-/// optional `tx_power`, and `ts` (else the record's event time).
-pub fn sighting(r: &Record) -> Result<Sighting, String> {
+/// A `beacon.sighting/1` payload as [`Sighting`]s: `beacon` (or `tag`), `tx_power` (optional),
+/// `ts` (else the record's event time), and either a `receivers` array (the `beacons` driver's
+/// aggregated form: one `{receiver, rssi}` per receiver that heard the beacon in the window) or
+/// one `receiver` and `rssi` at the top level.
+pub fn sightings(r: &Record) -> Result<Vec<Sighting>, String> {
     let v: Value = serde_json::from_slice(&r.event.payload)
         .map_err(|e| format!("the sighting is not JSON: {e}"))?;
-    let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-    let tag = text("beacon")
-        .or_else(|| text("tag"))
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    let tag = text(&v, "beacon")
+        .or_else(|| text(&v, "tag"))
         .ok_or("the sighting has no `beacon` field")?;
-    let receiver = text("receiver").ok_or("the sighting has no `receiver` field")?;
-    let rssi = v
-        .get("rssi")
-        .and_then(Value::as_f64)
-        .filter(|x| (-130.0..=20.0).contains(x))
-        .ok_or("the sighting has no `rssi` between -130 and 20 dBm")?;
-    Ok(Sighting {
-        tag,
-        receiver,
-        rssi,
-        tx_power: v.get("tx_power").and_then(Value::as_f64),
-        ts_ms: v
-            .get("ts")
-            .and_then(Value::as_i64)
-            .unwrap_or(r.event.event_ts_ms),
-    })
+    let ts_ms = v
+        .get("ts")
+        .and_then(Value::as_i64)
+        .unwrap_or(r.event.event_ts_ms);
+    let tx_power = v.get("tx_power").and_then(Value::as_f64);
+    let one = |h: &Value| -> Result<Sighting, String> {
+        let receiver = text(h, "receiver").ok_or("the sighting has no `receiver` field")?;
+        let rssi = h
+            .get("rssi")
+            .and_then(Value::as_f64)
+            .filter(|x| (-130.0..=20.0).contains(x))
+            .ok_or("the sighting has no `rssi` between -130 and 20 dBm")?;
+        Ok(Sighting {
+            tag: tag.clone(),
+            receiver,
+            rssi,
+            tx_power,
+            ts_ms,
+        })
+    };
+    match v.get("receivers") {
+        Some(Value::Array(hs)) => hs.iter().map(one).collect(),
+        Some(_) => Err("`receivers` is not an array".into()),
+        None => one(&v).map(|s| vec![s]),
+    }
 }
 
 fn event(cfg: &PresenceConfig, store: &str, e: &PresenceEvent) -> Event {
@@ -128,10 +139,14 @@ async fn run(cfg: PresenceConfig, ctx: ComponentContext) -> Result<(), Component
                 };
                 let mut out = Vec::new();
                 for r in &batch.records {
-                    match sighting(r) {
-                        Ok(s) => out.extend(
-                            engine.observe(&s).iter().map(|e| event(&cfg, &ctx.store_id, e)),
-                        ),
+                    match sightings(r) {
+                        Ok(v) => {
+                            for s in &v {
+                                out.extend(
+                                    engine.observe(s).iter().map(|e| event(&cfg, &ctx.store_id, e)),
+                                );
+                            }
+                        }
                         Err(reason) => {
                             bad += 1;
                             out.push(dead_letter(&ctx, "presence", "bad_sighting", reason, &r.event.payload));

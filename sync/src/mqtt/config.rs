@@ -67,16 +67,8 @@ impl Default for MqttConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MqttTls {
-    /// CA certificate(s) (PEM) that signed the broker's certificate. Default: the system store.
-    /// The broker's certificate must name `host`.
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate and key (PEM) for mutual TLS.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-}
+/// The `[mqtt.tls]` table.
+pub type MqttTls = edge_core::tls::TlsFiles;
 
 /// MQTT topics -> a local stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

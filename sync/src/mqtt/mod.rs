@@ -26,7 +26,6 @@
 pub mod config;
 mod egress;
 pub(crate) mod ingress;
-mod tls;
 pub mod topic;
 
 pub use config::{EgressRule, IngressRule, MqttConfig, MqttTls, StartAt};
@@ -106,7 +105,7 @@ fn mqtt_options(cfg: &MqttConfig, store: &str) -> Result<MqttOptions, MqttError>
         o.set_credentials(user.clone(), password);
     }
     if let Some(t) = &cfg.tls {
-        let config = tls::client_config(t).map_err(MqttError::Config)?;
+        let config = edge_core::tls::client_config(t).map_err(MqttError::Config)?;
         o.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(config),
         ));

@@ -1,10 +1,23 @@
-//! TLS for the broker connection: rustls with the `ring` provider (no C build), the configured CA
-//! or the system store, optional client certificate.
+//! TLS client set-up shared by every broker connection (the agent's MQTT client, the beacon
+//! receivers' MQTT source): rustls with the `ring` provider (no C build), the configured CA or the
+//! system store, optional client certificate.
 
-use super::config::MqttTls;
+use serde::{Deserialize, Serialize};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The `tls` table of a broker connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// CA certificate(s) (PEM) that signed the broker's certificate. Default: the system store.
+    /// The broker's certificate must name the configured host.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
 
 const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -26,7 +39,8 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
         .ok_or_else(|| format!("{} holds no private key", path.display()))
 }
 
-pub(crate) fn client_config(tls: &MqttTls) -> Result<Arc<rustls::ClientConfig>, String> {
+/// A rustls client config for `tls`; the error names the file and what is wrong with it.
+pub fn client_config(tls: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     let ca = tls.ca_file.clone().unwrap_or_else(|| SYSTEM_CA.into());
     for cert in read_certs(&ca)? {

@@ -1,0 +1,159 @@
+//! The beacons driver replaying a btmon capture written by the seeded store simulator: a
+//! store-owned tag walking from the first aisle to the last becomes aggregated
+//! `beacon.sightings` and then enter events in the first and the last aisle in
+//! `presence.events`; a foreign beacon and a phone in the same capture are dropped at ingest,
+//! counted by reason, and no device address reaches any record.
+#![cfg(feature = "ble")]
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+mod common;
+
+use common::Harness;
+use edge_drivers::DriverConfig;
+use edge_drivers::ble::beacon::{Beacon, IBeacon};
+use edge_drivers::ble::sim::{Path, Store, write_capture};
+use edge_drivers::ble::source::parse_uuid;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+const OURS: &str = "f7826da6-4fa2-4e98-8024-bc5b71e0893e";
+const FOREIGN: &str = "e2c56db5-dffb-48d2-b060-d0f5a71096e0";
+
+fn drivers(config: &str) -> Vec<DriverConfig> {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        drivers: Vec<DriverConfig>,
+    }
+    let doc: Doc = toml::from_str(config).unwrap();
+    let mut p = edge_core::config::Problems::new();
+    edge_drivers::validate_drivers(&doc.drivers, "drivers", &mut p);
+    assert!(p.is_empty(), "{p}");
+    doc.drivers
+}
+
+fn ibeacon(uuid: &str, minor: u16) -> Vec<u8> {
+    Beacon::IBeacon(IBeacon {
+        uuid: parse_uuid(uuid).unwrap(),
+        major: 1,
+        minor,
+        measured_power: -59,
+    })
+    .to_advertising_data()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_capture_walks_a_tag_through_the_aisles_and_foreign_devices_are_dropped() {
+    let h = Harness::new();
+    let store = Store::default();
+    let w = store.zone_width_m;
+    // Our tag: 15 s in aisle 0, a walk to aisle 3, 15 s there, then it leaves.
+    let walk = Path {
+        waypoints: vec![(0.0, w / 2.0), (15.0, w / 2.0), (30.0, 3.5 * w), (45.0, 3.5 * w)],
+        leaves: true,
+    };
+    let capture = h.dir.path().join("walk.btsnoop");
+    let file = std::fs::File::create(&capture).unwrap();
+    let phone = vec![0x02, 0x01, 0x1a, 0x05, 0x09, b'P', b'i', b'x', b'l'];
+    let written = write_capture(
+        &store,
+        &[
+            (ibeacon(OURS, 17), walk),
+            (ibeacon(FOREIGN, 3), Path::still(w, 45.0)),
+            (phone, Path::still(2.0 * w, 45.0)),
+        ],
+        7,
+        edge_core::time::now_ms() - 60_000,
+        std::io::BufWriter::new(file),
+    )
+    .unwrap();
+    assert!(written > 3_000, "{written} reports");
+    let zones: Vec<String> = store
+        .zone_configs()
+        .iter()
+        .map(|z| {
+            format!(
+                "{{ name = \"{}\", receivers = [\"{}\"], max_distance_m = {} }}",
+                z.name, z.receivers[0], z.max_distance_m
+            )
+        })
+        .collect();
+    // Five times real speed: the 45 s walk takes 9 s; the replayed times are now.
+    let config = format!(
+        r#"
+[[drivers]]
+type = "presence"
+name = "presence"
+window_ms = 1000
+exit_timeout_ms = 3000
+zones = [{}]
+
+[[drivers]]
+type = "beacons"
+name = "replay"
+window_ms = 200
+[drivers.allow]
+ibeacon_uuids = ["{OURS}"]
+[drivers.source]
+kind = "replay"
+path = "{}"
+speed = 5.0
+adapters = ["rx-0", "rx-1", "rx-2", "rx-3"]
+"#,
+        zones.join(", "),
+        capture.display()
+    );
+    let d = drivers(&config);
+    let presence = tokio::spawn(d[0].build(h.ctx("presence", "presence")).unwrap());
+    h.wait_status("presence", T, |s| s.state == edge_core::State::Up)
+        .await;
+    let beacons = tokio::spawn(d[1].build(h.ctx("replay", "beacons")).unwrap());
+    // The replay ends after about 9 s; its driver then stops on its own.
+    tokio::time::timeout(T, beacons).await.unwrap().unwrap().unwrap();
+    // The exit of the last aisle comes by timeout.
+    h.wait_status("presence", T, |s| s.fields.get("tags").is_some_and(|t| t == 0))
+        .await;
+
+    let sightings = h.payloads("beacon.sightings").await;
+    assert!(!sightings.is_empty());
+    let tag = format!("ibeacon:{OURS}:1:17");
+    assert!(sightings.iter().all(|s| s["beacon"] == tag), "only our tag is kept");
+    // Aggregated: about 5 records a second (200 ms windows) for 45 s of capture, each with
+    // several receivers' medians, instead of some 40 advertisements a second.
+    assert!(
+        sightings.len() < 300,
+        "{} records for {written} reports",
+        sightings.len()
+    );
+    assert!(sightings.iter().any(|s| s["receivers"].as_array().unwrap().len() >= 2));
+    let events = h.payloads("presence.events").await;
+    let enters: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "enter")
+        .filter_map(|e| e["zone"].as_str())
+        .collect();
+    assert_eq!(enters.first(), Some(&"zone-0"), "{events:#?}");
+    assert_eq!(enters.last(), Some(&"zone-3"), "{events:#?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "exit" && e["zone"] == "zone-3"),
+        "{events:#?}"
+    );
+    // The foreign beacon and the phone were dropped by reason, and no address is anywhere.
+    let st = h.status.get("replay").unwrap();
+    let dropped = &st.fields["dropped"];
+    assert!(dropped["not_allowed"].as_u64().unwrap() > 500, "{dropped}");
+    assert!(dropped["no_beacon"].as_u64().unwrap() > 500, "{dropped}");
+    assert!(st.fields["sightings_total"].as_u64().unwrap() > 1_000, "{st:?}");
+    for stream in ["beacon.sightings", "presence.events", "deadletter", "agent.health"] {
+        for r in h.records(stream).await {
+            let text = String::from_utf8_lossy(&r.event.payload).to_lowercase();
+            assert!(
+                !text.contains("c0:ff:ee") && !text.contains("c0ffee") && !text.contains(FOREIGN),
+                "{stream}: {text}"
+            );
+        }
+    }
+    h.shutdown.stop_all();
+    presence.await.unwrap().unwrap();
+}
