@@ -2,8 +2,8 @@
 //! receivers' MQTT source): rustls with the `ring` provider (no C build), the configured CA or the
 //! system store, optional client certificate.
 
-use serde::{Deserialize, Serialize};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

@@ -174,7 +174,24 @@ pub fn ble_advertising(data: &[u8]) {
         assert!(again.len() == data.len() || data[again.len()] == 0);
         assert_eq!(it.consumed(), data.len());
     }
+    // The beacons driver's ingest step: identification never panics, and with nothing on the
+    // allow-list nothing is kept.
+    let heard = crate::ble::source::Heard::Advertisement(data.to_vec());
+    let all = crate::ble::source::AllowList {
+        all: true,
+        ..Default::default()
+    };
+    let kept = crate::ble::source::identify(&heard, &all.compile());
+    let none = crate::ble::source::AllowList::default().compile();
+    assert!(
+        crate::ble::source::identify(&heard, &none).is_err(),
+        "an empty allow-list keeps nothing"
+    );
     let Ok(ad) = Advertisement::parse(data) else {
+        assert!(
+            kept.is_err(),
+            "an advertisement that does not parse identifies nothing"
+        );
         return;
     };
     let _ = (ad.flags(), ad.local_name(), ad.tx_power());

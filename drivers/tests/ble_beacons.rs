@@ -48,7 +48,12 @@ async fn a_replayed_capture_walks_a_tag_through_the_aisles_and_foreign_devices_a
     let w = store.zone_width_m;
     // Our tag: 15 s in aisle 0, a walk to aisle 3, 15 s there, then it leaves.
     let walk = Path {
-        waypoints: vec![(0.0, w / 2.0), (15.0, w / 2.0), (30.0, 3.5 * w), (45.0, 3.5 * w)],
+        waypoints: vec![
+            (0.0, w / 2.0),
+            (15.0, w / 2.0),
+            (30.0, 3.5 * w),
+            (45.0, 3.5 * w),
+        ],
         leaves: true,
     };
     let capture = h.dir.path().join("walk.btsnoop");
@@ -108,15 +113,24 @@ adapters = ["rx-0", "rx-1", "rx-2", "rx-3"]
         .await;
     let beacons = tokio::spawn(d[1].build(h.ctx("replay", "beacons")).unwrap());
     // The replay ends after about 9 s; its driver then stops on its own.
-    tokio::time::timeout(T, beacons).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(T, beacons)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     // The exit of the last aisle comes by timeout.
-    h.wait_status("presence", T, |s| s.fields.get("tags").is_some_and(|t| t == 0))
-        .await;
+    h.wait_status("presence", T, |s| {
+        s.fields.get("tags").is_some_and(|t| t == 0)
+    })
+    .await;
 
     let sightings = h.payloads("beacon.sightings").await;
     assert!(!sightings.is_empty());
     let tag = format!("ibeacon:{OURS}:1:17");
-    assert!(sightings.iter().all(|s| s["beacon"] == tag), "only our tag is kept");
+    assert!(
+        sightings.iter().all(|s| s["beacon"] == tag),
+        "only our tag is kept"
+    );
     // Aggregated: about 5 records a second (200 ms windows) for 45 s of capture, each with
     // several receivers' medians, instead of some 40 advertisements a second.
     assert!(
@@ -124,7 +138,11 @@ adapters = ["rx-0", "rx-1", "rx-2", "rx-3"]
         "{} records for {written} reports",
         sightings.len()
     );
-    assert!(sightings.iter().any(|s| s["receivers"].as_array().unwrap().len() >= 2));
+    assert!(
+        sightings
+            .iter()
+            .any(|s| s["receivers"].as_array().unwrap().len() >= 2)
+    );
     let events = h.payloads("presence.events").await;
     let enters: Vec<&str> = events
         .iter()
@@ -144,8 +162,16 @@ adapters = ["rx-0", "rx-1", "rx-2", "rx-3"]
     let dropped = &st.fields["dropped"];
     assert!(dropped["not_allowed"].as_u64().unwrap() > 500, "{dropped}");
     assert!(dropped["no_beacon"].as_u64().unwrap() > 500, "{dropped}");
-    assert!(st.fields["sightings_total"].as_u64().unwrap() > 1_000, "{st:?}");
-    for stream in ["beacon.sightings", "presence.events", "deadletter", "agent.health"] {
+    assert!(
+        st.fields["sightings_total"].as_u64().unwrap() > 1_000,
+        "{st:?}"
+    );
+    for stream in [
+        "beacon.sightings",
+        "presence.events",
+        "deadletter",
+        "agent.health",
+    ] {
         for r in h.records(stream).await {
             let text = String::from_utf8_lossy(&r.event.payload).to_lowercase();
             assert!(

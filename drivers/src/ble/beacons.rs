@@ -230,12 +230,7 @@ impl Aggregator {
     }
 
     /// Takes one sighting; returns the window it closed, if its time starts a new one.
-    pub fn push(
-        &mut self,
-        s: RawSighting,
-        drops: &mut Drops,
-        out: &mut dyn FnMut(Closed),
-    ) {
+    pub fn push(&mut self, s: RawSighting, drops: &mut Drops, out: &mut dyn FnMut(Closed)) {
         let offset = match self.offsets.get(&s.receiver) {
             Some(o) => *o,
             None if self.listed => return drops.add(Drop::UnknownReceiver, 1),
@@ -293,7 +288,8 @@ impl Aggregator {
     pub fn due(&self, grace: Duration) -> bool {
         match (self.start, self.latest) {
             (Some(start), Some((t, at))) => {
-                t + at.elapsed().as_millis() as i64 >= start + self.window_ms + grace.as_millis() as i64
+                t + at.elapsed().as_millis() as i64
+                    >= start + self.window_ms + grace.as_millis() as i64
             }
             _ => false,
         }
@@ -316,7 +312,9 @@ impl Aggregator {
                 if best.as_ref().is_none_or(|(m, _)| med > *m) {
                     best = Some((med, rid.clone()));
                 }
-                receivers.push(json!({"receiver": rid, "rssi": med, "rssi_max": max, "samples": r.count}));
+                receivers.push(
+                    json!({"receiver": rid, "rssi": med, "rssi_max": max, "samples": r.count}),
+                );
             }
             let (rssi, receiver) = best.unwrap_or_default();
             let tag = id.tag();
@@ -370,8 +368,10 @@ async fn write(
         Ok(_) => {
             if *shedding {
                 *shedding = false;
-                ctx.status
-                    .set(State::Up, "the local log has room again; sightings are written");
+                ctx.status.set(
+                    State::Up,
+                    "the local log has room again; sightings are written",
+                );
             }
             metrics::counter!("edge_beacon_records_total", "driver" => cfg.name.clone())
                 .increment(n);
@@ -389,7 +389,9 @@ async fn write(
             Ok(())
         }
         Err(LogError::Closed) => Ok(()),
-        Err(e) => Err(ComponentError::from(format!("writing beacon sightings: {e}"))),
+        Err(e) => Err(ComponentError::from(format!(
+            "writing beacon sightings: {e}"
+        ))),
     }
 }
 
@@ -450,7 +452,13 @@ async fn pump<S: SightingSource>(
     Ok(())
 }
 
-fn report(cfg: &BeaconsConfig, ctx: &ComponentContext, agg: &Aggregator, drops: &Drops, reported: &mut Drops) {
+fn report(
+    cfg: &BeaconsConfig,
+    ctx: &ComponentContext,
+    agg: &Aggregator,
+    drops: &Drops,
+    reported: &mut Drops,
+) {
     ctx.status.field("sightings_total", agg.accepted);
     let mut by_reason = serde_json::Map::new();
     for d in Drop::ALL {
@@ -462,8 +470,10 @@ fn report(cfg: &BeaconsConfig, ctx: &ComponentContext, agg: &Aggregator, drops: 
                 .increment(delta);
         }
     }
-    ctx.status.field("dropped", serde_json::Value::Object(by_reason));
-    metrics::gauge!("edge_beacon_sightings_accepted", "driver" => cfg.name.clone()).set(agg.accepted as f64);
+    ctx.status
+        .field("dropped", serde_json::Value::Object(by_reason));
+    metrics::gauge!("edge_beacon_sightings_accepted", "driver" => cfg.name.clone())
+        .set(agg.accepted as f64);
     *reported = drops.clone();
 }
 
@@ -512,20 +522,31 @@ mod tests {
         let mut drops = Drops::default();
         let mut closed = Vec::new();
         for (i, rssi) in [-70, -60, -65, -90, -64].into_iter().enumerate() {
-            agg.push(seen("r1", 1, 10_000 + i as i64 * 100, rssi), &mut drops, &mut |c| closed.push(c));
+            agg.push(
+                seen("r1", 1, 10_000 + i as i64 * 100, rssi),
+                &mut drops,
+                &mut |c| closed.push(c),
+            );
         }
         for rssi in [-80, -82] {
-            agg.push(seen("r2", 1, 10_500, rssi), &mut drops, &mut |c| closed.push(c));
+            agg.push(seen("r2", 1, 10_500, rssi), &mut drops, &mut |c| {
+                closed.push(c)
+            });
         }
         assert!(closed.is_empty(), "the window is still open");
         // The next window's first sighting closes it.
-        agg.push(seen("r1", 1, 11_000, -60), &mut drops, &mut |c| closed.push(c));
+        agg.push(seen("r1", 1, 11_000, -60), &mut drops, &mut |c| {
+            closed.push(c)
+        });
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].sightings, 7);
         let v = payloads(&closed[0]);
         assert_eq!(v.len(), 1);
         assert_eq!(v[0]["beacon"], format!("ibeacon:{UUID}:1:1"));
-        assert_eq!((v[0]["receiver"].as_str(), v[0]["rssi"].as_i64()), (Some("r1"), Some(-65)));
+        assert_eq!(
+            (v[0]["receiver"].as_str(), v[0]["rssi"].as_i64()),
+            (Some("r1"), Some(-65))
+        );
         assert_eq!(v[0]["receivers"][0]["rssi_max"], -60);
         assert_eq!(v[0]["receivers"][0]["samples"], 5);
         assert_eq!(v[0]["receivers"][1]["rssi"], -81);

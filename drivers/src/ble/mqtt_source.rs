@@ -67,13 +67,21 @@ impl MqttSourceConfig {
             p.push(("host".into(), "must name the broker".into()));
         }
         if self.topics.is_empty() {
-            p.push(("topics".into(), "must list at least one topic filter".into()));
+            p.push((
+                "topics".into(),
+                "must list at least one topic filter".into(),
+            ));
         }
         for (i, t) in self.topics.iter().enumerate() {
-            let bad_wildcard = t.split('/').any(|l| l.len() > 1 && (l.contains('+') || l.contains('#')))
+            let bad_wildcard = t
+                .split('/')
+                .any(|l| l.len() > 1 && (l.contains('+') || l.contains('#')))
                 || t.split('/').rev().skip(1).any(|l| l == "#");
             if t.is_empty() || bad_wildcard {
-                p.push((format!("topics[{i}]"), format!("{t:?} is not an MQTT topic filter")));
+                p.push((
+                    format!("topics[{i}]"),
+                    format!("{t:?} is not an MQTT topic filter"),
+                ));
             }
         }
         if self.password_file.is_some() && self.username.is_none() {
@@ -161,7 +169,11 @@ impl SightingSource for MqttSource {
                     }
                     status.set(
                         State::Up,
-                        format!("subscribed to {} at {}", self.topics.join(", "), self.broker),
+                        format!(
+                            "subscribed to {} at {}",
+                            self.topics.join(", "),
+                            self.broker
+                        ),
                     );
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {

@@ -43,7 +43,11 @@ fn bad(reason: impl Into<String>) -> Refused {
 }
 
 /// The sightings in one message published on `topic`; `now_ms` stands in for a missing time.
-pub fn parse_message(topic: &str, payload: &[u8], now_ms: i64) -> Result<Vec<RawSighting>, Refused> {
+pub fn parse_message(
+    topic: &str,
+    payload: &[u8],
+    now_ms: i64,
+) -> Result<Vec<RawSighting>, Refused> {
     let v: Value = serde_json::from_slice(payload).map_err(|e| bad(format!("not JSON: {e}")))?;
     if let Some(rest) = topic.strip_prefix("espresense/devices/") {
         espresense(rest, &v, now_ms).map(|s| vec![s])
@@ -139,7 +143,10 @@ fn espresense(rest: &str, v: &Value, now_ms: i64) -> Result<RawSighting, Refused
         .and_then(Value::as_str)
         .ok_or_else(|| bad("the ESPresense message has no `id`"))?;
     let Some(ib) = id.strip_prefix("iBeacon:") else {
-        return Err(refused(Drop::NoBeacon, "an ESPresense id that is not an iBeacon"));
+        return Err(refused(
+            Drop::NoBeacon,
+            "an ESPresense id that is not an iBeacon",
+        ));
     };
     let id = espresense_ibeacon(ib)
         .ok_or_else(|| bad("an iBeacon id that is not <uuid>-<major>-<minor>"))?;
@@ -167,8 +174,7 @@ fn espresense_ibeacon(s: &str) -> Option<BeaconId> {
 /// A receiver id: 1-64 of `A-Z a-z 0-9 . _ -`.
 pub fn valid_id(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
@@ -198,7 +204,10 @@ mod tests {
         );
         let s = parse_message("edge/beacons/esp-aisle-1", batch.as_bytes(), 5).unwrap();
         assert_eq!(s.len(), 2);
-        assert_eq!((s[0].receiver.as_str(), s[0].ts_ms, s[0].rssi), ("esp-aisle-1", 1000, -67));
+        assert_eq!(
+            (s[0].receiver.as_str(), s[0].ts_ms, s[0].rssi),
+            ("esp-aisle-1", 1000, -67)
+        );
         assert_eq!((s[1].ts_ms, s[1].rssi), (1100, -70));
         let Heard::Advertisement(adv) = &s[0].heard else {
             panic!("raw advertisement expected")
@@ -219,16 +228,26 @@ mod tests {
             9,
         )
         .unwrap();
-        assert_eq!((s[0].receiver.as_str(), s[0].rssi, s[0].ts_ms), ("aisle-3", -73, 9));
+        assert_eq!(
+            (s[0].receiver.as_str(), s[0].rssi, s[0].ts_ms),
+            ("aisle-3", -73, 9)
+        );
         let Heard::Decoded { id, tx_power } = &s[0].heard else {
             panic!("decoded identity expected")
         };
-        assert_eq!(id.tag(), "ibeacon:f7826da6-4fa2-4e98-8024-bc5b71e0893e:7:42");
+        assert_eq!(
+            id.tag(),
+            "ibeacon:f7826da6-4fa2-4e98-8024-bc5b71e0893e:7:42"
+        );
         assert_eq!(*tx_power, Some(-59));
         let phone = br#"{"id":"apple:1005:9-26","rssi":-60,"mac":"c0ffee000002"}"#;
         let e = parse_message("espresense/devices/apple:1005:9-26/aisle-3", phone, 9).unwrap_err();
         assert_eq!(e.drop, Drop::NoBeacon);
-        assert!(!e.reason.contains("c0ffee"), "no address in the reason: {}", e.reason);
+        assert!(
+            !e.reason.contains("c0ffee"),
+            "no address in the reason: {}",
+            e.reason
+        );
     }
 
     #[test]
@@ -237,22 +256,91 @@ mod tests {
             ("edge/beacons/r1", b"\xff\xfe", "not JSON"),
             ("edge/beacons/r1", b"[1,2]", "not a JSON object"),
             ("edge/beacons/r1", br#"{"adv":"0g","rssi":-60}"#, "not hex"),
-            ("edge/beacons/r1", br#"{"adv":"020106","rssi":-300}"#, "rssi"),
-            ("edge/beacons/r1", br#"{"adv":"020106","rssi":-60,"ts":-5}"#, "ts"),
-            ("edge/beacons/r1", br#"{"schema":"x/2","adv":"020106","rssi":-60}"#, "schema"),
-            ("edge/beacons/bad id", br#"{"adv":"020106","rssi":-60}"#, "topic"),
-            ("espresense/devices/x", br#"{"id":"iBeacon:1-2-3","rssi":-60}"#, "topic"),
-            ("espresense/devices/x/r", br#"{"id":"iBeacon:1-2-3","rssi":-60}"#, "iBeacon id"),
+            (
+                "edge/beacons/r1",
+                br#"{"adv":"020106","rssi":-300}"#,
+                "rssi",
+            ),
+            (
+                "edge/beacons/r1",
+                br#"{"adv":"020106","rssi":-60,"ts":-5}"#,
+                "ts",
+            ),
+            (
+                "edge/beacons/r1",
+                br#"{"schema":"x/2","adv":"020106","rssi":-60}"#,
+                "schema",
+            ),
+            (
+                "edge/beacons/bad id",
+                br#"{"adv":"020106","rssi":-60}"#,
+                "topic",
+            ),
+            (
+                "espresense/devices/x",
+                br#"{"id":"iBeacon:1-2-3","rssi":-60}"#,
+                "topic",
+            ),
+            (
+                "espresense/devices/x/r",
+                br#"{"id":"iBeacon:1-2-3","rssi":-60}"#,
+                "iBeacon id",
+            ),
         ];
         for (topic, payload, needle) in cases {
             let e = parse_message(topic, payload, 1).unwrap_err();
             assert_eq!(e.drop, Drop::BadMessage, "{topic} {needle}");
-            assert!(e.reason.contains(needle), "{topic}: {:?} lacks {needle:?}", e.reason);
+            assert!(
+                e.reason.contains(needle),
+                "{topic}: {:?} lacks {needle:?}",
+                e.reason
+            );
         }
         let many = format!(
             r#"{{"receiver":"r1","reports":[{}]}}"#,
             vec![format!(r#"{{"adv":"{ADV}","rssi":-60}}"#); MAX_REPORTS + 1].join(",")
         );
-        assert!(parse_message("t/r1", many.as_bytes(), 1).unwrap_err().reason.contains("at most"));
+        assert!(
+            parse_message("t/r1", many.as_bytes(), 1)
+                .unwrap_err()
+                .reason
+                .contains("at most")
+        );
+    }
+
+    /// Every byte of the sample messages flipped, cut or duplicated: refused or read, never a
+    /// panic, and whatever is read has a valid receiver id and an RSSI in range.
+    #[test]
+    fn mutated_messages_never_panic() {
+        let samples: Vec<(&str, Vec<u8>)> = vec![
+            ("edge/beacons/r1", format!(r#"{{"schema":"beacon.receiver/1","receiver":"r1","ts":5,"reports":[{{"adv":"{ADV}","rssi":-60}}]}}"#).into_bytes()),
+            ("espresense/devices/x/aisle-1", br#"{"id":"iBeacon:f7826da6-4fa2-4e98-8024-bc5b71e0893e-7-42","rssi@1m":-59,"rssi":-72}"#.to_vec()),
+        ];
+        let mut rng = fastrand::Rng::with_seed(11);
+        for (topic, msg) in &samples {
+            for _ in 0..3000 {
+                let mut m = msg.clone();
+                match rng.u8(0..3) {
+                    0 => {
+                        let i = rng.usize(0..m.len());
+                        m[i] = rng.u8(..);
+                    }
+                    1 => m.truncate(rng.usize(0..m.len())),
+                    _ => {
+                        let i = rng.usize(0..m.len());
+                        let b = m[i];
+                        m.insert(i, b);
+                    }
+                }
+                if let Ok(v) = parse_message(topic, &m, 1) {
+                    for s in v {
+                        assert!(
+                            valid_id(&s.receiver) && (-130..=20).contains(&s.rssi),
+                            "{s:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -188,9 +188,9 @@ impl Replay {
 
     /// When sighting time `ts` is due, and the event time it carries.
     fn schedule(&mut self, ts: i64) -> (Option<Instant>, i64) {
-        let (wall, file_t0, wall_ms0) = *self.origin.get_or_insert_with(|| {
-            (Instant::now(), ts, edge_core::time::now_ms())
-        });
+        let (wall, file_t0, wall_ms0) = *self
+            .origin
+            .get_or_insert_with(|| (Instant::now(), ts, edge_core::time::now_ms()));
         let offset_ms = (ts - file_t0).max(0) as f64;
         let (due, replayed) = if self.speed > 0.0 {
             let after = offset_ms / self.speed;
@@ -309,7 +309,10 @@ fn read_btsnoop(
         if chunk.len() >= CHUNK {
             send(tx, Chunk::Sightings(std::mem::take(&mut chunk)))?;
             if malformed > 0 {
-                send(tx, Chunk::Dropped(Drop::Malformed, std::mem::take(&mut malformed)))?;
+                send(
+                    tx,
+                    Chunk::Dropped(Drop::Malformed, std::mem::take(&mut malformed)),
+                )?;
             }
         }
     }

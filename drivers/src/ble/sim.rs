@@ -383,6 +383,60 @@ pub fn confusion_table(r: &Report, zones: usize) -> String {
     s
 }
 
+/// Writes what the receivers hear of `tags` (an advertisement and the path it walks) as a btmon
+/// capture (monitor datalink, adapter index `r` = receiver `rx-r`), starting at `start_ms` (Unix
+/// time): the file the `beacons` driver's replay source reads. Returns the reports written.
+pub fn write_capture<W: std::io::Write>(
+    store: &Store,
+    tags: &[(Vec<u8>, Path)],
+    seed: u64,
+    start_ms: i64,
+    out: W,
+) -> std::io::Result<u64> {
+    use super::btsnoop::{Datalink, Writer};
+    use super::hci::{
+        Address, AddressType, AdvertisingReport, LegacyEventType, ReportKind,
+        encode_le_advertising_report,
+    };
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut w = Writer::new(out, Datalink::Monitor)?;
+    let step_ms = (1000.0 / store.adv_hz).round() as i64;
+    let end_ms = tags
+        .iter()
+        .map(|(_, p)| (p.end() * 1000.0) as i64)
+        .max()
+        .unwrap_or(0);
+    let mut written = 0;
+    let mut t_ms = 0i64;
+    while t_ms <= end_ms {
+        for (i, (adv, path)) in tags.iter().enumerate() {
+            let Some(x) = path.x_at(t_ms as f64 / 1000.0) else {
+                continue;
+            };
+            for r in 0..store.zones {
+                let Some(rssi) = store.hear(&mut rng, x, r) else {
+                    continue;
+                };
+                let report = AdvertisingReport {
+                    kind: ReportKind::Legacy(LegacyEventType::AdvNonconnInd),
+                    address_type: AddressType::Random,
+                    address: Address([0xc0, 0xff, 0xee, 0, (i >> 8) as u8, i as u8]),
+                    rssi: Some(rssi.round().clamp(-127.0, 20.0) as i8),
+                    data: adv.clone(),
+                };
+                let event = encode_le_advertising_report(&[report], false)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                w.set_adapter_index(r as u16);
+                w.write_hci_event((start_ms + t_ms + r as i64) * 1000, &event)?;
+                written += 1;
+            }
+        }
+        t_ms += step_ms;
+    }
+    w.flush()?;
+    Ok(written)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,55 +486,4 @@ mod tests {
         let still = still_tags(&store, &naive, 5.0, 600.0, 1);
         assert!(still.flaps > 10, "{} flaps", still.flaps);
     }
-}
-
-/// Writes what the receivers hear of `tags` (an advertisement and the path it walks) as a btmon
-/// capture (monitor datalink, adapter index `r` = receiver `rx-r`), starting at `start_ms` (Unix
-/// time): the file the `beacons` driver's replay source reads. Returns the reports written.
-pub fn write_capture<W: std::io::Write>(
-    store: &Store,
-    tags: &[(Vec<u8>, Path)],
-    seed: u64,
-    start_ms: i64,
-    out: W,
-) -> std::io::Result<u64> {
-    use super::btsnoop::{Datalink, Writer};
-    use super::hci::{AdvertisingReport, AddressType, Address, LegacyEventType, ReportKind, encode_le_advertising_report};
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut w = Writer::new(out, Datalink::Monitor)?;
-    let step_ms = (1000.0 / store.adv_hz).round() as i64;
-    let end_ms = tags
-        .iter()
-        .map(|(_, p)| (p.end() * 1000.0) as i64)
-        .max()
-        .unwrap_or(0);
-    let mut written = 0;
-    let mut t_ms = 0i64;
-    while t_ms <= end_ms {
-        for (i, (adv, path)) in tags.iter().enumerate() {
-            let Some(x) = path.x_at(t_ms as f64 / 1000.0) else {
-                continue;
-            };
-            for r in 0..store.zones {
-                let Some(rssi) = store.hear(&mut rng, x, r) else {
-                    continue;
-                };
-                let report = AdvertisingReport {
-                    kind: ReportKind::Legacy(LegacyEventType::AdvNonconnInd),
-                    address_type: AddressType::Random,
-                    address: Address([0xc0, 0xff, 0xee, 0, (i >> 8) as u8, i as u8]),
-                    rssi: Some(rssi.round().clamp(-127.0, 20.0) as i8),
-                    data: adv.clone(),
-                };
-                let event = encode_le_advertising_report(&[report], false)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                w.set_adapter_index(r as u16);
-                w.write_hci_event((start_ms + t_ms + r as i64) * 1000, &event)?;
-                written += 1;
-            }
-        }
-        t_ms += step_ms;
-    }
-    w.flush()?;
-    Ok(written)
 }

@@ -33,10 +33,7 @@ pub enum Heard {
     /// The AD structures of the advertisement (legacy or extended).
     Advertisement(Vec<u8>),
     /// An identity the receiver decoded itself, with its calibrated power at 1 m if it sent one.
-    Decoded {
-        id: BeaconId,
-        tx_power: Option<i8>,
-    },
+    Decoded { id: BeaconId, tx_power: Option<i8> },
 }
 
 /// A beacon identity: what `beacon.sightings` and `presence.events` call a tag.
