@@ -56,6 +56,33 @@ fn default_max_distance() -> f64 {
     4.0
 }
 
+/// A receiver's place on the floor plan, metres.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverPosition {
+    pub id: String,
+    pub position: [f64; 2],
+}
+
+/// A beacon fixed at a known place: the self-calibration's ground truth. It never gets events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceBeacon {
+    pub tag: String,
+    pub position: [f64; 2],
+}
+
+/// One receiver's fitted radio: `rssi = tx_power + offset_db - 10 n log10(d)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Calibration {
+    /// How much hotter (positive) or deafer this receiver reads than the beacons' calibration.
+    pub offset_db: f64,
+    /// Its path-loss exponent (fitted with two or more reference distances, else the default).
+    pub path_loss_exponent: f64,
+    /// Reference beacons the fit used.
+    pub references: usize,
+}
+
 /// `[[drivers]] type = "presence"`: the driver (`presence_driver.rs`) and its engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -78,6 +105,13 @@ pub struct PresenceConfig {
     pub dwell_every_ms: u64,
     pub min_samples: usize,
     pub max_tags: usize,
+    /// Receiver positions: events carry a weighted-centroid `position` when the receivers that
+    /// hear a tag have one, and the self-calibration needs them.
+    pub receivers: Vec<ReceiverPosition>,
+    /// Fixed reference beacons: each receiver's RSSI offset and path-loss exponent are refitted
+    /// from what it hears of them every `calibrate_every_ms` (aisles change with stock).
+    pub references: Vec<ReferenceBeacon>,
+    pub calibrate_every_ms: u64,
 }
 
 impl Default for PresenceConfig {
@@ -98,6 +132,9 @@ impl Default for PresenceConfig {
             dwell_every_ms: 30_000,
             min_samples: 3,
             max_tags: 10_000,
+            receivers: Vec::new(),
+            references: Vec::new(),
+            calibrate_every_ms: 60_000,
         }
     }
 }
@@ -149,6 +186,39 @@ impl PresenceConfig {
         if self.max_tags == 0 {
             bad("max_tags", "must be at least 1");
         }
+        let finite = |p: &[f64; 2]| p.iter().all(|x| x.is_finite());
+        let mut ids = std::collections::HashSet::new();
+        for (i, r) in self.receivers.iter().enumerate() {
+            if r.id.is_empty() || !ids.insert(r.id.as_str()) {
+                bad(
+                    &format!("receivers[{i}].id"),
+                    "must be non-empty and unique",
+                );
+            }
+            if !finite(&r.position) {
+                bad(
+                    &format!("receivers[{i}].position"),
+                    "must be two numbers (metres)",
+                );
+            }
+        }
+        for (i, r) in self.references.iter().enumerate() {
+            if r.tag.is_empty() || !finite(&r.position) {
+                bad(
+                    &format!("references[{i}]"),
+                    "needs a tag and a position (metres)",
+                );
+            }
+        }
+        if !self.references.is_empty() && self.receivers.is_empty() {
+            bad(
+                "references",
+                "need the receivers' positions (receivers = [{ id, position }])",
+            );
+        }
+        if self.calibrate_every_ms < 1_000 {
+            bad("calibrate_every_ms", "must be at least 1000");
+        }
         p
     }
 }
@@ -177,6 +247,10 @@ pub struct PresenceEvent {
     /// Why a tag left (`timeout` or `moved`), or why it is unknown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// Weighted centroid (weights 1/d) of the receivers with a position that hear the tag, metres
+    /// (enter and dwell).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<[f64; 2]>,
 }
 
 #[derive(Debug, Default)]
@@ -217,6 +291,10 @@ pub struct Engine {
     receiver_zones: HashMap<String, Vec<usize>>,
     tags: HashMap<String, TagState>,
     stats: EngineStats,
+    positions: HashMap<String, [f64; 2]>,
+    references: HashMap<String, [f64; 2]>,
+    calibration: HashMap<String, Calibration>,
+    last_calibration_ms: Option<i64>,
 }
 
 impl Engine {
@@ -228,10 +306,22 @@ impl Engine {
             }
         }
         Engine {
+            positions: cfg
+                .receivers
+                .iter()
+                .map(|r| (r.id.clone(), r.position))
+                .collect(),
+            references: cfg
+                .references
+                .iter()
+                .map(|r| (r.tag.clone(), r.position))
+                .collect(),
             cfg,
             receiver_zones,
             tags: HashMap::new(),
             stats: EngineStats::default(),
+            calibration: HashMap::new(),
+            last_calibration_ms: None,
         }
     }
 
@@ -248,8 +338,96 @@ impl Engine {
         Some(self.cfg.zones[z].name.as_str())
     }
 
-    fn distance(&self, tx_power: f64, rssi: f64) -> f64 {
-        10f64.powf((tx_power - rssi) / (10.0 * self.cfg.path_loss_exponent))
+    /// The distance estimate of `rssi` heard by `receiver` from a beacon calibrated at
+    /// `tx_power`, with the receiver's fitted radio when self-calibration has one.
+    pub fn distance(&self, receiver: &str, tx_power: f64, rssi: f64) -> f64 {
+        let (offset, n) = match self.calibration.get(receiver) {
+            Some(c) => (c.offset_db, c.path_loss_exponent),
+            None => (0.0, self.cfg.path_loss_exponent),
+        };
+        10f64.powf((tx_power + offset - rssi) / (10.0 * n))
+    }
+
+    /// The receivers' fitted radios, by receiver id.
+    pub fn calibration(&self) -> &HashMap<String, Calibration> {
+        &self.calibration
+    }
+
+    /// Refits every receiver with a position from the fresh smoothed RSSI of the reference
+    /// beacons it hears: least squares of `rssi - tx_power` on `log10(d)` (offset and exponent)
+    /// with two or more distinct distances, the offset alone at the default exponent with one.
+    /// A receiver that hears no reference keeps its last fit.
+    pub fn calibrate(&mut self, now_ms: i64) {
+        let fresh = 4 * self.cfg.window_ms as i64;
+        let mut pairs: HashMap<&str, Vec<(f64, f64)>> = HashMap::new();
+        for (tag, at) in &self.references {
+            let Some(t) = self.tags.get(tag) else {
+                continue;
+            };
+            for (rx, track) in &t.tracks {
+                let (Some(p), Some(rssi)) = (self.positions.get(rx), track.smoothed) else {
+                    continue;
+                };
+                if now_ms - track.last_ms > fresh || track.samples.len() < self.cfg.min_samples {
+                    continue;
+                }
+                let d = ((p[0] - at[0]).powi(2) + (p[1] - at[1]).powi(2))
+                    .sqrt()
+                    .max(0.3);
+                pairs
+                    .entry(rx.as_str())
+                    .or_default()
+                    .push((d.log10(), rssi - track.tx_power));
+            }
+        }
+        for (rx, v) in pairs {
+            let k = v.len() as f64;
+            let mx = v.iter().map(|p| p.0).sum::<f64>() / k;
+            let my = v.iter().map(|p| p.1).sum::<f64>() / k;
+            let sxx: f64 = v.iter().map(|p| (p.0 - mx).powi(2)).sum();
+            let sxy: f64 = v.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+            let n = if v.len() >= 2 && sxx > 0.01 {
+                (-sxy / sxx / 10.0).clamp(1.2, 6.0)
+            } else {
+                self.cfg.path_loss_exponent
+            };
+            let offset = (my + 10.0 * n * mx).clamp(-25.0, 25.0);
+            self.calibration.insert(
+                rx.to_string(),
+                Calibration {
+                    offset_db: offset,
+                    path_loss_exponent: n,
+                    references: v.len(),
+                },
+            );
+        }
+        self.last_calibration_ms = Some(now_ms);
+    }
+
+    /// Weighted centroid (weights 1/d: exact for a tag on the line between two receivers) of the
+    /// fresh receivers with a position that hear `tag`.
+    fn centroid(&self, tag: &TagState, now_ms: i64) -> Option<[f64; 2]> {
+        let fresh = self.cfg.window_ms as i64;
+        let (mut w, mut x, mut y) = (0.0, 0.0, 0.0);
+        for (rx, t) in &tag.tracks {
+            let (Some(p), Some(rssi)) = (self.positions.get(rx), t.smoothed) else {
+                continue;
+            };
+            if now_ms - t.last_ms > fresh {
+                continue;
+            }
+            let d = self.distance(rx, t.tx_power, rssi).max(0.3);
+            let wi = 1.0 / d;
+            w += wi;
+            x += wi * p[0];
+            y += wi * p[1];
+        }
+        (w > 0.0).then(|| {
+            [
+                (x / w * 100.0).round() / 100.0,
+                (y / w * 100.0).round() / 100.0,
+            ]
+        })
     }
 
     /// Feeds one sighting; returns the events it causes. Sightings of receivers no zone lists
@@ -285,7 +463,7 @@ impl Engine {
                 None => robust,
             });
         }
-        if !self.receiver_zones.contains_key(&s.receiver) {
+        if !self.receiver_zones.contains_key(&s.receiver) || self.references.contains_key(&s.tag) {
             return Vec::new();
         }
         let out = self.decide(&s.tag, s.ts_ms);
@@ -295,9 +473,25 @@ impl Engine {
 
     /// Exits by timeout and periodic dwell updates at `now_ms`; call it at least once a second.
     pub fn tick(&mut self, now_ms: i64) -> Vec<PresenceEvent> {
+        if !self.references.is_empty()
+            && self
+                .last_calibration_ms
+                .is_none_or(|t| now_ms - t >= self.cfg.calibrate_every_ms as i64)
+        {
+            self.calibrate(now_ms);
+        }
         let timeout = self.cfg.exit_timeout_ms as i64;
         let dwell_every = self.cfg.dwell_every_ms as i64;
         let mut out = Vec::new();
+        let dwelling: HashMap<String, Option<[f64; 2]>> = if self.positions.is_empty() {
+            HashMap::new()
+        } else {
+            self.tags
+                .iter()
+                .filter(|(_, t)| t.zone.is_some())
+                .map(|(k, t)| (k.clone(), self.centroid(t, now_ms)))
+                .collect()
+        };
         let mut gone = Vec::new();
         for (name, tag) in self.tags.iter_mut() {
             if let Some((z, since)) = tag.zone {
@@ -319,6 +513,7 @@ impl Engine {
                         dwell_ms: Some(at - since),
                         confidence: 1.0,
                         reason: Some("timeout"),
+                        position: None,
                     });
                     tag.zone = None;
                     tag.challenger = None;
@@ -334,6 +529,7 @@ impl Engine {
                         dwell_ms: Some(now_ms - since),
                         confidence: 1.0,
                         reason: None,
+                        position: dwelling.get(name).copied().flatten(),
                     });
                 }
             }
@@ -375,7 +571,7 @@ impl Engine {
                 if z.min_rssi.is_some_and(|m| rssi < m) {
                     continue;
                 }
-                let d = self.distance(t.tx_power, rssi);
+                let d = self.distance(r, t.tx_power, rssi);
                 if d > z.max_distance_m {
                     continue;
                 }
@@ -396,6 +592,11 @@ impl Engine {
             return Vec::new();
         };
         let ranked = self.zone_distances(tag, now_ms);
+        let position = if self.positions.is_empty() {
+            None
+        } else {
+            self.centroid(tag, now_ms)
+        };
         let min_samples = self.cfg.min_samples.max(1) as f64;
         let confidence = |ranked: &[(usize, f64, usize)], i: usize| -> f64 {
             let (_, d, n) = ranked[i];
@@ -435,6 +636,7 @@ impl Engine {
                 dwell_ms: None,
                 confidence: conf,
                 reason: None,
+                position,
             });
         };
         let exit = |tag: &mut TagState, out: &mut Vec<PresenceEvent>, reason: &'static str| {
@@ -447,6 +649,7 @@ impl Engine {
                     dwell_ms: Some(now_ms - since),
                     confidence: 1.0,
                     reason: Some(reason),
+                    position: None,
                 });
             }
         };
@@ -469,6 +672,7 @@ impl Engine {
                             dwell_ms: None,
                             confidence: 0.0,
                             reason: Some("too few samples near any zone's receivers"),
+                            position: None,
                         });
                     }
                 }
@@ -596,7 +800,7 @@ mod tests {
     fn distance_inverts_the_log_distance_model() {
         let e = Engine::new(cfg());
         for d in [1.0, 2.5, 7.0] {
-            assert!((e.distance(-59.0, rssi_at(d)) - d).abs() < 1e-9);
+            assert!((e.distance("rx-1", -59.0, rssi_at(d)) - d).abs() < 1e-9);
         }
     }
 
@@ -744,5 +948,96 @@ mod tests {
         let p = bad.problems();
         assert!(p.iter().any(|(f, _)| f == "zones"));
         assert!(p.iter().any(|(f, _)| f == "margin"));
+    }
+
+    /// Self-calibration: three reference beacons at known places fit each receiver's offset and
+    /// exponent (a hot receiver +8 dB with n = 2.8, a deaf one -3 dB with n = 2.0); a tag 2 m
+    /// from the hot receiver is then placed at 2 m instead of the 1.05 m the defaults give, and
+    /// events carry the weighted centroid.
+    #[test]
+    fn reference_beacons_fit_each_receivers_radio_and_events_carry_a_position() {
+        let radio = |rx: usize, d: f64| {
+            let (off, n) = if rx == 0 { (8.0, 2.8) } else { (-3.0, 2.0) };
+            -59.0 + off - 10.0 * n * d.log10()
+        };
+        let mut c = cfg();
+        c.zones[0].receivers = vec!["rx-0".into()];
+        c.zones[1].receivers = vec!["rx-1".into()];
+        c.receivers = vec![
+            ReceiverPosition {
+                id: "rx-0".into(),
+                position: [0.0, 0.0],
+            },
+            ReceiverPosition {
+                id: "rx-1".into(),
+                position: [10.0, 0.0],
+            },
+        ];
+        c.references = [("ref-a", 1.0), ("ref-b", 4.0), ("ref-c", 8.0)]
+            .iter()
+            .map(|(t, x)| ReferenceBeacon {
+                tag: t.to_string(),
+                position: [*x, 0.0],
+            })
+            .collect();
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        let mut e = Engine::new(c);
+        let uncalibrated = e.distance("rx-0", -59.0, radio(0, 2.0));
+        assert!((uncalibrated - 2.0).abs() > 0.9, "{uncalibrated}");
+        let mut events = Vec::new();
+        for i in 0..40 {
+            let ts = 1_000 + i * 100;
+            for (t, x) in [("ref-a", 1.0), ("ref-b", 4.0), ("ref-c", 8.0)] {
+                for rx in 0..2 {
+                    let d = if rx == 0 { x } else { 10.0 - x };
+                    events.extend(e.observe(&Sighting {
+                        tag: t.into(),
+                        receiver: format!("rx-{rx}"),
+                        rssi: radio(rx, d),
+                        tx_power: Some(-59.0),
+                        ts_ms: ts,
+                    }));
+                }
+            }
+        }
+        assert!(
+            events.is_empty(),
+            "reference beacons get no events: {events:?}"
+        );
+        events.extend(e.tick(5_000));
+        let hot = e.calibration()["rx-0"];
+        let deaf = e.calibration()["rx-1"];
+        assert_eq!(hot.references, 3);
+        assert!(
+            (hot.offset_db - 8.0).abs() < 0.3 && (hot.path_loss_exponent - 2.8).abs() < 0.05,
+            "{hot:?}"
+        );
+        assert!(
+            (deaf.offset_db + 3.0).abs() < 0.3 && (deaf.path_loss_exponent - 2.0).abs() < 0.05,
+            "{deaf:?}"
+        );
+        let calibrated = e.distance("rx-0", -59.0, radio(0, 2.0));
+        assert!((calibrated - 2.0).abs() < 0.1, "{calibrated}");
+        // A tag 2 m from rx-0 (8 m from rx-1): it enters aisle-1 with a position near x = 2.
+        for i in 0..10 {
+            let ts = 5_000 + i * 100;
+            for rx in 0..2 {
+                let d = if rx == 0 { 2.0 } else { 8.0 };
+                events.extend(e.observe(&Sighting {
+                    tag: "trolley".into(),
+                    receiver: format!("rx-{rx}"),
+                    rssi: radio(rx, d),
+                    tx_power: Some(-59.0),
+                    ts_ms: ts,
+                }));
+            }
+        }
+        let enter = events
+            .iter()
+            .find(|e| e.kind == EventKind::Enter)
+            .expect("an enter");
+        assert_eq!(enter.zone.as_deref(), Some("aisle-1"));
+        let [x, y] = enter.position.expect("a position");
+        assert!((x - 2.0).abs() < 0.2 && y.abs() < 1e-9, "{x} {y}");
     }
 }

@@ -180,6 +180,9 @@ async fn run(cfg: PresenceConfig, ctx: ComponentContext) -> Result<(), Component
                 ctx.status.field("events_total", st.events);
                 ctx.status.field("tags_forgotten_total", st.tags_forgotten);
                 ctx.status.field("bad_sightings_total", bad);
+                if !cfg.references.is_empty() {
+                    ctx.status.field("calibration", json!(engine.calibration()));
+                }
                 metrics::gauge!("edge_presence_tags").set(st.tags as f64);
             }
         }
