@@ -383,6 +383,46 @@ pub fn confusion_table(r: &Report, zones: usize) -> String {
     s
 }
 
+/// What the receivers hear of `tags` (an advertisement and the path it walks), in time order:
+/// `(ms since the start, receiver index, tag index, rssi)`.
+fn heard(
+    store: &Store,
+    tags: &[(Vec<u8>, Path)],
+    seed: u64,
+    mut each: impl FnMut(i64, usize, usize, i8) -> std::io::Result<()>,
+) -> std::io::Result<u64> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let step_ms = (1000.0 / store.adv_hz).round() as i64;
+    let end_ms = tags
+        .iter()
+        .map(|(_, p)| (p.end() * 1000.0) as i64)
+        .max()
+        .unwrap_or(0);
+    let mut written = 0;
+    let mut t_ms = 0i64;
+    while t_ms <= end_ms {
+        for (i, (_, path)) in tags.iter().enumerate() {
+            let Some(x) = path.x_at(t_ms as f64 / 1000.0) else {
+                continue;
+            };
+            for r in 0..store.zones {
+                let Some(rssi) = store.hear(&mut rng, x, r) else {
+                    continue;
+                };
+                each(
+                    t_ms + r as i64,
+                    r,
+                    i,
+                    rssi.round().clamp(-127.0, 20.0) as i8,
+                )?;
+                written += 1;
+            }
+        }
+        t_ms += step_ms;
+    }
+    Ok(written)
+}
+
 /// Writes what the receivers hear of `tags` (an advertisement and the path it walks) as a btmon
 /// capture (monitor datalink, adapter index `r` = receiver `rx-r`), starting at `start_ms` (Unix
 /// time): the file the `beacons` driver's replay source reads. Returns the reports written.
@@ -398,43 +438,47 @@ pub fn write_capture<W: std::io::Write>(
         Address, AddressType, AdvertisingReport, LegacyEventType, ReportKind,
         encode_le_advertising_report,
     };
-    let mut rng = fastrand::Rng::with_seed(seed);
     let mut w = Writer::new(out, Datalink::Monitor)?;
-    let step_ms = (1000.0 / store.adv_hz).round() as i64;
-    let end_ms = tags
-        .iter()
-        .map(|(_, p)| (p.end() * 1000.0) as i64)
-        .max()
-        .unwrap_or(0);
-    let mut written = 0;
-    let mut t_ms = 0i64;
-    while t_ms <= end_ms {
-        for (i, (adv, path)) in tags.iter().enumerate() {
-            let Some(x) = path.x_at(t_ms as f64 / 1000.0) else {
-                continue;
-            };
-            for r in 0..store.zones {
-                let Some(rssi) = store.hear(&mut rng, x, r) else {
-                    continue;
-                };
-                let report = AdvertisingReport {
-                    kind: ReportKind::Legacy(LegacyEventType::AdvNonconnInd),
-                    address_type: AddressType::Random,
-                    address: Address([0xc0, 0xff, 0xee, 0, (i >> 8) as u8, i as u8]),
-                    rssi: Some(rssi.round().clamp(-127.0, 20.0) as i8),
-                    data: adv.clone(),
-                };
-                let event = encode_le_advertising_report(&[report], false)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                w.set_adapter_index(r as u16);
-                w.write_hci_event((start_ms + t_ms + r as i64) * 1000, &event)?;
-                written += 1;
-            }
-        }
-        t_ms += step_ms;
-    }
+    let n = heard(store, tags, seed, |t_ms, r, i, rssi| {
+        let report = AdvertisingReport {
+            kind: ReportKind::Legacy(LegacyEventType::AdvNonconnInd),
+            address_type: AddressType::Random,
+            address: Address([0xc0, 0xff, 0xee, 0, (i >> 8) as u8, i as u8]),
+            rssi: Some(rssi),
+            data: tags[i].0.clone(),
+        };
+        let event = encode_le_advertising_report(&[report], false)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        w.set_adapter_index(r as u16);
+        w.write_hci_event((start_ms + t_ms) * 1000, &event)
+    })?;
     w.flush()?;
-    Ok(written)
+    Ok(n)
+}
+
+/// The same as [`write_capture`], as JSONL of `beacon.receiver/1` messages (one report per
+/// line, receiver `rx-r`): the replay source's other format, and what a remote node sends.
+pub fn write_capture_jsonl<W: std::io::Write>(
+    store: &Store,
+    tags: &[(Vec<u8>, Path)],
+    seed: u64,
+    start_ms: i64,
+    mut out: W,
+) -> std::io::Result<u64> {
+    let hex: Vec<String> = tags
+        .iter()
+        .map(|(adv, _)| adv.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    let n = heard(store, tags, seed, |t_ms, r, i, rssi| {
+        writeln!(
+            out,
+            r#"{{"schema":"beacon.receiver/1","receiver":"rx-{r}","ts":{},"reports":[{{"adv":"{}","rssi":{rssi}}}]}}"#,
+            start_ms + t_ms,
+            hex[i]
+        )
+    })?;
+    out.flush()?;
+    Ok(n)
 }
 
 #[cfg(test)]
