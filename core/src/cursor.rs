@@ -149,6 +149,12 @@ impl CursorReader {
         }
     }
 
+    /// Moves the read position to `next_seq` without committing it: for a reader whose state is
+    /// rebuilt from the stream at every start (the cursor is never stored).
+    pub fn advance(&mut self, next_seq: u64) {
+        self.next_seq = self.next_seq.max(next_seq);
+    }
+
     /// Moves the cursor durably to `next_seq` (normally a batch's `next_seq`: everything below it
     /// is done). Returns after the move is durable.
     pub async fn commit(&mut self, next_seq: u64) -> Result<(), LogError> {
