@@ -204,7 +204,9 @@ mod tests {
             let doc: Doc = toml::from_str(&src).unwrap_or_else(|e| panic!("{e}\n{src}"));
             let mut p = Problems::new();
             validate_drivers(&doc.drivers, "drivers", &mut p);
-            if !cfg!(feature = "ble") && src.contains("type = \"presence\"") {
+            if !cfg!(feature = "ble")
+                && (src.contains("type = \"presence\"") || src.contains("type = \"beacons\""))
+            {
                 // A build without the family reads the example and says what it lacks.
                 assert!(p.to_string().contains("the `ble` feature"), "{p}\n{src}");
             } else {
