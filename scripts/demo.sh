@@ -56,6 +56,8 @@ cat <<MSG
      $BIN status --config config/demo.toml
      $BIN log tail --config config/demo.toml --stream pos.transactions --follow
      $BIN log tail --config config/demo.toml --stream presence.events --follow
+     $BIN log tail --config config/demo.toml --stream offers.decisions --follow
+     mosquitto_sub -t 'store/demo-store/offers/#' -v
      curl -s localhost:9464/metrics | grep edge_
    Ctrl-C stops the agent, the simulated terminal and the demo broker.
 MSG

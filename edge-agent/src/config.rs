@@ -22,6 +22,8 @@ pub struct AgentConfig {
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
     pub drivers: Vec<DriverConfig>,
+    /// The offers engine (off unless `enabled`).
+    pub offers: edge_models::offers::OffersConfig,
     /// HQ's Kafka: uplink (mirror) and downlink. Absent = the store runs offline-only.
     pub kafka: Option<KafkaConfig>,
 }
@@ -168,6 +170,12 @@ impl AgentConfig {
         self.log.validate("log", &mut p);
         self.mqtt.validate("mqtt", &mut p);
         edge_drivers::validate_drivers(&self.drivers, "drivers", &mut p);
+        if self.offers.enabled {
+            self.offers.validate("offers", &mut p);
+            if self.drivers.iter().any(|d| d.name() == self.offers.name) {
+                p.push("offers.name", "is also a driver's name");
+            }
+        }
         if let Some(k) = &self.kafka {
             let before = p.len();
             k.validate("kafka", &mut p);

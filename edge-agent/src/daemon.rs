@@ -86,6 +86,14 @@ fn build_components(state: &DaemonState, shutdown: &Shutdown) -> anyhow::Result<
             Box::new(move |ctx| d2.build(ctx).map_err(boxed)),
         ));
     }
+    if cfg.offers.enabled {
+        let o = cfg.offers.clone();
+        specs.push((
+            o.name.clone(),
+            "offers".into(),
+            Box::new(move |ctx| Ok(o.build(ctx))),
+        ));
+    }
     let mut out = Vec::new();
     for (name, kind, build) in specs {
         let ctx = context(state, shutdown, &name, &kind);

@@ -107,8 +107,11 @@ async fn run(cfg: PresenceConfig, ctx: ComponentContext) -> Result<(), Component
     )
     .await
     .map_err(|e| ComponentError::from(format!("opening the sightings cursor: {e}")))?
+    // Small batches: each batch's events are committed together, so its last record waits for
+    // the whole batch; 256 aggregated records (up to 2,048 receiver samples) keep the sighting
+    // -> event latency in milliseconds at a store's full load (docs/BENCHMARKS.md).
     .with_limits(ReadLimits {
-        max_records: 5_000,
+        max_records: 256,
         max_bytes: 4 << 20,
     });
     reader

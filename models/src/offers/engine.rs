@@ -12,8 +12,9 @@
 //! 5. the best eligible candidate, else the zone's fallback (its caps apply, not the budget),
 //!    else no offer.
 //!
-//! Every outcome with at least one candidate is a decision record: inputs, features, every
-//! candidate's score or refusal, the scorer's name and version, and the outcome.
+//! Every outcome with at least one candidate is a decision record (except `none` on a dwell
+//! update): inputs, features, every candidate's score or refusal, the scorer's name and version,
+//! and the outcome.
 
 use super::campaign::{Campaign, parse_price};
 use super::ledger::{Ledger, Refusal};
@@ -129,7 +130,11 @@ pub fn money(cents: i64) -> String {
 impl OffersEngine {
     pub fn new(cfg: EngineConfig) -> OffersEngine {
         OffersEngine {
-            zones: cfg.zones.iter().map(|z| (z.name.clone(), z.clone())).collect(),
+            zones: cfg
+                .zones
+                .iter()
+                .map(|z| (z.name.clone(), z.clone()))
+                .collect(),
             cfg,
             campaigns: HashMap::new(),
             prices: HashMap::new(),
@@ -235,25 +240,44 @@ impl OffersEngine {
     }
 
     fn identified(&self, tag: &str) -> bool {
-        self.cfg.identified_tags.iter().any(|p| tag.starts_with(p.as_str()))
+        self.cfg
+            .identified_tags
+            .iter()
+            .any(|p| tag.starts_with(p.as_str()))
     }
 
     fn features(&self, zone: &str, tag: &str, e: &Value, ts_ms: i64) -> Features {
         let info = self.zones.get(zone);
         let lane = info.and_then(|z| z.lane.clone());
-        let basket = lane.as_ref().and_then(|l| self.baskets.get(l)).cloned().unwrap_or_default();
+        let basket = lane
+            .as_ref()
+            .and_then(|l| self.baskets.get(l))
+            .cloned()
+            .unwrap_or_default();
         let secs = ts_ms.div_euclid(1000);
         let day = secs.div_euclid(86_400);
         let mut f = Features::new();
         f.insert("zone".into(), json!(zone));
-        f.insert("display".into(), json!(info.and_then(|z| z.display.clone()).unwrap_or_else(|| "none".into())));
-        f.insert("dwell_s".into(), json!(e["dwell_ms"].as_i64().unwrap_or(0) as f64 / 1000.0));
+        f.insert(
+            "display".into(),
+            json!(
+                info.and_then(|z| z.display.clone())
+                    .unwrap_or_else(|| "none".into())
+            ),
+        );
+        f.insert(
+            "dwell_s".into(),
+            json!(e["dwell_ms"].as_i64().unwrap_or(0) as f64 / 1000.0),
+        );
         f.insert("hour".into(), json!(secs.rem_euclid(86_400) / 3600));
         // 1970-01-01 was a Thursday; 0 = Monday.
         f.insert("weekday".into(), json!((day + 3).rem_euclid(7)));
         f.insert("basket_items".into(), json!(basket.items));
         f.insert("basket_value_cents".into(), json!(basket.value_cents));
-        f.insert("queue_length".into(), json!(self.queues.get(zone).copied().unwrap_or(0.0)));
+        f.insert(
+            "queue_length".into(),
+            json!(self.queues.get(zone).copied().unwrap_or(0.0)),
+        );
         f.insert("identified".into(), json!(self.identified(tag)));
         f
     }
@@ -268,9 +292,14 @@ impl OffersEngine {
         let zone = e["zone"].as_str()?.to_string();
         let tag = e["tag"].as_str()?.to_string();
         let ts = e["ts"].as_i64()?;
-        let visit = self.ledger.visit(&tag, ts, self.cfg.visit_gap_s as i64 * 1000);
-        let mut running: Vec<&Campaign> =
-            self.campaigns.values().filter(|c| c.runs_at(&zone, ts)).collect();
+        let visit = self
+            .ledger
+            .visit(&tag, ts, self.cfg.visit_gap_s as i64 * 1000);
+        let mut running: Vec<&Campaign> = self
+            .campaigns
+            .values()
+            .filter(|c| c.runs_at(&zone, ts))
+            .collect();
         if running.is_empty() {
             return None;
         }
@@ -284,7 +313,12 @@ impl OffersEngine {
             } else {
                 self.ledger.check(c, &tag, visit, ts)
             };
-            if r.is_ok() && c.offer.sku.as_ref().is_some_and(|s| !self.prices.contains_key(s)) {
+            if r.is_ok()
+                && c.offer
+                    .sku
+                    .as_ref()
+                    .is_some_and(|s| !self.prices.contains_key(s))
+            {
                 r = Err(Refusal::NoPrice);
             }
             outcomes.push((c, r));
@@ -301,7 +335,10 @@ impl OffersEngine {
                 Ok(s) if s.len() == eligible.len() && s.iter().all(|x| x.is_finite()) => (s, None),
                 Ok(_) => (
                     eligible.iter().map(|c| c.priority).collect(),
-                    Some("the scorer returned a wrong number of scores or a non-finite one".to_string()),
+                    Some(
+                        "the scorer returned a wrong number of scores or a non-finite one"
+                            .to_string(),
+                    ),
                 ),
                 Err(err) => (eligible.iter().map(|c| c.priority).collect(), Some(err)),
             }
@@ -309,7 +346,10 @@ impl OffersEngine {
         let best = eligible
             .iter()
             .zip(&scores)
-            .max_by(|a, b| a.1.total_cmp(b.1).then_with(|| a.0.priority.total_cmp(&b.0.priority)))
+            .max_by(|a, b| {
+                a.1.total_cmp(b.1)
+                    .then_with(|| a.0.priority.total_cmp(&b.0.priority))
+            })
             .map(|(c, _)| (*c).clone());
         let fallback = || {
             outcomes
@@ -325,6 +365,11 @@ impl OffersEngine {
                 None => ("none", None),
             },
         };
+        // Nothing to show on a dwell update (every candidate capped, say) is not worth a record;
+        // on an enter it is: a shopper arrived where campaigns run and saw nothing.
+        if chosen.is_none() && kind != "enter" {
+            return None;
+        }
         let candidates: Vec<Value> = outcomes
             .iter()
             .map(|(c, r)| {
@@ -355,7 +400,12 @@ impl OffersEngine {
         }
         self.decisions += 1;
         if let Some(c) = chosen {
-            let price = c.offer.sku.as_ref().and_then(|s| self.prices.get(s)).copied();
+            let price = c
+                .offer
+                .sku
+                .as_ref()
+                .and_then(|s| self.prices.get(s))
+                .copied();
             let price_text = price.map(money);
             let lines: Vec<String> = c
                 .offer
@@ -365,7 +415,11 @@ impl OffersEngine {
                 .collect();
             d["campaign"] = json!(c.id);
             d["campaign_version"] = json!(c.version);
-            d["headline"] = json!(c.offer.headline.replace("{price}", price_text.as_deref().unwrap_or("")));
+            d["headline"] = json!(
+                c.offer
+                    .headline
+                    .replace("{price}", price_text.as_deref().unwrap_or(""))
+            );
             d["display_lines"] = json!(lines);
             if let (Some(sku), Some(p)) = (&c.offer.sku, price) {
                 d["sku"] = json!(sku);
@@ -412,14 +466,21 @@ mod tests {
             }],
             ..Default::default()
         });
-        e.apply_price(br#"{"schema":"price/1","sku":"cola","price_cents":300}"#).unwrap();
+        e.apply_price(br#"{"schema":"price/1","sku":"cola","price_cents":300}"#)
+            .unwrap();
         e.apply_campaign(br#"{"id":"cola","version":1,"zones":["aisle-3"],"priority":5,
             "offer":{"headline":"COLA 2 FOR {price}","display_lines":["COLA 2 FOR {price}","TODAY"],"sku":"cola"},
             "caps":{"per_visit":1,"lifetime":2},"budget":{"lease_id":"L1","amount_minor":150,"cost_minor":50}}"#).unwrap();
-        e.apply_campaign(br#"{"id":"app-only","version":1,"priority":9,"require_identified":true,
-            "offer":{"headline":"MEMBERS: 10% OFF"}}"#).unwrap();
-        e.apply_campaign(br#"{"id":"welcome","version":1,"fallback":true,"offer":{"headline":"WELCOME"},
-            "caps":{"per_visit":1}}"#).unwrap();
+        e.apply_campaign(
+            br#"{"id":"app-only","version":1,"priority":9,"require_identified":true,
+            "offer":{"headline":"MEMBERS: 10% OFF"}}"#,
+        )
+        .unwrap();
+        e.apply_campaign(
+            br#"{"id":"welcome","version":1,"fallback":true,"offer":{"headline":"WELCOME"},
+            "caps":{"per_visit":1}}"#,
+        )
+        .unwrap();
         e
     }
 
@@ -432,19 +493,37 @@ mod tests {
         let mut e = engine();
         let d = e.decide(&enter("app:42", 1_000)).unwrap();
         assert_eq!(d["outcome"], "offer");
-        assert_eq!(d["campaign"], "app-only", "the identified shopper gets the priority-9 offer");
+        assert_eq!(
+            d["campaign"], "app-only",
+            "the identified shopper gets the priority-9 offer"
+        );
         let d = e.decide(&enter("trolley-7", 2_000)).unwrap();
         assert_eq!(d["campaign"], "cola");
         assert_eq!(d["display_lines"], json!(["COLA 2 FOR 3.00", "TODAY"]));
-        assert_eq!((d["lane"].as_str(), d["price_cents"].as_i64()), (Some("3"), Some(300)));
+        assert_eq!(
+            (d["lane"].as_str(), d["price_cents"].as_i64()),
+            (Some("3"), Some(300))
+        );
         assert_eq!(d["spent_minor"], 50);
         let c: Vec<(&str, &str)> = d["candidates"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|c| (c["campaign"].as_str().unwrap(), c["outcome"].as_str().unwrap()))
+            .map(|c| {
+                (
+                    c["campaign"].as_str().unwrap(),
+                    c["outcome"].as_str().unwrap(),
+                )
+            })
             .collect();
-        assert_eq!(c, [("app-only", "not_identified"), ("cola", "eligible"), ("welcome", "eligible")]);
+        assert_eq!(
+            c,
+            [
+                ("app-only", "not_identified"),
+                ("cola", "eligible"),
+                ("welcome", "eligible")
+            ]
+        );
         assert_eq!(d["features"]["display"], "shelf_screen");
         assert_eq!(d["scorer"]["name"], "priority");
     }
@@ -455,12 +534,18 @@ mod tests {
         // Visit 1: cola, then (per-visit cap) the fallback, then nothing (its cap too).
         assert_eq!(e.decide(&enter("t1", 0)).unwrap()["campaign"], "cola");
         let d = e.decide(&enter("t1", 60_000)).unwrap();
-        assert_eq!((d["outcome"].as_str(), d["campaign"].as_str()), (Some("fallback"), Some("welcome")));
+        assert_eq!(
+            (d["outcome"].as_str(), d["campaign"].as_str()),
+            (Some("fallback"), Some("welcome"))
+        );
         assert!(d.get("cost_minor").is_none(), "a fallback spends nothing");
         assert_eq!(e.decide(&enter("t1", 120_000)).unwrap()["outcome"], "none");
         // Visit 2 (after the 30 min gap): cola again; visit 3: the lifetime cap of 2.
         let gap = 1_800_000;
-        assert_eq!(e.decide(&enter("t1", 120_000 + gap)).unwrap()["campaign"], "cola");
+        assert_eq!(
+            e.decide(&enter("t1", 120_000 + gap)).unwrap()["campaign"],
+            "cola"
+        );
         let d = e.decide(&enter("t1", 120_000 + 2 * gap)).unwrap();
         assert_eq!(d["outcome"], "fallback");
         assert!(d["candidates"].to_string().contains("cap_lifetime"), "{d}");
@@ -487,19 +572,35 @@ mod tests {
         // t1 had cola and the fallback in this visit: nothing more now.
         assert_eq!(again.decide(&enter("t1", 30)).unwrap()["outcome"], "none");
         assert_eq!(again.decide(&enter("t4", 30)).unwrap()["campaign"], "cola");
-        assert_eq!(again.decide(&enter("t5", 30)).unwrap()["outcome"], "fallback", "lease spent");
+        assert_eq!(
+            again.decide(&enter("t5", 30)).unwrap()["outcome"],
+            "fallback",
+            "lease spent"
+        );
     }
 
     #[test]
     fn bad_records_and_older_versions_are_refused_or_ignored() {
         let mut e = engine();
         assert!(e.apply_campaign(b"{").is_err());
-        assert!(e.apply_campaign(br#"{"id":"","version":1,"offer":{"headline":"x"}}"#).is_err());
+        assert!(
+            e.apply_campaign(br#"{"id":"","version":1,"offer":{"headline":"x"}}"#)
+                .is_err()
+        );
         assert!(e.apply_price(br#"{"sku":"x","price_cents":-1}"#).is_err());
-        e.apply_campaign(br#"{"id":"cola","version":0,"active":false,"offer":{"headline":"old"}}"#).unwrap();
-        assert_eq!(e.decide(&enter("t1", 0)).unwrap()["campaign"], "cola", "version 0 < 1 is ignored");
-        e.apply_campaign(br#"{"id":"cola","version":2,"active":false,"offer":{"headline":"off"}}"#).unwrap();
+        e.apply_campaign(br#"{"id":"cola","version":0,"active":false,"offer":{"headline":"old"}}"#)
+            .unwrap();
+        assert_eq!(
+            e.decide(&enter("t1", 0)).unwrap()["campaign"],
+            "cola",
+            "version 0 < 1 is ignored"
+        );
+        e.apply_campaign(br#"{"id":"cola","version":2,"active":false,"offer":{"headline":"off"}}"#)
+            .unwrap();
         assert_eq!(e.decide(&enter("t9", 0)).unwrap()["outcome"], "fallback");
-        assert!(e.decide(&json!({"kind":"exit","tag":"t1","zone":"aisle-3","ts":1})).is_none());
+        assert!(
+            e.decide(&json!({"kind":"exit","tag":"t1","zone":"aisle-3","ts":1}))
+                .is_none()
+        );
     }
 }

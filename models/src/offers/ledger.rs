@@ -71,7 +71,10 @@ impl Ledger {
             if c.caps.lifetime.is_some_and(|n| s.lifetime >= n) {
                 return Err(Refusal::Lifetime);
             }
-            if c.caps.per_visit.is_some_and(|n| s.visit.0 == visit && s.visit.1 >= n) {
+            if c.caps
+                .per_visit
+                .is_some_and(|n| s.visit.0 == visit && s.visit.1 >= n)
+            {
                 return Err(Refusal::PerVisit);
             }
             if let Some(w) = &c.caps.per_window {

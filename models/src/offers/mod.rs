@@ -40,8 +40,19 @@ pub struct OffersConfig {
     pub output: String,
     pub campaigns_stream: String,
     pub prices_stream: String,
-    #[serde(flatten)]
-    pub engine: EngineConfig,
+    /// Presence event kinds that ask for an offer.
+    pub triggers: Vec<String>,
+    /// A visit ends after this long without a presence event of the tag, seconds.
+    pub visit_gap_s: u64,
+    /// Tag prefixes of identified shoppers (the store app's pseudonymous per-install ids).
+    pub identified_tags: Vec<String>,
+    /// Zone metadata: `{ name, display, lane }`.
+    pub zones: Vec<engine::ZoneInfo>,
+    /// The store's own campaigns (same schema as `hq.campaign/1`); an HQ record of the same id
+    /// with a higher version replaces one.
+    pub campaigns: Vec<campaign::Campaign>,
+    /// The store's own prices, cents by SKU, under HQ's `hq.prices`.
+    pub prices: std::collections::BTreeMap<String, i64>,
 }
 
 impl Default for OffersConfig {
@@ -53,12 +64,26 @@ impl Default for OffersConfig {
             output: "offers.decisions".into(),
             campaigns_stream: "hq.campaigns".into(),
             prices_stream: "hq.prices".into(),
-            engine: EngineConfig::default(),
+            triggers: EngineConfig::default().triggers,
+            visit_gap_s: EngineConfig::default().visit_gap_s,
+            identified_tags: Vec::new(),
+            zones: Vec::new(),
+            campaigns: Vec::new(),
+            prices: Default::default(),
         }
     }
 }
 
 impl OffersConfig {
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            triggers: self.triggers.clone(),
+            visit_gap_s: self.visit_gap_s,
+            identified_tags: self.identified_tags.clone(),
+            zones: self.zones.clone(),
+        }
+    }
+
     pub fn validate(&self, path: &str, problems: &mut Problems) {
         for (field, s) in [
             ("input", &self.input),
@@ -73,7 +98,7 @@ impl OffersConfig {
         if self.input == self.output {
             problems.push(join(path, "output"), "must differ from input");
         }
-        for (i, t) in self.engine.triggers.iter().enumerate() {
+        for (i, t) in self.triggers.iter().enumerate() {
             if !matches!(t.as_str(), "enter" | "dwell" | "exit") {
                 problems.push(
                     join(path, &format!("triggers[{i}]")),
@@ -81,11 +106,22 @@ impl OffersConfig {
                 );
             }
         }
-        if self.engine.visit_gap_s == 0 {
+        for (i, c) in self.campaigns.iter().enumerate() {
+            let text = serde_json::to_vec(c).unwrap_or_default();
+            if let Err(e) = campaign::Campaign::parse(&text) {
+                problems.push(join(path, &format!("campaigns[{i}]")), e);
+            }
+        }
+        for (sku, cents) in &self.prices {
+            if *cents < 0 {
+                problems.push(join(path, &format!("prices.{sku}")), "must be >= 0 cents");
+            }
+        }
+        if self.visit_gap_s == 0 {
             problems.push(join(path, "visit_gap_s"), "must be at least 1");
         }
         let mut seen = std::collections::HashSet::new();
-        for (i, z) in self.engine.zones.iter().enumerate() {
+        for (i, z) in self.zones.iter().enumerate() {
             if z.name.is_empty() || !seen.insert(z.name.as_str()) {
                 problems.push(
                     join(path, &format!("zones[{i}].name")),
@@ -146,8 +182,17 @@ async fn catch_up(
 
 async fn run(cfg: OffersConfig, ctx: ComponentContext) -> Result<(), ComponentError> {
     let cancel = ctx.shutdown.intake().clone();
-    let mut engine = OffersEngine::new(cfg.engine.clone());
+    let mut engine = OffersEngine::new(cfg.engine());
     let mut bad = 0u64;
+    for (sku, cents) in &cfg.prices {
+        let _ = engine.apply_price(
+            &serde_json::to_vec(&serde_json::json!({"sku": sku, "price_cents": cents}))
+                .unwrap_or_default(),
+        );
+    }
+    for c in &cfg.campaigns {
+        let _ = engine.apply_campaign(&serde_json::to_vec(c).unwrap_or_default());
+    }
     // Prices before campaigns (a campaign quotes a price), then the ledger.
     let mut prices = follower(&ctx, &cfg, &cfg.prices_stream, Start::Earliest).await?;
     catch_up(&mut prices, |r| {
