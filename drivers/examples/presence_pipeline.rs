@@ -215,4 +215,54 @@ async fn main() {
         st.fields.get("tags").cloned().unwrap_or_default(),
     );
     assert_eq!(drops.total(), 0, "{drops:?}");
+
+    // Memory per tag at the cap: 10,000 tags heard by 8 receivers, 3 windows each (the engine's
+    // window at the driver's aggregation), in a fresh engine.
+    use edge_drivers::ble::presence::{Engine, PresenceConfig, Sighting, ZoneConfig};
+    let cap = 10_000;
+    let cfg = PresenceConfig {
+        max_tags: cap,
+        zones: (0..RECEIVERS)
+            .map(|r| ZoneConfig {
+                name: format!("zone-{r}"),
+                receivers: vec![format!("rx-{r}")],
+                max_distance_m: 4.0,
+                min_rssi: None,
+            })
+            .collect(),
+        ..PresenceConfig::default()
+    };
+    let before = rss_now_kb();
+    let mut engine = Engine::new(cfg);
+    for w in 0..3 {
+        for t in 0..cap {
+            for r in 0..RECEIVERS {
+                engine.observe(&Sighting {
+                    tag: format!("ibeacon:{UUID}:1:{t}"),
+                    receiver: format!("rx-{r}"),
+                    rssi: if r == t % RECEIVERS { -60.0 } else { -82.0 },
+                    tx_power: Some(-59.0),
+                    ts_ms: 1_000_000 + w * 1000 + r as i64,
+                });
+            }
+        }
+    }
+    let after = rss_now_kb();
+    println!(
+        "\nEngine memory at the cap: {} tags x {RECEIVERS} receivers x 3 samples: {:.1} MB, {:.0} bytes per tag",
+        engine.stats().tags,
+        (after - before) as f64 / 1024.0,
+        (after - before) as f64 * 1024.0 / cap as f64
+    );
+}
+
+fn rss_now_kb() -> i64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<i64>().ok())
+        })
+        .unwrap_or(0)
 }

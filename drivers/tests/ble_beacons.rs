@@ -241,3 +241,39 @@ async fn the_btsnoop_and_jsonl_captures_of_one_walk_replay_the_same_sightings() 
     assert_eq!(replayed[0], replayed[1]);
     assert_eq!(replayed[0][0].ts_ms, start);
 }
+
+/// A broker that hangs up is retried with a growing backoff even though the driver's window timer
+/// cancels `next` every few tens of milliseconds (the connection has its own task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_receivers_broker_backs_off_while_next_is_cancelled() {
+    use edge_drivers::ble::mqtt_source::{MqttSource, MqttSourceConfig};
+    use edge_drivers::ble::source::{Drops, SightingSource};
+    // A "broker" that hangs up at once, counting the attempts.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a = attempts.clone();
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            a.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(c);
+        }
+    });
+    let cfg: MqttSourceConfig = toml::from_str(&format!("port = {port}")).unwrap();
+    let mut src = MqttSource::new(&cfg, "backoff-test").unwrap();
+    let registry = edge_core::status::Status::new();
+    let status = registry.register("receivers", "beacons");
+    let mut drops = Drops::default();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(4) {
+        let _ =
+            tokio::time::timeout(Duration::from_millis(50), src.next(&status, &mut drops)).await;
+    }
+    let st = registry.get("receivers").unwrap();
+    assert_eq!(st.state, edge_core::State::Down, "{st:?}");
+    let retry = st.fields["retry_in_ms"].as_u64().unwrap();
+    assert!(retry >= 1_000, "the backoff grew past 1 s: {retry} ms");
+    // 200 ms doubling: about 5 attempts in 4 s; without its own task about 80.
+    let n = attempts.load(std::sync::atomic::Ordering::Relaxed);
+    assert!((2..=10).contains(&n), "{n} connection attempts in 4 s");
+}

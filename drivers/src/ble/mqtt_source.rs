@@ -4,8 +4,8 @@
 //! The subscription is QoS 0 with a clean session: a sighting is worth something only now, the
 //! nodes publish at QoS 0 themselves, and nothing is acknowledged to anyone, so no queue builds
 //! up in the broker while the agent is away. The connection (TLS, user and password file) is
-//! configured like the agent's own `[mqtt]`; a lost broker is retried with backoff and shown in
-//! status.
+//! configured like the agent's own `[mqtt]`; a lost broker is retried with backoff (status
+//! `down`, `retry_in_ms`) on the connection's own task.
 
 use super::receivers::parse_message;
 use super::source::{Drops, RawSighting, SightingSource};
@@ -17,6 +17,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,15 +121,21 @@ impl MqttSourceConfig {
     }
 }
 
-/// The running subscription.
+/// What the connection task hands over.
+enum Batch {
+    Sightings(Vec<RawSighting>),
+    Refused(super::source::Drop, String),
+}
+
+/// The running subscription. The MQTT event loop runs on its own task (started at the first
+/// `next`) and hands batches over a small bounded channel: the driver's window timer cancels
+/// `next` every `window_ms / 4`, which must not cut a connect short or restart a backoff.
 pub struct MqttSource {
-    client: AsyncClient,
-    eventloop: EventLoop,
+    parts: Option<(AsyncClient, EventLoop)>,
     topics: Vec<String>,
     broker: String,
-    backoff: Backoff,
-    connected: bool,
-    messages: u64,
+    rx: Option<mpsc::Receiver<Batch>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for MqttSource {
@@ -139,65 +146,101 @@ impl std::fmt::Debug for MqttSource {
     }
 }
 
+impl Drop for MqttSource {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
 impl MqttSource {
     /// Fails only on what cannot work (an unreadable password file, unusable TLS material); an
     /// unreachable broker is retried for ever.
     pub fn new(cfg: &MqttSourceConfig, client_id: &str) -> Result<MqttSource, String> {
-        let (client, eventloop) = AsyncClient::new(cfg.options(client_id)?, 64);
+        let parts = AsyncClient::new(cfg.options(client_id)?, 64);
         Ok(MqttSource {
-            client,
-            eventloop,
+            parts: Some(parts),
             topics: cfg.topics.clone(),
             broker: format!("{}:{}", cfg.host, cfg.port),
-            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
-            connected: false,
-            messages: 0,
+            rx: None,
+            task: None,
         })
+    }
+}
+
+async fn connection(
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    topics: Vec<String>,
+    broker: String,
+    status: StatusHandle,
+    tx: mpsc::Sender<Batch>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut connected = false;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                connected = true;
+                backoff.reset();
+                for t in &topics {
+                    // The request queue has room: it was just drained by the connect.
+                    let _ = client.try_subscribe(t.clone(), QoS::AtMostOnce);
+                }
+                status.set(
+                    State::Up,
+                    format!("subscribed to {} at {broker}", topics.join(", ")),
+                );
+            }
+            Ok(Event::Incoming(Incoming::Publish(p))) => {
+                let b = match parse_message(&p.topic, &p.payload, edge_core::time::now_ms()) {
+                    Ok(v) => Batch::Sightings(v),
+                    // The reason names no address and quotes no payload.
+                    Err(r) => Batch::Refused(r.drop, r.reason),
+                };
+                if tx.send(b).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if connected || status.state() != Some(State::Down) {
+                    status.set(
+                        State::Down,
+                        format!("the receivers' broker {broker} is unreachable: {e}"),
+                    );
+                }
+                connected = false;
+                let wait = backoff.next_delay();
+                status.field("retry_in_ms", wait.as_millis() as u64);
+                tokio::time::sleep(wait).await;
+            }
+        }
     }
 }
 
 impl SightingSource for MqttSource {
     async fn next(&mut self, status: &StatusHandle, drops: &mut Drops) -> Option<Vec<RawSighting>> {
+        if let Some((client, eventloop)) = self.parts.take() {
+            let (tx, rx) = mpsc::channel(64);
+            self.rx = Some(rx);
+            self.task = Some(tokio::spawn(connection(
+                client,
+                eventloop,
+                self.topics.clone(),
+                self.broker.clone(),
+                status.clone(),
+                tx,
+            )));
+        }
+        let rx = self.rx.as_mut()?;
         loop {
-            match self.eventloop.poll().await {
-                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                    self.connected = true;
-                    self.backoff.reset();
-                    for t in &self.topics {
-                        // The request queue has room: it was just drained by the connect.
-                        let _ = self.client.try_subscribe(t.clone(), QoS::AtMostOnce);
-                    }
-                    status.set(
-                        State::Up,
-                        format!(
-                            "subscribed to {} at {}",
-                            self.topics.join(", "),
-                            self.broker
-                        ),
-                    );
-                }
-                Ok(Event::Incoming(Incoming::Publish(p))) => {
-                    self.messages += 1;
-                    let topic = &p.topic;
-                    match parse_message(topic, &p.payload, edge_core::time::now_ms()) {
-                        Ok(v) => return Some(v),
-                        Err(r) => {
-                            drops.add(r.drop, 1);
-                            // The reason names no address and quotes no payload.
-                            status.field("last_refused", r.reason);
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    if self.connected || status.state() != Some(State::Down) {
-                        status.set(
-                            State::Down,
-                            format!("the receivers' broker {} is unreachable: {e}", self.broker),
-                        );
-                    }
-                    self.connected = false;
-                    tokio::time::sleep(self.backoff.next_delay()).await;
+            match rx.recv().await? {
+                Batch::Sightings(v) => return Some(v),
+                Batch::Refused(d, reason) => {
+                    drops.add(d, 1);
+                    status.field("last_refused", reason);
                 }
             }
         }
