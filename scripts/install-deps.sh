@@ -19,6 +19,9 @@ APT_PACKAGES=(
   # packaging checks (scripts/build-deb.sh, scripts/test-install.sh): lintian, systemd-analyze
   # (the systemd package; nothing is started), man pages, the install test's HTTP probes
   lintian systemd man-db curl file util-linux openssl
+  # the BlueZ beacon source (edge-drivers feature `bluez`) links libdbus; its test
+  # (drivers/tests/ble_bluez.rs) runs python-dbusmock's bluez5 template on a private dbus-daemon
+  libdbus-1-dev python3-dbusmock dbus-daemon
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -12,6 +12,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo clippy -p edge-drivers --no-default-features (POS-only build: no ble, no camera)"
 cargo clippy -p edge-drivers --no-default-features --all-targets --locked -- -D warnings
+echo "== cargo clippy -p edge-drivers --features bluez (the BlueZ source; links libdbus, not a default)"
+cargo clippy -p edge-drivers --features bluez --all-targets --locked -- -D warnings
 # Licences, banned crates and crate sources of everything we build and ship (deny.toml). Advisories
 # are left out: `cargo deny check advisories` fetches the RustSec database from GitHub, and the
 # CI machines cannot reach it (run it where they can: `cargo deny check advisories`).
@@ -30,6 +32,9 @@ echo "== cargo test"
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
 echo "== cargo test -p edge-drivers --no-default-features"
 cargo test -p edge-drivers --no-default-features --locked -- --test-threads="${TEST_THREADS:-2}"
+# The BlueZ source against python-dbusmock's bluez5 on a private bus (fails in CI without them).
+echo "== cargo test -p edge-drivers --features bluez --test ble_bluez"
+cargo test -p edge-drivers --features bluez --locked --test ble_bluez
 
 # --- The input surface: coverage-guided fuzzing -------------------------------------------------
 # POS and BLE drivers, downlink admission, MQTT ingress and topics, the config loader. The

@@ -24,6 +24,8 @@ pub trait Family {
     const FEATURE: &'static str;
     /// What the family's drivers read, for messages.
     const DEVICES: &'static str;
+    /// Whether the feature is in the default build (the message then says so).
+    const DEFAULT: bool = true;
 }
 
 /// BLE beacons (feature `ble`).
@@ -33,6 +35,18 @@ pub struct Ble;
 impl Family for Ble {
     const FEATURE: &'static str = "ble";
     const DEVICES: &'static str = "BLE beacons";
+}
+
+/// The BlueZ source of the beacons driver (feature `bluez`, which needs `ble`; not a default
+/// because it links libdbus-1). A `source = { kind = "bluez" }` in a build without it is a config
+/// problem at `drivers[i].source.kind` (see [`Unavailable::problems`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bluez;
+
+impl Family for Bluez {
+    const FEATURE: &'static str = "bluez";
+    const DEVICES: &'static str = "this computer's Bluetooth adapter through BlueZ over D-Bus";
+    const DEFAULT: bool = false;
 }
 
 /// Cameras (feature `camera`; no driver yet).
@@ -50,6 +64,9 @@ pub fn built() -> Vec<&'static str> {
     if cfg!(feature = "ble") {
         v.push(Ble::FEATURE);
     }
+    if cfg!(feature = "bluez") {
+        v.push(Bluez::FEATURE);
+    }
     if cfg!(feature = "camera") {
         v.push(Camera::FEATURE);
     }
@@ -59,10 +76,15 @@ pub fn built() -> Vec<&'static str> {
 /// The sentence for a config that needs family `F` in a build without it.
 pub fn missing<F: Family>(what: &str) -> String {
     format!(
-        "{what} needs the `{}` feature ({}), which this build of edge-agent leaves out; install a build with `{}` (a default feature) or remove this setting",
+        "{what} needs the `{}` feature ({}), which this build of edge-agent leaves out; install a build with `{}`{} or remove this setting",
         F::FEATURE,
         F::DEVICES,
-        F::FEATURE
+        F::FEATURE,
+        if F::DEFAULT {
+            " (a default feature)".to_string()
+        } else {
+            format!(" (not a default feature: `--features {}`)", F::FEATURE)
+        }
     )
 }
 
@@ -79,6 +101,14 @@ impl<F> Unavailable<F> {
             name: name.into(),
             family: PhantomData,
         }
+    }
+}
+
+impl<F: Family> Unavailable<F> {
+    /// For a part of a config (a beacon source) rather than a driver: the one problem, as
+    /// (field, message), at `kind`.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        vec![("kind".into(), missing::<F>("this source"))]
     }
 }
 
@@ -170,6 +200,7 @@ mod tests {
     #[test]
     fn built_families_follow_the_features() {
         assert_eq!(built().contains(&"ble"), cfg!(feature = "ble"));
+        assert_eq!(built().contains(&"bluez"), cfg!(feature = "bluez"));
         assert_eq!(built().contains(&"camera"), cfg!(feature = "camera"));
     }
 }

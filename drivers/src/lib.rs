@@ -209,6 +209,13 @@ mod tests {
             {
                 // A build without the family reads the example and says what it lacks.
                 assert!(p.to_string().contains("the `ble` feature"), "{p}\n{src}");
+            } else if !cfg!(feature = "bluez") && src.contains("kind = \"bluez\"") {
+                // The BlueZ source is not a default feature: the example says what it lacks.
+                assert!(
+                    p.to_string()
+                        .contains(".source.kind: this source needs the `bluez` feature"),
+                    "{p}\n{src}"
+                );
             } else {
                 assert!(p.is_empty(), "{p}\n{src}");
             }

@@ -73,7 +73,16 @@ pub struct ReceiverConfig {
 pub enum SourceConfig {
     Replay(ReplayConfig),
     Mqtt(MqttSourceConfig),
+    /// This computer's adapter through bluetoothd (feature `bluez`).
+    Bluez(BluezSourceConfig),
 }
+
+/// `kind = "bluez"`: the BlueZ source's config, or in a build without the `bluez` feature a
+/// config that parses any keys and reports one problem at `source.kind`.
+#[cfg(feature = "bluez")]
+pub type BluezSourceConfig = super::bluez::BluezConfig;
+#[cfg(not(feature = "bluez"))]
+pub type BluezSourceConfig = crate::family::Unavailable<crate::family::Bluez>;
 
 fn default_output() -> String {
     "beacon.sightings".into()
@@ -115,6 +124,7 @@ impl Driver for BeaconsConfig {
         let (kind, source_problems) = match &self.source {
             SourceConfig::Replay(r) => ("replay", r.problems()),
             SourceConfig::Mqtt(m) => ("mqtt", m.problems()),
+            SourceConfig::Bluez(b) => ("bluez", b.problems()),
         };
         for (field, message) in source_problems {
             problems.push(join(&join(path, "source"), &field), message);
@@ -124,6 +134,16 @@ impl Driver for BeaconsConfig {
                 join(path, "receivers"),
                 "list the remote receivers (id, zone): a node that is not listed could be anyone on the store network",
             );
+        }
+        #[cfg(feature = "bluez")]
+        if let SourceConfig::Bluez(b) = &self.source {
+            let id = b.receiver_id(&self.name);
+            if !self.receivers.is_empty() && !self.receivers.iter().any(|r| r.id == id) {
+                problems.push(
+                    join(path, "receivers"),
+                    format!("the BlueZ source's receiver {id:?} is not listed, so every sighting would be dropped: list it, or leave receivers out"),
+                );
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, r) in self.receivers.iter().enumerate() {
@@ -157,6 +177,16 @@ impl Driver for BeaconsConfig {
                 })?;
                 Ok(Box::pin(async move { pump(cfg, ctx, src).await }))
             }
+            #[cfg(feature = "bluez")]
+            SourceConfig::Bluez(b) => {
+                let src = super::bluez::BluezSource::new(b, &self.name);
+                Ok(Box::pin(async move { pump(cfg, ctx, src).await }))
+            }
+            #[cfg(not(feature = "bluez"))]
+            SourceConfig::Bluez(_) => Err(DriverError::Build {
+                name: self.name.clone(),
+                reason: crate::family::missing::<crate::family::Bluez>("source kind = \"bluez\""),
+            }),
         }
     }
 }
@@ -553,6 +583,26 @@ mod tests {
         assert_eq!(v[0]["window_start"], 10_000);
         assert_eq!(v[0]["tx_power"], -59);
         assert_eq!(drops.total(), 0);
+    }
+
+    #[test]
+    fn a_bluez_source_parses_in_every_build_and_is_a_config_problem_without_the_feature() {
+        let c: BeaconsConfig = toml::from_str(&format!(
+            "name = \"aisle-1\"\n[source]\nkind = \"bluez\"\nadapter = \"hci0\"\nrssi_floor = -90\n[allow]\nibeacon_uuids = [\"{UUID}\"]\n"
+        ))
+        .expect("config");
+        let mut p = Problems::new();
+        c.validate("drivers[0]", &mut p);
+        if cfg!(feature = "bluez") {
+            assert!(p.is_empty(), "{p}");
+        } else {
+            let text = p.to_string();
+            assert!(
+                text.contains("drivers[0].source.kind: this source needs the `bluez` feature")
+                    && text.contains("not a default feature: `--features bluez`"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

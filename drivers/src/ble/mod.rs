@@ -16,12 +16,15 @@
 //! The `beacons` driver ([`beacons`]) turns a source into `beacon.sightings`: [`replay`] (btsnoop
 //! and JSONL captures) and [`mqtt_source`] (remote receivers, [`receivers`]: our schema and
 //! ESPresense), behind [`source::SightingSource`], with the allow-list of [`source`] applied at
-//! ingest. The BlueZ source belongs here too. A build without `ble` reports a config that asks
-//! for any of them as a config problem (see [`crate::family`]).
+//! ingest, and (feature `bluez`) `bluez`: this computer's adapter through bluetoothd on D-Bus.
+//! A build without `ble` reports a config that asks for any of them as a config problem, and a
+//! build with `ble` but without `bluez` does so for `kind = "bluez"` (see [`crate::family`]).
 
 pub mod ad;
 pub mod beacon;
 pub mod beacons;
+#[cfg(feature = "bluez")]
+pub mod bluez;
 pub mod btsnoop;
 pub mod eddystone;
 pub mod hci;
