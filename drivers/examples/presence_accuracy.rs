@@ -87,6 +87,7 @@ fn main() {
             rssi: -55.0 - 30.0 * rng.f64(),
             tx_power: Some(-59.0),
             ts_ms: (i / 4_000) as i64 * 100,
+            samples: 1,
         })
         .collect();
     let t0 = Instant::now();

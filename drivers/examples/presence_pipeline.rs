@@ -243,6 +243,7 @@ async fn main() {
                     rssi: if r == t % RECEIVERS { -60.0 } else { -82.0 },
                     tx_power: Some(-59.0),
                     ts_ms: 1_000_000 + w * 1000 + r as i64,
+                    samples: 1,
                 });
             }
         }

@@ -111,3 +111,25 @@ impl Drop for Mosquitto {
         }
     }
 }
+
+/// Publishes each of `lines` as one message to `topic` with `mosquitto_pub -l` (an independent
+/// client) at QoS `qos`, and waits for it to finish.
+pub fn publish_lines<L: std::fmt::Display>(port: u16, qos: u8, topic: &str, lines: &[L]) {
+    use std::io::Write;
+    let mut child = Command::new(require_program("mosquitto_pub", "mosquitto-clients"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-q", &qos.to_string(), "-t", topic, "-l"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start mosquitto_pub");
+    let mut stdin = child.stdin.take().expect("mosquitto_pub stdin");
+    for l in lines {
+        writeln!(stdin, "{l}").expect("write to mosquitto_pub");
+    }
+    drop(stdin);
+    assert!(
+        child.wait().expect("mosquitto_pub").success(),
+        "mosquitto_pub {topic}"
+    );
+}

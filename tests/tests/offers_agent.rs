@@ -5,40 +5,15 @@
 #![allow(clippy::unwrap_used)] // test helpers
 
 use edge_tests::agent::{Agent, wait_records};
-use edge_tests::mosquitto::Mosquitto;
+use edge_tests::mosquitto::{Mosquitto, publish_lines};
 use edge_tests::{agent_bin, require_program, wait_for};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
-
-fn publish(port: u16, topic: &str, payloads: &[Value]) {
-    let mut child = Command::new(require_program("mosquitto_pub", "mosquitto-clients"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-l",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    for p in payloads {
-        writeln!(stdin, "{p}").unwrap();
-    }
-    drop(stdin);
-    assert!(child.wait().unwrap().success());
-}
 
 /// Collects every message on `filter` as (topic, JSON payload).
 fn subscribe(port: u16, filter: &str) -> Arc<Mutex<Vec<(String, Value)>>> {
@@ -119,8 +94,9 @@ caps = { per_visit = 1 }
     let offers = subscribe(broker.port, "store/test-store/offers/#");
     std::thread::sleep(Duration::from_millis(300));
     let now = edge_core::time::now_ms();
-    publish(
+    publish_lines(
         broker.port,
+        1,
         "store/presence",
         &[enter("t1", now), enter("t2", now + 1), enter("t3", now + 2)],
     );
@@ -155,8 +131,9 @@ caps = { per_visit = 1 }
     wait_for("the offers engine again", T, || {
         agent.status()["components"]["offers"]["state"] == "up"
     });
-    publish(
+    publish_lines(
         broker.port,
+        1,
         "store/presence",
         &[enter("t4", now + 10), enter("t1", now + 11)],
     );

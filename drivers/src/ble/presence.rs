@@ -35,6 +35,11 @@ pub struct Sighting {
     /// Calibrated power at 1 m (dBm); `None` uses [`PresenceConfig::default_tx_power`].
     pub tx_power: Option<f64>,
     pub ts_ms: i64,
+    /// Advertisements this reading stands for: 1 for one reading, the count of a window
+    /// aggregated upstream (`beacon.sightings` records carry it as `samples`). `min_samples`
+    /// and the confidence's support count advertisements, so aggregation upstream does not
+    /// starve a zone of evidence.
+    pub samples: u32,
 }
 
 /// A zone: its receivers and how near one of them the tag must be.
@@ -255,7 +260,10 @@ pub struct PresenceEvent {
 
 #[derive(Debug, Default)]
 struct Track {
-    samples: VecDeque<(i64, f64)>,
+    /// (ts, rssi, advertisements behind it) of the last window.
+    samples: VecDeque<(i64, f64, u32)>,
+    /// Sum of the advertisements in `samples`.
+    support: usize,
     smoothed: Option<f64>,
     tx_power: f64,
     last_ms: i64,
@@ -368,7 +376,7 @@ impl Engine {
                 let (Some(p), Some(rssi)) = (self.positions.get(rx), track.smoothed) else {
                     continue;
                 };
-                if now_ms - track.last_ms > fresh || track.samples.len() < self.cfg.min_samples {
+                if now_ms - track.last_ms > fresh || track.support < self.cfg.min_samples {
                     continue;
                 }
                 let d = ((p[0] - at[0]).powi(2) + (p[1] - at[1]).powi(2))
@@ -447,13 +455,17 @@ impl Engine {
         tag.last_ms = tag.last_ms.max(s.ts_ms);
         tag.first_ms.get_or_insert(s.ts_ms);
         let t = tag.tracks.entry(s.receiver.clone()).or_default();
-        t.samples.push_back((s.ts_ms, s.rssi));
+        let n = s.samples.max(1);
+        t.samples.push_back((s.ts_ms, s.rssi, n));
+        t.support += n as usize;
         while t
             .samples
             .front()
-            .is_some_and(|(ts, _)| *ts < s.ts_ms - window)
+            .is_some_and(|(ts, _, _)| *ts < s.ts_ms - window)
         {
-            t.samples.pop_front();
+            if let Some((_, _, n)) = t.samples.pop_front() {
+                t.support -= n as usize;
+            }
         }
         t.tx_power = tx;
         t.last_ms = t.last_ms.max(s.ts_ms);
@@ -565,7 +577,7 @@ impl Engine {
             for r in &z.receivers {
                 let Some(t) = tag.tracks.get(r) else { continue };
                 let Some(rssi) = t.smoothed else { continue };
-                if now_ms - t.last_ms > fresh || t.samples.len() < self.cfg.min_samples {
+                if now_ms - t.last_ms > fresh || t.support < self.cfg.min_samples {
                     continue;
                 }
                 if z.min_rssi.is_some_and(|m| rssi < m) {
@@ -576,7 +588,7 @@ impl Engine {
                     continue;
                 }
                 if zone_best.is_none_or(|(b, _)| d < b) {
-                    zone_best = Some((d, t.samples.len()));
+                    zone_best = Some((d, t.support));
                 }
             }
             if let Some((d, n)) = zone_best {
@@ -724,11 +736,11 @@ impl Engine {
 }
 
 /// Mean of the samples inside Tukey's fences (1.5 IQR); the plain mean below 4 samples.
-fn fenced_mean(samples: &VecDeque<(i64, f64)>) -> Option<f64> {
+fn fenced_mean(samples: &VecDeque<(i64, f64, u32)>) -> Option<f64> {
     if samples.is_empty() {
         return None;
     }
-    let mut v: Vec<f64> = samples.iter().map(|(_, r)| *r).collect();
+    let mut v: Vec<f64> = samples.iter().map(|(_, r, _)| *r).collect();
     if v.len() < 4 {
         return Some(v.iter().sum::<f64>() / v.len() as f64);
     }
@@ -779,6 +791,7 @@ mod tests {
             rssi,
             tx_power: Some(-59.0),
             ts_ms: ts,
+            samples: 1,
         }
     }
 
@@ -789,11 +802,39 @@ mod tests {
 
     #[test]
     fn the_fence_drops_a_multipath_burst() {
-        let mut v: VecDeque<(i64, f64)> = (0..18).map(|i| (i, -70.0 + (i % 3) as f64)).collect();
-        v.push_back((18, -90.0));
-        v.push_back((19, -95.0));
+        let mut v: VecDeque<(i64, f64, u32)> =
+            (0..18).map(|i| (i, -70.0 + (i % 3) as f64, 1)).collect();
+        v.push_back((18, -90.0, 1));
+        v.push_back((19, -95.0, 1));
         let m = fenced_mean(&v).unwrap();
         assert!((m - -69.0).abs() < 0.2, "{m}");
+    }
+
+    #[test]
+    fn an_aggregated_window_counts_its_advertisements_toward_min_samples() {
+        // One reading a second, as a 500 ms aggregation window of a 1 Hz ESPresense node gives:
+        // one advertisement each is not enough evidence within a 3 s window at min_samples 3
+        // when the readings drift 1.6 s apart...
+        let mut e = Engine::new(cfg());
+        let mut events = Vec::new();
+        for i in 0..4 {
+            events.extend(e.observe(&s("rx-1", rssi_at(1.5), i * 1_600)));
+        }
+        assert_eq!(
+            events.iter().map(|e| e.kind).collect::<Vec<_>>(),
+            [EventKind::Unknown],
+            "{events:?}"
+        );
+        // ...while the same readings standing for 10 advertisements each enter at once.
+        let mut e = Engine::new(cfg());
+        let ev = e.observe(&Sighting {
+            samples: 10,
+            ..s("rx-1", rssi_at(1.5), 0)
+        });
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0].kind, EventKind::Enter);
+        assert_eq!(ev[0].zone.as_deref(), Some("aisle-1"));
+        assert!(ev[0].confidence >= 0.99, "{ev:?}");
     }
 
     #[test]
@@ -996,6 +1037,7 @@ mod tests {
                         rssi: radio(rx, d),
                         tx_power: Some(-59.0),
                         ts_ms: ts,
+                        samples: 1,
                     }));
                 }
             }
@@ -1029,6 +1071,7 @@ mod tests {
                     rssi: radio(rx, d),
                     tx_power: Some(-59.0),
                     ts_ms: ts,
+                    samples: 1,
                 }));
             }
         }

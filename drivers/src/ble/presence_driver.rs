@@ -64,12 +64,19 @@ pub fn sightings(r: &Record) -> Result<Vec<Sighting>, String> {
             .and_then(Value::as_f64)
             .filter(|x| (-130.0..=20.0).contains(x))
             .ok_or("the sighting has no `rssi` between -130 and 20 dBm")?;
+        // An aggregated window stands for its advertisements (at least one, however many a
+        // malformed record claims: beyond 10 000 in one window is not a radio).
+        let samples = h
+            .get("samples")
+            .and_then(Value::as_u64)
+            .map_or(1, |n| n.clamp(1, 10_000) as u32);
         Ok(Sighting {
             tag: tag.clone(),
             receiver,
             rssi,
             tx_power,
             ts_ms,
+            samples,
         })
     };
     match v.get("receivers") {
@@ -192,4 +199,45 @@ async fn run(cfg: PresenceConfig, ctx: ComponentContext) -> Result<(), Component
     }
     ctx.status.set(State::Stopped, "stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(payload: &str) -> Record {
+        Record {
+            seq: 1,
+            ingest_ts_ms: 5,
+            event: Event::new("beacon.sightings", payload.as_bytes().to_vec()).with_event_ts(5),
+        }
+    }
+
+    #[test]
+    fn an_aggregated_record_gives_one_sighting_per_receiver_with_its_sample_count() {
+        let r = record(
+            r#"{"beacon":"ibeacon:x:1:7","ts":1000,"tx_power":-59,"receivers":[
+                {"receiver":"aisle-1","rssi":-63,"rssi_max":-61,"samples":10},
+                {"receiver":"aisle-2","rssi":-83,"samples":0},
+                {"receiver":"aisle-3","rssi":-70,"samples":99999999999}]}"#,
+        );
+        let s = sightings(&r).unwrap();
+        let got: Vec<(&str, f64, u32, i64)> = s
+            .iter()
+            .map(|s| (s.receiver.as_str(), s.rssi, s.samples, s.ts_ms))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("aisle-1", -63.0, 10, 1000),
+                ("aisle-2", -83.0, 1, 1000),
+                ("aisle-3", -70.0, 10_000, 1000)
+            ]
+        );
+        // One bare reading (an older producer) stands for one advertisement.
+        let one = sightings(&record(r#"{"tag":"t","receiver":"rx","rssi":-70}"#)).unwrap();
+        assert_eq!((one[0].samples, one[0].ts_ms), (1, 5));
+        assert!(sightings(&record(r#"{"beacon":"t","receivers":{}}"#)).is_err());
+        assert!(sightings(&record(r#"{"beacon":"t","receivers":[{"receiver":"rx"}]}"#)).is_err());
+    }
 }

@@ -295,6 +295,7 @@ pub fn run(store: &Store, cfg: &PresenceConfig, path: &Path, seed: u64) -> Repor
                     rssi: rssi.round(),
                     tx_power: Some(store.tx_power),
                     ts_ms: t_ms + r as i64,
+                    samples: 1,
                 }) {
                     handle(&ev, &mut pending_enter, &mut pending_exits, &mut report);
                 }
