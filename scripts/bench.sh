@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the spine's benchmarks (release builds) and prints one JSON line per result.
-#   scripts/bench.sh [log|mqtt|backlog|all]
+#   scripts/bench.sh [log|mqtt|backlog|flash|all]
 # Results and the machine they were measured on go into docs/BENCHMARKS.md by hand, with the command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,11 @@ if [ "$what" = log ] || [ "$what" = all ]; then
 fi
 if [ "$what" = mqtt ] || [ "$what" = all ]; then
   (cd bench-data && "$T/release/mqtt_ingest" --messages 100000 --rounds 5)
+fi
+if [ "$what" = flash ] || [ "$what" = all ]; then
+  # Bytes written per record at 50, 500 and 5,000 records/s: default pages, then 1 KiB pages.
+  "$T/release/flash_wear" --agent "$T/release/edge-agent" --dir bench-data/flash
+  "$T/release/flash_wear" --agent "$T/release/edge-agent" --dir bench-data/flash --extra '[log]\npage_size = 1024'
 fi
 if [ "$what" = backlog ] || [ "$what" = all ]; then
   "$T/release/backlog" --agent "$T/release/edge-agent" --dir bench-data/backlog --records 10000000

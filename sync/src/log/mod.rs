@@ -113,6 +113,10 @@ pub struct LogConfig {
     pub on_corrupt_open: OnCorruptOpen,
     /// SQLite page cache of the writer connection.
     pub cache_size: ByteSize,
+    /// SQLite page size of a new database (bytes, a power of two from 512 to 65536). An existing
+    /// database keeps the page size it was created with. Smaller pages write fewer bytes per small
+    /// commit (flash wear) at some cost in peak append throughput: see docs/BENCHMARKS.md.
+    pub page_size: u32,
     /// WAL file size kept after a checkpoint (`journal_size_limit`).
     pub wal_size_limit: ByteSize,
     /// Interval of retention, budget and dedup-window maintenance.
@@ -137,6 +141,7 @@ impl Default for LogConfig {
             integrity_check: IntegrityCheck::Background,
             on_corrupt_open: OnCorruptOpen::MoveAside,
             cache_size: ByteSize::mib(8),
+            page_size: 4096,
             wal_size_limit: ByteSize::mib(64),
             maintenance_interval: Duration::from_secs(5),
             streams: BTreeMap::new(),
@@ -207,6 +212,15 @@ impl LogConfig {
                 format!(
                     "is {}, less than wal_size_limit ({}): the WAL can grow by that much before the floor is checked again and fill the disk; set min_free_disk to at least {} (or \"0 B\" for no floor), or lower wal_size_limit",
                     self.min_free_disk, self.wal_size_limit, self.wal_size_limit
+                ),
+            );
+        }
+        if !(512..=65536).contains(&self.page_size) || !self.page_size.is_power_of_two() {
+            problems.push(
+                join(path, "page_size"),
+                format!(
+                    "is {}; must be a power of two from 512 to 65536, e.g. 4096 or 1024",
+                    self.page_size
                 ),
             );
         }

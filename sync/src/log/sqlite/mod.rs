@@ -157,6 +157,8 @@ fn open_writer_connection(path: &Path, cfg: &LogConfig) -> Result<Connection, ru
     if queries::schema_version(&conn)? == 0 {
         // Only possible on a new database, and only before WAL mode is switched on: free pages can
         // then be returned to the filesystem (incremental_vacuum) when the free-space floor is hit.
+        // The page size first: once auto_vacuum or WAL mode is set it is fixed.
+        conn.pragma_update(None, "page_size", i64::from(cfg.page_size))?;
         conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     }
     let mode = queries::apply_connection_pragmas(
@@ -1136,6 +1138,62 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(journal, "wal");
+    }
+
+    /// `page_size` chooses the page size of a new database; an existing one keeps its own, and
+    /// records written with either size read back the same.
+    #[tokio::test]
+    async fn page_size_applies_to_new_databases_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = LogConfig {
+            page_size: 1024,
+            ..LogConfig::default()
+        };
+        let big = "x".repeat(3000); // longer than a 1 KiB page: an overflow chain
+        let log = SqliteLog::open(dir.path(), small).unwrap();
+        log.append(AppendRequest::events(vec![
+            Event::new("s", b"small".to_vec()),
+            Event::new("s", big.clone().into_bytes()),
+        ]))
+        .await
+        .unwrap();
+        log.close().await.unwrap();
+        drop(log);
+        let page = |dir: &Path| -> i64 {
+            Connection::open(dir.join("log.db"))
+                .unwrap()
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(page(dir.path()), 1024);
+        // Reopened with the default: still 1 KiB pages, and both records intact.
+        let log = SqliteLog::open(dir.path(), LogConfig::default()).unwrap();
+        log.append(AppendRequest::one(Event::new("s", b"third".to_vec())))
+            .await
+            .unwrap();
+        let got = log.read("s", 1, ReadLimits::default()).await.unwrap();
+        let payloads: Vec<&[u8]> = got
+            .records
+            .iter()
+            .map(|r| r.event.payload.as_ref())
+            .collect();
+        assert_eq!(
+            payloads,
+            [b"small".as_ref(), big.as_bytes(), b"third".as_ref()]
+        );
+        log.close().await.unwrap();
+        drop(log);
+        assert_eq!(page(dir.path()), 1024);
+        let mut problems = edge_core::config::Problems::default();
+        LogConfig {
+            page_size: 3000,
+            ..LogConfig::default()
+        }
+        .validate("log", &mut problems);
+        assert!(
+            format!("{problems:?}").contains("log.page_size"),
+            "{problems:?}"
+        );
     }
 
     /// A moved-aside damaged database counts against the budget: only the newest is kept (older
