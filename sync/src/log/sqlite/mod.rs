@@ -1196,6 +1196,52 @@ mod tests {
         );
     }
 
+    /// `commit_interval_ms` gathers a steady trickle into few commits: a record every 10 ms
+    /// for 0.6 s is acknowledged in at most one burst per 100 ms interval (about 6), where
+    /// without it each record is its own commit. Every record is still acknowledged, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commit_interval_gathers_a_trickle_into_few_commits() {
+        async fn ack_bursts(interval_ms: u64) -> (usize, Vec<u64>) {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = LogConfig {
+                commit_interval_ms: interval_ms,
+                ..LogConfig::default()
+            };
+            let log = Arc::new(SqliteLog::open(dir.path(), cfg).unwrap());
+            let t0 = std::time::Instant::now();
+            let mut acks = Vec::new();
+            for i in 0..60 {
+                let ticket = log
+                    .submit(AppendRequest::one(Event::new("s", format!("{i}").into_bytes())))
+                    .await
+                    .unwrap();
+                acks.push(tokio::spawn(async move {
+                    let o = ticket.await.unwrap();
+                    (std::time::Instant::now(), o.appended[0].seq())
+                }));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let mut done = Vec::new();
+            for a in acks {
+                done.push(a.await.unwrap());
+            }
+            log.close().await.unwrap();
+            let seqs = done.iter().map(|d| d.1).collect();
+            let mut times: Vec<u128> = done.iter().map(|d| (d.0 - t0).as_micros()).collect();
+            times.sort_unstable();
+            // Acks of one commit are sent together; 3 ms apart is another commit.
+            let bursts = 1 + times.windows(2).filter(|w| w[1] - w[0] > 3_000).count();
+            (bursts, seqs)
+        }
+        let (bursts, seqs) = ack_bursts(100).await;
+        assert_eq!(seqs, (1..=60).collect::<Vec<u64>>());
+        assert!(bursts <= 9, "{bursts} commits for 0.6 s at a 100 ms interval");
+        // The control: without the interval a trickle is not gathered (on a loaded machine a
+        // slow fsync may still gather a few, so only "clearly more").
+        let (bursts0, _) = ack_bursts(0).await;
+        assert!(bursts0 >= 2 * bursts, "{bursts0} commits without the interval, {bursts} with");
+    }
+
     /// A moved-aside damaged database counts against the budget: only the newest is kept (older
     /// ones are deleted at open), and when the budget needs the room it goes before any
     /// unmirrored record, with no gap (it is not a record of this log).

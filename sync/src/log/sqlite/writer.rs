@@ -169,7 +169,17 @@ impl Writer {
         // A maintenance overdue by twice its interval runs between batches instead.
         let overdue = self.cfg.maintenance_interval * 2;
         let mut last_maintenance = Instant::now();
+        let interval = self.cfg.commit_interval();
+        let mut last_commit: Option<Instant> = None;
         while let Some(first) = rx.blocking_recv() {
+            // Flash wear: a record that arrives soon after the previous commit waits for the rest
+            // of `commit_interval_ms`, so the records of that interval share one commit's pages.
+            if matches!(first, WriterMsg::Append(..))
+                && let Some(hold) =
+                    last_commit.and_then(|t| (t + interval).checked_duration_since(Instant::now()))
+            {
+                std::thread::sleep(hold);
+            }
             let started = Instant::now();
             let mut n = first.records();
             let mut batch = vec![first];
@@ -195,6 +205,9 @@ impl Writer {
                 }
             }
             if !work.is_empty() {
+                if !interval.is_zero() {
+                    last_commit = Some(started);
+                }
                 self.commit_batch(work, started);
                 self.check_budget();
             }
