@@ -39,6 +39,14 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
         .ok_or_else(|| format!("{} holds no private key", path.display()))
 }
 
+/// Reads a secret (a password) from a file: the file's content without its trailing line break,
+/// so `echo secret > file` works. The error is the I/O error (callers name the file and the
+/// option); it never holds the content.
+pub fn read_secret_file(path: &Path) -> Result<String, String> {
+    let s = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    Ok(s.trim_end_matches(['\r', '\n']).to_string())
+}
+
 /// A rustls client config for `tls`; the error names the file and what is wrong with it.
 pub fn client_config(tls: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
@@ -61,4 +69,21 @@ pub fn client_config(tls: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, String
         _ => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_file_loses_its_line_break_and_a_missing_one_is_an_error_without_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "s3cret pass\r\n").unwrap();
+        assert_eq!(read_secret_file(&f).unwrap(), "s3cret pass");
+        std::fs::write(&f, "two\nlines\n").unwrap();
+        assert_eq!(read_secret_file(&f).unwrap(), "two\nlines");
+        let e = read_secret_file(&dir.path().join("missing")).unwrap_err();
+        assert!(e.contains("No such file"), "{e}");
+    }
 }

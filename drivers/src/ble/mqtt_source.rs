@@ -103,10 +103,8 @@ impl MqttSourceConfig {
         o.set_max_packet_size(self.max_message_bytes + 1024, 4096);
         if let Some(user) = &self.username {
             let password = match &self.password_file {
-                Some(f) => std::fs::read_to_string(f)
-                    .map_err(|e| format!("cannot read password_file {}: {e}", f.display()))?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string(),
+                Some(f) => edge_core::tls::read_secret_file(f)
+                    .map_err(|e| format!("cannot read password_file {}: {e}", f.display()))?,
                 None => String::new(),
             };
             o.set_credentials(user.clone(), password);

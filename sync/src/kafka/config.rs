@@ -921,12 +921,11 @@ fn path_str(p: &Path) -> String {
 }
 
 fn read_secret(field: &'static str, path: &Path) -> Result<String, KafkaConfigError> {
-    let s = std::fs::read_to_string(path).map_err(|e| KafkaConfigError::Secret {
+    let s = edge_core::tls::read_secret_file(path).map_err(|reason| KafkaConfigError::Secret {
         field,
         path: path.display().to_string(),
-        reason: e.to_string(),
+        reason,
     })?;
-    let s = s.trim_end_matches(['\r', '\n']).to_string();
     if s.is_empty() {
         return Err(KafkaConfigError::Secret {
             field,

@@ -91,15 +91,12 @@ fn mqtt_options(cfg: &MqttConfig, store: &str) -> Result<MqttOptions, MqttError>
     o.set_outgoing_inflight_upper_limit(256);
     if let Some(user) = &cfg.username {
         let password = match &cfg.password_file {
-            Some(f) => std::fs::read_to_string(f)
-                .map_err(|e| {
-                    MqttError::Config(format!(
-                        "cannot read mqtt.password_file {}: {e}",
-                        f.display()
-                    ))
-                })?
-                .trim_end_matches(['\r', '\n'])
-                .to_string(),
+            Some(f) => edge_core::tls::read_secret_file(f).map_err(|e| {
+                MqttError::Config(format!(
+                    "cannot read mqtt.password_file {}: {e}",
+                    f.display()
+                ))
+            })?,
             None => String::new(),
         };
         o.set_credentials(user.clone(), password);

@@ -1212,7 +1212,10 @@ mod tests {
             let mut acks = Vec::new();
             for i in 0..60 {
                 let ticket = log
-                    .submit(AppendRequest::one(Event::new("s", format!("{i}").into_bytes())))
+                    .submit(AppendRequest::one(Event::new(
+                        "s",
+                        format!("{i}").into_bytes(),
+                    )))
                     .await
                     .unwrap();
                 acks.push(tokio::spawn(async move {
@@ -1235,11 +1238,17 @@ mod tests {
         }
         let (bursts, seqs) = ack_bursts(100).await;
         assert_eq!(seqs, (1..=60).collect::<Vec<u64>>());
-        assert!(bursts <= 9, "{bursts} commits for 0.6 s at a 100 ms interval");
+        assert!(
+            bursts <= 9,
+            "{bursts} commits for 0.6 s at a 100 ms interval"
+        );
         // The control: without the interval a trickle is not gathered (on a loaded machine a
         // slow fsync may still gather a few, so only "clearly more").
         let (bursts0, _) = ack_bursts(0).await;
-        assert!(bursts0 >= 2 * bursts, "{bursts0} commits without the interval, {bursts} with");
+        assert!(
+            bursts0 >= 2 * bursts,
+            "{bursts0} commits without the interval, {bursts} with"
+        );
     }
 
     /// A moved-aside damaged database counts against the budget: only the newest is kept (older
