@@ -192,8 +192,18 @@ pub fn main() -> ExitCode {
         }
         Command::CheckConfig { file } => match load(&file) {
             Ok(cfg) => {
+                let uplink = if cfg.kafka.is_some() {
+                    "Kafka uplink"
+                } else {
+                    "no Kafka (offline buffering)"
+                };
+                let offers = if cfg.offers.enabled {
+                    format!("offers on for {} zone(s)", cfg.offers.zones.len())
+                } else {
+                    "offers off".to_string()
+                };
                 println!(
-                    "{}: OK (store {}, data in {}, {} MQTT ingress rule(s), {} egress rule(s), {} driver(s))",
+                    "{}: OK (store {}, data in {}, {} MQTT ingress rule(s), {} egress rule(s), {} driver(s), {uplink}, {offers})",
                     file.display(),
                     cfg.agent.store_id,
                     cfg.agent.data_dir.display(),

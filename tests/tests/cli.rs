@@ -78,6 +78,26 @@ name = "x"
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The summary says what will run: the example has no [kafka] and no [offers]; the demo
+    // turns the offers engine on.
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("no Kafka (offline buffering), offers off)"),
+        "{summary}"
+    );
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/demo.toml");
+    let out = Command::new(agent_bin!())
+        .arg("check-config")
+        .arg(&demo)
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(summary.contains(", offers on for "), "{summary}");
 }
 
 #[test]
