@@ -13,7 +13,7 @@
 //!   ([`Log::subscribe`]); no read is issued while the stream has nothing past the cursor.
 
 use crate::Event;
-use crate::log::{AppendRequest, Log, LogError, ReadBatch, ReadLimits};
+use crate::log::{AppendRequest, AppendTicket, Log, LogError, ReadBatch, ReadLimits};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -171,5 +171,24 @@ impl CursorReader {
         self.next_seq = next_seq;
         self.new = false;
         Ok(())
+    }
+
+    /// [`CursorReader::commit_with`] without waiting for durability: the commit is queued in
+    /// the log's FIFO and the reader reads on from `next_seq` at once. The returned ticket
+    /// resolves when the cursor move (and `events`) is durable; a failure there means the durable
+    /// cursor is still behind, so the caller must stop and reopen it (at-least-once consumers
+    /// then see the records again). Await one ticket before submitting the next, so a failed
+    /// move is seen before a later one.
+    pub async fn submit_with(
+        &mut self,
+        next_seq: u64,
+        events: Vec<Event>,
+    ) -> Result<AppendTicket, LogError> {
+        let mut req = AppendRequest::cursor(&self.cursor, &self.stream, next_seq);
+        req.events = events;
+        let ticket = self.log.submit(req).await?;
+        self.next_seq = next_seq;
+        self.new = false;
+        Ok(ticket)
     }
 }

@@ -1320,6 +1320,54 @@ pub(crate) async fn cursor_reader_reads_in_order_waits_and_resumes<E: Engine>() 
     log.close().await.unwrap();
 }
 
+/// `submit_with` moves the reader on at once and the cursor when its ticket resolves: the next
+/// batch is readable before the move is durable, the move and its events are durable together,
+/// and a reader re-created after the ticket resolved resumes after the move.
+pub(crate) async fn cursor_reader_submits_a_move_without_waiting<E: Engine>() {
+    use edge_core::cursor::{CursorReader, Start};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> = Arc::new(open::<E>(dir.path()));
+    log.append(AppendRequest::events((1..=4).map(|i| ev("s", i)).collect()))
+        .await
+        .unwrap();
+    let limits = ReadLimits {
+        max_records: 2,
+        max_bytes: 1 << 20,
+    };
+    let mut r = CursorReader::open(log.clone(), "egress", "s", Start::Earliest)
+        .await
+        .unwrap()
+        .with_limits(limits);
+    let b = r.try_batch().await.unwrap().expect("a batch");
+    assert_eq!(seqs(&b), [1, 2]);
+    let ticket = r
+        .submit_with(b.next_seq, vec![ev("side", 1)])
+        .await
+        .unwrap();
+    assert_eq!(r.next_seq(), 3, "the reader moved on before the commit");
+    let b2 = r.try_batch().await.unwrap().expect("the next batch");
+    assert_eq!(seqs(&b2), [3, 4]);
+    ticket.await.unwrap();
+    assert_eq!(log.cursor("egress", "s").await.unwrap(), Some(3));
+    assert_eq!(
+        log.next_seq("side").unwrap(),
+        2,
+        "the events committed with the move"
+    );
+    drop(r);
+    let mut again = CursorReader::open(log.clone(), "egress", "s", Start::Earliest)
+        .await
+        .unwrap()
+        .with_limits(limits);
+    assert_eq!(
+        seqs(&again.try_batch().await.unwrap().expect("a batch")),
+        [3, 4],
+        "the unmoved batch again, not the moved one"
+    );
+    log.close().await.unwrap();
+}
+
 /// A reader waiting for records returns when its cancel token fires.
 pub(crate) async fn cursor_reader_stops_on_shutdown<E: Engine>() {
     use edge_core::cursor::{CursorReader, Start};
@@ -1448,6 +1496,7 @@ macro_rules! contract_suite {
                 free_space_floor_evicts_like_an_exceeded_budget,
                 cursor_reader_reads_in_order_waits_and_resumes,
                 cursor_reader_stops_on_shutdown,
+                cursor_reader_submits_a_move_without_waiting,
                 gaps_already_reported_are_pruned_and_still_counted,
             );
         }

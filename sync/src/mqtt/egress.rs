@@ -38,6 +38,10 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 struct RuleState {
     rule: EgressRule,
     reader: CursorReader,
+    /// The last cursor move, queued but maybe not yet durable: the next batch is published
+    /// while it commits (its fsync is off the path of the next offer), and it is awaited before
+    /// the next move is queued.
+    pending: Option<edge_core::log::AppendTicket>,
 }
 
 /// Runs egress until shutdown; an error (a log read failing, the client gone) is reported and the
@@ -95,7 +99,11 @@ async fn run_once(
         });
         // Remember the start so a restart neither skips nor replays.
         reader.remember_start().await?;
-        states.push(RuleState { rule, reader });
+        states.push(RuleState {
+            rule,
+            reader,
+            pending: None,
+        });
     }
     let mut commits = ctx.log.subscribe();
     let mut connected = link.connected.subscribe();
@@ -211,12 +219,21 @@ async fn run_once(
                 tracing::warn!(stream = %st.rule.stream, records = dead.len(), "MQTT egress cannot publish records whose values give no valid MQTT topic; they went to the deadletter stream and egress moved on");
             }
             // The dead letters commit with the cursor move: once each, even across a crash.
-            st.reader.commit_with(batch.next_seq, dead).await?;
+            if let Some(previous) = st.pending.take() {
+                previous.await?;
+            }
+            st.pending = Some(st.reader.submit_with(batch.next_seq, dead).await?);
             metrics::counter!("edge_mqtt_egress_published_total", "stream" => st.rule.stream.clone())
                 .increment(sent);
             published_any = true;
         }
         if !published_any {
+            // Idle: let the last moves become durable (and fail here, not later) before sleeping.
+            for st in &mut states {
+                if let Some(previous) = st.pending.take() {
+                    previous.await?;
+                }
+            }
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 r = commits.changed() => if r.is_err() { return Ok(()) },
