@@ -128,6 +128,10 @@ offer = {{ headline = "WELCOME" }}
 
     let mut o = MqttOptions::new("bench-offers-client", "127.0.0.1", broker.port);
     o.set_keep_alive(Duration::from_secs(30));
+    // Like the agent's client (and any latency-minded kiosk): no Nagle.
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    o.set_network_options(net);
     let (client, mut el) = AsyncClient::new(o, 4096);
     client
         .subscribe("store/s1/offers/#", QoS::AtLeastOnce)

@@ -87,6 +87,11 @@ fn mqtt_options(cfg: &MqttConfig, store: &str) -> Result<MqttOptions, MqttError>
     o.set_max_packet_size(Some(cfg.max_packet_size.as_u64() as u32));
     o.set_manual_acks(true);
     o.set_connection_timeout(10);
+    // No Nagle: a PUBACK or an egress publish is a few bytes, and held back for the broker's
+    // delayed ACK it waited tens of milliseconds (docs/BENCHMARKS.md, "Offers engine").
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    o.set_network_options(net);
     // Outgoing (egress) publishes waiting for PUBACK; bounded like everything else.
     o.set_outgoing_inflight_upper_limit(256);
     if let Some(user) = &cfg.username {
