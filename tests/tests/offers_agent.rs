@@ -27,6 +27,10 @@ fn subscribe(port: u16, filter: &str) -> Arc<Mutex<Vec<(String, Value)>>> {
             "-q",
             "1",
             "-v",
+            // Gone by itself after 10 minutes: the test cannot kill it (its reader thread owns
+            // it), and an orphaned subscriber outlived every test run.
+            "-W",
+            "600",
             "-t",
             filter,
         ])
