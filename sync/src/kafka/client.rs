@@ -69,7 +69,14 @@ pub struct LinkError {
 
 pub(crate) fn classify(code: Option<RDKafkaErrorCode>, message: &str) -> LinkTrouble {
     use RDKafkaErrorCode as C;
-    let m = message.to_ascii_lowercase();
+    // librdkafka prefixes the broker ("sasl_ssl://host:port/bootstrap: ..."): its scheme says
+    // nothing about what failed, and "sasl" in it made a certificate failure read as an
+    // authentication one.
+    let body = match message.split_once(": ") {
+        Some((broker, rest)) if broker.contains("://") => rest,
+        _ => message,
+    };
+    let m = body.to_ascii_lowercase();
     match code {
         Some(C::Authentication | C::SaslAuthenticationFailed) => LinkTrouble::Auth,
         Some(
@@ -277,6 +284,21 @@ mod tests {
                 "Connect to ipv4#127.0.0.1:1 failed: Connection refused"
             ),
             LinkTrouble::Unreachable
+        );
+        // As librdkafka words them, broker first (seen in CI: a wrong CA classified as auth).
+        assert_eq!(
+            classify(
+                Some(RDKafkaErrorCode::BrokerTransportFailure),
+                "sasl_ssl://127.0.0.1:52724/bootstrap: error:0A000086:SSL routines::certificate verify failed (after 9ms in state SSL_HANDSHAKE)"
+            ),
+            LinkTrouble::Tls
+        );
+        assert_eq!(
+            classify(
+                None,
+                "sasl_ssl://127.0.0.1:52724/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512"
+            ),
+            LinkTrouble::Auth
         );
     }
 
