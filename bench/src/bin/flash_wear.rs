@@ -95,27 +95,13 @@ fn main() -> anyhow::Result<()> {
     for &rate in &a.rates {
         let data = std::fs::canonicalize(&a.dir)?.join(format!("rate-{rate}"));
         let _ = std::fs::remove_dir_all(&data);
-        let config = format!(
-            r#"[agent]
-store_id = "s1"
-data_dir = "{{data_dir}}"
-log_level = "warn"
-
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-client_id = "edge-agent-{{store}}"
-
-[[mqtt.ingress]]
-topic = "store/+/pos/{{device}}/transactions"
+        let ingress = r#"[[mqtt.ingress]]
+topic = "store/+/pos/{device}/transactions"
 stream = "pos.transactions"
-
-[http]
-listen = "127.0.0.1:{{http_port}}"
-{extra}
-"#,
-            port = broker.port,
-            extra = a.extra.replace("\\n", "\n"),
+"#;
+        let config = edge_bench::agent_config(
+            broker.port,
+            &format!("{ingress}\n{}", a.extra.replace("\\n", "\n")),
         );
         let agent = Agent::start_on(a.agent.clone(), &config, Some(&data));
         let pid = agent.pid().expect("agent pid");

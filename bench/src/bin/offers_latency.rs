@@ -80,50 +80,35 @@ async fn round(
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let broker = Mosquitto::start();
-    let config = format!(
-        r#"[agent]
-store_id = "s1"
-data_dir = "{{data_dir}}"
-log_level = "warn"
-
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-client_id = "edge-agent-{{store}}"
-
-[[mqtt.ingress]]
+    let sections = r#"[[mqtt.ingress]]
 topic = "store/presence"
 stream = "presence.events"
 schema = "presence.event/1"
 
 [[mqtt.egress]]
 stream = "offers.decisions"
-topic = "store/{{store}}/offers/{{key}}"
-
-[http]
-listen = "127.0.0.1:{{http_port}}"
+topic = "store/{store}/offers/{key}"
 
 [offers]
 enabled = true
-zones = [{{ name = "aisle-3", display = "shelf_screen", lane = "3" }}]
-prices = {{ "4011" = 150 }}
+zones = [{ name = "aisle-3", display = "shelf_screen", lane = "3" }]
+prices = { "4011" = 150 }
 
 [[offers.campaigns]]
 id = "cola"
 version = 1
 zones = ["aisle-3"]
 priority = 5
-offer = {{ headline = "COLA 2 FOR {{price}}", display_lines = ["COLA 2 FOR {{price}}", "TODAY ONLY"], sku = "4011" }}
-caps = {{ per_visit = 1 }}
+offer = { headline = "COLA 2 FOR {price}", display_lines = ["COLA 2 FOR {price}", "TODAY ONLY"], sku = "4011" }
+caps = { per_visit = 1 }
 
 [[offers.campaigns]]
 id = "welcome"
 version = 1
 fallback = true
-offer = {{ headline = "WELCOME" }}
-"#,
-        port = broker.port
-    );
+offer = { headline = "WELCOME" }
+"#;
+    let config = edge_bench::agent_config(broker.port, sections);
     let agent = Agent::start(a.agent.clone(), &config);
 
     let mut o = MqttOptions::new("bench-offers-client", "127.0.0.1", broker.port);
