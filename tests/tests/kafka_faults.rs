@@ -44,6 +44,116 @@ async fn a_local_cursor_behind_the_checkpoint_resends_nothing() {
     store.stop_components().await;
 }
 
+/// The checkpoint committed as the offset of the store's consumer group (offset, metadata).
+fn group_checkpoint(b: &KafkaBroker, topic: &str, store: &str) -> (i64, serde_json::Value) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = b
+        .client_config()
+        .set("group.id", edge_sync::kafka::checkpoint_group(store))
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let got = c.committed_offsets(tpl, Duration::from_secs(30)).unwrap();
+    let e = got.find_partition(topic, 0).unwrap();
+    let rdkafka::Offset::Offset(o) = e.offset() else {
+        panic!(
+            "no committed checkpoint offset for {store}: {:?}",
+            e.offset()
+        );
+    };
+    (o, serde_json::from_str(e.metadata()).unwrap())
+}
+
+/// Writes a checkpoint record for `store` on the topic (not transactional, not in the group).
+fn forge_topic_checkpoint(b: &KafkaBroker, topic: &str, cp: &serde_json::Value, store: &str) {
+    let p = edge_tests::kafka::hq_producer(&b.bootstrap());
+    edge_tests::kafka::hq_send(&p, topic, Some(store), &cp.to_string(), &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_start_takes_the_checkpoint_from_the_group_offset_not_a_topic_scan() {
+    let b = shared_broker();
+    let cfg = private_config(b, DeliveryMode::ExactlyOnce);
+    assert!(cfg.checkpoint_offsets, "the group offset is the default");
+    let mut store = Store::open();
+    append(&*store.log, S, 0..2000).await;
+    store.start_uplink(cfg.clone());
+    store.wait_cursor(S, 2001, Duration::from_secs(60)).await;
+    store.stop_components().await;
+    // The transaction that moved the stream committed its checkpoint into the group offset too.
+    let (offset, cp) = group_checkpoint(b, &cfg.checkpoint_topic, &store.id);
+    assert_eq!(cp["schema"], "edge.checkpoint/1");
+    assert_eq!(cp["store"], store.id.as_str());
+    assert_eq!(cp["streams"][S]["next_seq"], 2001);
+    assert_eq!(Some(offset as u64), cp["txn"].as_u64());
+    // A newer checkpoint on the topic that claims nothing was sent: a topic scan would take it
+    // (highest txn) and send all 2000 records again. The group offset is what a start reads.
+    let mut forged = cp.clone();
+    forged["txn"] = serde_json::json!(offset + 1000);
+    forged["streams"][S]["next_seq"] = serde_json::json!(1);
+    forge_topic_checkpoint(b, &cfg.checkpoint_topic, &forged, &store.id);
+    // And the crash window: Kafka committed, the local cursor commit was lost.
+    store
+        .log
+        .append(AppendRequest::cursor("uplink", S, 1))
+        .await
+        .unwrap();
+    append(&*store.log, S, 2000..2500).await;
+    store.start_uplink(cfg.clone());
+    store.wait_cursor(S, 2501, Duration::from_secs(60)).await;
+    let topic = cfg.topic(&store.id, S);
+    let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
+    hq.wait_for_count(&topic, 2500, Duration::from_secs(30));
+    hq.poll_for(Duration::from_secs(2));
+    check_exactly_once(&hq.on(&topic), &store.id, S, 2500).unwrap();
+    let (_, cp) = group_checkpoint(b, &cfg.checkpoint_topic, &store.id);
+    assert_eq!(cp["streams"][S]["next_seq"], 2501);
+    store.stop_components().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_offset_left_behind_by_a_run_without_it_is_not_trusted() {
+    let b = shared_broker();
+    let cfg = private_config(b, DeliveryMode::ExactlyOnce);
+    let mut store = Store::open();
+    append(&*store.log, S, 0..1000).await;
+    store.start_uplink(cfg.clone());
+    store.wait_cursor(S, 1001, Duration::from_secs(60)).await;
+    store.stop_components().await;
+    // A run that commits checkpoints to the topic only (an older agent version after a rollback,
+    // or checkpoint_offsets = false): the group offset stays at 1001.
+    append(&*store.log, S, 1000..2000).await;
+    let without = edge_sync::kafka::KafkaConfig {
+        checkpoint_offsets: false,
+        ..cfg.clone()
+    };
+    store.start_uplink(without);
+    store.wait_cursor(S, 2001, Duration::from_secs(60)).await;
+    store.stop_components().await;
+    assert_eq!(
+        group_checkpoint(b, &cfg.checkpoint_topic, &store.id).1["streams"][S]["next_seq"],
+        1001
+    );
+    // A lost local cursor commit puts the cursor between the two: trusting the stale group
+    // offset would resume at 1500 and send 1500..2000 twice.
+    store
+        .log
+        .append(AppendRequest::cursor("uplink", S, 1500))
+        .await
+        .unwrap();
+    append(&*store.log, S, 2000..2500).await;
+    store.start_uplink(cfg.clone());
+    store.wait_cursor(S, 2501, Duration::from_secs(60)).await;
+    let topic = cfg.topic(&store.id, S);
+    let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
+    hq.wait_for_count(&topic, 2500, Duration::from_secs(30));
+    hq.poll_for(Duration::from_secs(2));
+    check_exactly_once(&hq.on(&topic), &store.id, S, 2500).unwrap();
+    store.stop_components().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uplink_crashes_during_a_drain_lose_and_repeat_nothing() {
     let b = shared_broker();

@@ -6,15 +6,25 @@
 //! last gap reported on `edge.gaps`. Because the checkpoint commits atomically with the records it
 //! covers, it is never ahead of or behind what HQ sees.
 //!
-//! On start the uplink reads the checkpoint back with `read_committed` ([`read_checkpoint`]),
-//! *after* `init_transactions` has fenced any earlier incarnation and completed or aborted its last
-//! transaction, and reads each partition up to the high watermark it had at that moment, so a
-//! committed checkpoint cannot be missed.
+//! The same transaction also commits the checkpoint as a consumer-group offset
+//! (`send_offsets_to_transaction`): group [`checkpoint_group`], partition 0 of the checkpoint
+//! topic, offset = the transaction counter, metadata = the checkpoint JSON. Looking that up
+//! ([`lookup_checkpoint_offset`]) is one `OffsetFetch` to the group's coordinator, so a session
+//! start costs the same in a fleet of ten stores or ten thousand; the topic stays the record HQ
+//! reads (and the fallback).
+//!
+//! On start the uplink reads the checkpoint back *after* `init_transactions` has fenced any
+//! earlier incarnation and completed or aborted its last transaction (so no transactional offset
+//! of this store is pending). Without a usable group offset (a first start, a store upgraded from
+//! a version without it, offsets expired at the broker after `offsets.retention.minutes`, or a
+//! checkpoint too large for the broker's `offset.metadata.max.bytes`) it scans the topic
+//! with `read_committed` ([`read_checkpoint`]), each partition up to the high watermark it had at
+//! that moment, so a committed checkpoint cannot be missed.
 
 use super::client::LinkContext;
 use rdkafka::ClientConfig;
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -85,18 +95,70 @@ fn kafka_err(topic: &str) -> impl Fn(KafkaError) -> CheckpointError + '_ {
     }
 }
 
-/// Reads the newest committed checkpoint of `store` (blocking; run it off the reactor). `Ok(None)`
-/// when the topic does not exist or holds no checkpoint of this store.
-pub fn read_checkpoint(
+/// The consumer group whose committed offset carries `store`'s checkpoint (HQ's ACLs must let the
+/// store's principal read this group; see docs/KAFKA.md).
+pub fn checkpoint_group(store: &str) -> String {
+    format!("edge-agent.checkpoint.{store}")
+}
+
+/// Largest checkpoint JSON carried in an offset's metadata: the broker's default
+/// `offset.metadata.max.bytes`. A larger checkpoint (about a hundred mirrored streams) is committed
+/// with empty metadata, which sends the next session start to the topic scan.
+pub const OFFSET_METADATA_MAX: usize = 4096;
+
+/// The offsets to commit in the transaction that writes checkpoint `txn` (JSON `json`).
+pub fn checkpoint_offsets(
+    topic: &str,
+    txn: u64,
+    json: &[u8],
+) -> Result<TopicPartitionList, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    let offset = i64::try_from(txn).unwrap_or(i64::MAX);
+    tpl.add_partition_offset(topic, 0, Offset::Offset(offset))?;
+    let meta = match std::str::from_utf8(json) {
+        Ok(s) if s.len() <= OFFSET_METADATA_MAX => s,
+        _ => "",
+    };
+    if let Some(mut e) = tpl.find_partition(topic, 0) {
+        e.set_metadata(meta);
+    }
+    Ok(tpl)
+}
+
+/// The group metadata `send_offsets_to_transaction` needs for [`checkpoint_group`] (a group no
+/// consumer joins; the broker keeps its offsets like any simple consumer group's).
+pub fn checkpoint_group_metadata(
     base: &ClientConfig,
     context: Arc<LinkContext>,
     topic: &str,
     store: &str,
-    timeout: Duration,
-) -> Result<Option<Checkpoint>, CheckpointError> {
-    let deadline = Instant::now() + timeout;
+) -> Result<ConsumerGroupMetadata, CheckpointError> {
+    let consumer = reader(base, context, store, topic)?;
+    consumer
+        .group_metadata()
+        .ok_or_else(|| CheckpointError::Kafka {
+            topic: topic.into(),
+            reason: "librdkafka returned no consumer group metadata".into(),
+        })
+}
+
+/// What the group offset lookup found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OffsetLookup {
+    /// The checkpoint of the last committed transaction.
+    Found(Checkpoint),
+    /// No usable offset: the reason, for the log; the caller scans the topic.
+    Missing(&'static str),
+}
+
+fn reader(
+    base: &ClientConfig,
+    context: Arc<LinkContext>,
+    store: &str,
+    topic: &str,
+) -> Result<BaseConsumer<ArcContext>, CheckpointError> {
     let mut cfg = base.clone();
-    cfg.set("group.id", format!("edge-agent.checkpoint-reader.{store}"))
+    cfg.set("group.id", checkpoint_group(store))
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .set("enable.auto.commit", "false")
@@ -112,9 +174,68 @@ pub fn read_checkpoint(
         // while the reader scans past other stores' checkpoints. 1 MiB keeps that bounded
         // (fetch.max.bytes follows it, at least message.max.bytes).
         .set("queued.max.messages.kbytes", "1024");
-    let consumer: BaseConsumer<ArcContext> = cfg
-        .create_with_context(ArcContext(context))
+    cfg.create_with_context(ArcContext(context))
+        .map_err(kafka_err(topic))
+}
+
+/// Looks up `store`'s checkpoint in its group's committed offset (blocking): one request, whatever
+/// the fleet size. Errors (the coordinator away, no ACL for the group) are returned; the caller
+/// decides whether to scan.
+pub fn lookup_checkpoint_offset(
+    base: &ClientConfig,
+    context: Arc<LinkContext>,
+    topic: &str,
+    store: &str,
+    timeout: Duration,
+) -> Result<OffsetLookup, CheckpointError> {
+    let consumer = reader(base, context, store, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let got = consumer
+        .committed_offsets(tpl, timeout)
         .map_err(kafka_err(topic))?;
+    let Some(e) = got.find_partition(topic, 0) else {
+        return Ok(OffsetLookup::Missing("no committed offset"));
+    };
+    if let Err(err) = e.error() {
+        return Err(kafka_err(topic)(err));
+    }
+    let Offset::Offset(txn) = e.offset() else {
+        return Ok(OffsetLookup::Missing("no committed offset"));
+    };
+    if e.metadata().is_empty() {
+        return Ok(OffsetLookup::Missing(
+            "the committed offset carries no checkpoint (too large for its metadata)",
+        ));
+    }
+    match serde_json::from_str::<Checkpoint>(e.metadata()) {
+        Ok(cp) if cp.store == store && i64::try_from(cp.txn).ok() == Some(txn) => {
+            Ok(OffsetLookup::Found(cp))
+        }
+        Ok(_) => Ok(OffsetLookup::Missing(
+            "the committed offset holds another store's or transaction's checkpoint",
+        )),
+        Err(_) => {
+            metrics::counter!("edge_uplink_bad_checkpoints_total").increment(1);
+            Ok(OffsetLookup::Missing(
+                "the committed offset's metadata is not a checkpoint",
+            ))
+        }
+    }
+}
+
+/// Reads the newest committed checkpoint of `store` by scanning the checkpoint topic (blocking;
+/// run it off the reactor). `Ok(None)` when the topic does not exist or holds no checkpoint of
+/// this store. Its cost grows with the fleet (every store's checkpoints share the topic).
+pub fn read_checkpoint(
+    base: &ClientConfig,
+    context: Arc<LinkContext>,
+    topic: &str,
+    store: &str,
+    timeout: Duration,
+) -> Result<Option<Checkpoint>, CheckpointError> {
+    let deadline = Instant::now() + timeout;
+    let consumer = reader(base, context, store, topic)?;
     let op_timeout = Duration::from_secs(10).min(timeout);
     let md = consumer
         .fetch_metadata(Some(topic), op_timeout)
@@ -240,5 +361,34 @@ mod tests {
         assert_eq!(back, cp);
         assert_eq!(back.next_seq("pos.transactions"), Some(11));
         assert_eq!(back.next_seq("x"), None);
+    }
+
+    #[test]
+    fn the_group_offset_carries_the_checkpoint_when_it_fits_and_nothing_when_not() {
+        let mut cp = Checkpoint::new("s1", Uuid::nil());
+        cp.txn = 42;
+        let json = serde_json::to_vec(&cp).unwrap();
+        let tpl = checkpoint_offsets("edge.__checkpoints", 42, &json).unwrap();
+        let e = tpl.find_partition("edge.__checkpoints", 0).unwrap();
+        assert_eq!(e.offset(), Offset::Offset(42));
+        let back: Checkpoint = serde_json::from_str(e.metadata()).unwrap();
+        assert_eq!(back, cp);
+        assert_eq!(tpl.count(), 1);
+        // A store with so many streams that its checkpoint exceeds the broker's default metadata
+        // limit: empty metadata, so the next start falls back to the topic scan instead of the
+        // transaction failing on OFFSET_METADATA_TOO_LARGE at every commit.
+        for i in 0..200 {
+            cp.streams.insert(
+                format!("store.stream.number.{i}"),
+                StreamCheckpoint { next_seq: 1 << 40 },
+            );
+        }
+        let json = serde_json::to_vec(&cp).unwrap();
+        assert!(json.len() > OFFSET_METADATA_MAX);
+        let tpl = checkpoint_offsets("edge.__checkpoints", 43, &json).unwrap();
+        let e = tpl.find_partition("edge.__checkpoints", 0).unwrap();
+        assert_eq!(e.offset(), Offset::Offset(43));
+        assert_eq!(e.metadata(), "");
+        assert_eq!(checkpoint_group("s1"), "edge-agent.checkpoint.s1");
     }
 }

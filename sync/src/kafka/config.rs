@@ -265,6 +265,10 @@ pub struct KafkaConfig {
     pub transactional_id_prefix: String,
     /// Compacted topic holding the last committed seq per store, stream and epoch.
     pub checkpoint_topic: String,
+    /// Also commit each checkpoint as the offset of consumer group `edge-agent.checkpoint.<store>`
+    /// inside its transaction, so a session start looks it up in one request instead of scanning
+    /// the fleet's checkpoint topic. Needs group READ for that group in HQ's ACLs.
+    pub checkpoint_offsets: bool,
     pub heartbeat_topic: String,
     pub gap_topic: String,
     /// Interval of `edge.heartbeats` records; 0 turns heartbeats off.
@@ -337,6 +341,7 @@ impl Default for KafkaConfig {
             key: KeyMode::Store,
             transactional_id_prefix: "edge-agent".into(),
             checkpoint_topic: "edge.__checkpoints".into(),
+            checkpoint_offsets: true,
             heartbeat_topic: "edge.heartbeats".into(),
             gap_topic: "edge.gaps".into(),
             heartbeat_interval_ms: 30_000,

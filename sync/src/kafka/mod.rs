@@ -17,7 +17,8 @@ mod topics;
 pub mod uplink;
 
 pub use checkpoint::{
-    CHECKPOINT_SCHEMA, Checkpoint, CheckpointError, StreamCheckpoint, read_checkpoint,
+    CHECKPOINT_SCHEMA, Checkpoint, CheckpointError, OFFSET_METADATA_MAX, OffsetLookup,
+    StreamCheckpoint, checkpoint_group, lookup_checkpoint_offset, read_checkpoint,
 };
 pub use config::{
     Compression, DeliveryMode, DownlinkConfig, DownlinkTopic, HqKey, KafkaConfig, KafkaConfigError,

@@ -17,10 +17,15 @@ use super::{
     Batch, Extra, KafkaProducer, Lanes, Part, RecordShape, Refused, Runner, Stop, Token,
     UNTRACKED_LANE, UplinkError, extra_headers, send_blocking, send_record,
 };
-use crate::kafka::checkpoint::{Checkpoint, StreamCheckpoint, read_checkpoint};
+use crate::kafka::checkpoint::{
+    Checkpoint, CheckpointError, OffsetLookup, StreamCheckpoint, checkpoint_group_metadata,
+    checkpoint_offsets, lookup_checkpoint_offset, read_checkpoint,
+};
 use crate::kafka::config::TXN_MAX_OPEN_MS;
 use edge_core::backoff::Backoff;
 use edge_core::log::AppendTicket;
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
 use std::sync::Arc;
@@ -37,7 +42,8 @@ const REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// `Commit` aborts the transaction.
 enum TxnInput {
     Records(Vec<Part>),
-    Commit(Vec<Extra>),
+    /// The extras, and the checkpoint's group offset to commit with them.
+    Commit(Vec<Extra>, Option<TopicPartitionList>),
 }
 
 enum TxnFailure {
@@ -116,21 +122,19 @@ impl Runner {
             }
         }
         self.ensure_side_topics().await;
-        let cp = {
+        let group = if self.cfg.checkpoint_offsets {
             let base = self.base.clone();
             let link = self.link.clone();
             let topic = self.cfg.checkpoint_topic.clone();
             let store = self.store.to_string();
-            let timeout =
-                Duration::from_millis(self.cfg.transaction_timeout_ms).max(Duration::from_secs(30));
             match tokio::task::spawn_blocking(move || {
-                read_checkpoint(&base, link, &topic, &store, timeout)
+                checkpoint_group_metadata(&base, link, &topic, &store)
             })
             .await
             {
-                Ok(Ok(cp)) => cp,
+                Ok(Ok(g)) => Some(Arc::new(g)),
                 Ok(Err(e)) => {
-                    let (link, _) = self.trouble("reading checkpoints");
+                    let (link, _) = self.trouble("preparing the checkpoint offsets");
                     return Stop::Retry {
                         link,
                         detail: format!("{e}; records keep buffering in the local log"),
@@ -138,16 +142,122 @@ impl Runner {
                 }
                 Err(e) => return Stop::Fatal(UplinkError::Client(e.to_string())),
             }
+        } else {
+            None
         };
-        match self.eos_loop(producer, cp).await {
+        let cp = match self.session_checkpoint().await {
+            Ok(Ok(cp)) => cp,
+            Ok(Err(stop)) => return stop,
+            Err(e) => return e.into(),
+        };
+        match self.eos_loop(producer, group, cp).await {
             Ok(stop) => stop,
             Err(e) => e.into(),
         }
     }
 
+    /// The checkpoint a session resumes from: the group offset when there is a usable one (one
+    /// request), else the topic scan.
+    async fn session_checkpoint(
+        &self,
+    ) -> Result<Result<Option<Checkpoint>, Stop>, edge_core::log::LogError> {
+        let timeout =
+            Duration::from_millis(self.cfg.transaction_timeout_ms).max(Duration::from_secs(30));
+        let started = Instant::now();
+        let retry = |e: CheckpointError| {
+            let (link, _) = self.trouble("reading checkpoints");
+            Stop::Retry {
+                link,
+                detail: format!("{e}; records keep buffering in the local log"),
+            }
+        };
+        if self.cfg.checkpoint_offsets {
+            let base = self.base.clone();
+            let link = self.link.clone();
+            let topic = self.cfg.checkpoint_topic.clone();
+            let store = self.store.to_string();
+            let op_timeout = Duration::from_secs(10);
+            let found = match tokio::task::spawn_blocking(move || {
+                lookup_checkpoint_offset(&base, link, &topic, &store, op_timeout)
+            })
+            .await
+            {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => return Ok(Err(retry(e))),
+                Err(e) => return Ok(Err(Stop::Fatal(UplinkError::Client(e.to_string())))),
+            };
+            let why = match found {
+                OffsetLookup::Found(cp) => match self.stale_stream(&cp).await? {
+                    None => {
+                        self.checkpoint_read_took(started, "group_offset");
+                        return Ok(Ok(Some(cp)));
+                    }
+                    // Only an agent that committed checkpoints without the offset since (an
+                    // older version, or checkpoint_offsets = false for a while) leaves it behind.
+                    Some(stream) => {
+                        format!(
+                            "the group offset's checkpoint is behind the local cursor of {stream}"
+                        )
+                    }
+                },
+                OffsetLookup::Missing(why) => why.to_string(),
+            };
+            tracing::info!(component = "uplink", reason = %why,
+                "no usable checkpoint in the store's consumer group offset; scanning the checkpoint topic");
+        }
+        let base = self.base.clone();
+        let link = self.link.clone();
+        let topic = self.cfg.checkpoint_topic.clone();
+        let store = self.store.to_string();
+        match tokio::task::spawn_blocking(move || {
+            read_checkpoint(&base, link, &topic, &store, timeout)
+        })
+        .await
+        {
+            Ok(Ok(cp)) => {
+                self.checkpoint_read_took(started, "topic_scan");
+                Ok(Ok(cp))
+            }
+            Ok(Err(e)) => Ok(Err(retry(e))),
+            Err(e) => Ok(Err(Stop::Fatal(UplinkError::Client(e.to_string())))),
+        }
+    }
+
+    fn checkpoint_read_took(&self, started: Instant, how: &'static str) {
+        let secs = started.elapsed().as_secs_f64();
+        metrics::counter!("edge_uplink_checkpoint_reads_total", "via" => how).increment(1);
+        metrics::histogram!("edge_uplink_checkpoint_read_seconds", "via" => how).record(secs);
+        tracing::debug!(
+            component = "uplink",
+            via = how,
+            ms = (secs * 1000.0) as u64,
+            "checkpoint read"
+        );
+    }
+
+    /// A stream whose local cursor is past `cp` (same epoch): `cp` cannot be the newest checkpoint,
+    /// because the cursor moves only after the commit of a checkpoint covering it.
+    async fn stale_stream(
+        &self,
+        cp: &Checkpoint,
+    ) -> Result<Option<String>, edge_core::log::LogError> {
+        if cp.epoch != self.epoch {
+            return Ok(None);
+        }
+        for (stream, at) in &cp.streams {
+            if let Some(local) = self.log().cursor(&self.cursor, stream).await?
+                && local > at.next_seq
+            {
+                return Ok(Some(stream.clone()));
+            }
+        }
+        Ok(None)
+    }
+
     async fn eos_loop(
         self: &Arc<Self>,
         producer: KafkaProducer,
+        group: Option<Arc<ConsumerGroupMetadata>>,
         cp: Option<Checkpoint>,
     ) -> Result<Stop, edge_core::log::LogError> {
         if let Some(c) = &cp {
@@ -239,8 +349,16 @@ impl Runner {
                 let this = self.clone();
                 let cancel = cancel.clone();
                 let sink = self.record_shape();
+                let group = group.clone();
                 tokio::task::spawn_blocking(move || {
-                    execute(&producer, chunks_rx, &sink, &this, &cancel)
+                    execute(
+                        &producer,
+                        chunks_rx,
+                        &sink,
+                        group.as_deref(),
+                        &this,
+                        &cancel,
+                    )
                 })
             };
             let mut moved: Vec<(u32, u64)> = Vec::new();
@@ -323,12 +441,21 @@ impl Runner {
             }
             let new_gap_id = gaps.last().map_or(gap_id, |g| g.id);
             txn = txn.saturating_add(1);
+            let mut offsets = None;
             if !moved.is_empty() || new_gap_id != gap_id {
-                extras.push(self.checkpoint_extra(&lanes, &moved, new_gap_id, txn));
+                let x = self.checkpoint_extra(&lanes, &moved, new_gap_id, txn);
+                if group.is_some() {
+                    match checkpoint_offsets(&x.topic, txn, &x.payload) {
+                        Ok(o) => offsets = Some(o),
+                        Err(e) => tracing::warn!(component = "uplink", error = %e,
+                            "cannot build the checkpoint's group offset; the next start scans the topic"),
+                    }
+                }
+                extras.push(x);
             }
             let records = records as u64;
             // If the sender already failed the channel is closed; its result says why.
-            let _ = chunks.send(TxnInput::Commit(extras)).await;
+            let _ = chunks.send(TxnInput::Commit(extras, offsets)).await;
             drop(chunks);
             // Read the first chunk of the next transaction while this one commits.
             let (res, pre) = if moved.is_empty() {
@@ -484,6 +611,7 @@ fn execute(
     p: &KafkaProducer,
     mut input: tokio::sync::mpsc::Receiver<TxnInput>,
     sink: &RecordShape,
+    group: Option<&ConsumerGroupMetadata>,
     runner: &Runner,
     cancel: &CancellationToken,
 ) -> Result<(), TxnFailure> {
@@ -491,7 +619,7 @@ fn execute(
     if let Err(e) = p.begin_transaction() {
         return Err(fatal(&e));
     }
-    let extras = loop {
+    let (extras, offsets) = loop {
         match input.blocking_recv() {
             Some(TxnInput::Records(parts)) => {
                 for part in &parts {
@@ -502,7 +630,7 @@ fn execute(
                     }
                 }
             }
-            Some(TxnInput::Commit(extras)) => break extras,
+            Some(TxnInput::Commit(extras, offsets)) => break (extras, offsets),
             None => {
                 // The reader gave up (a log error or shutdown): nothing of this transaction may
                 // become visible.
@@ -527,6 +655,25 @@ fn execute(
             cancel,
         ) {
             return Err(abort(p, &e, runner, cancel));
+        }
+    }
+    if let (Some(offsets), Some(group)) = (&offsets, group) {
+        // Commits atomically with the checkpoint record: the next session start finds it in one
+        // OffsetFetch. Runs while the records are still in flight.
+        loop {
+            match p.send_offsets_to_transaction(offsets, group, CALL_SLICE) {
+                Ok(()) => break,
+                Err(e) => {
+                    let (is_fatal, requires_abort, retriable) = txn_flags(&e);
+                    if is_fatal {
+                        return Err(fatal(&e));
+                    }
+                    if requires_abort || !retriable || cancel.is_cancelled() {
+                        return Err(abort(p, &e, runner, cancel));
+                    }
+                    runner.report_trouble("committing the checkpoint offset", &e.to_string());
+                }
+            }
         }
     }
     let sent = started.elapsed();
