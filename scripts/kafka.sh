@@ -217,8 +217,12 @@ start() {
   fi
   # shellcheck disable=SC1091
   . "$dir/broker.env"
+  # Extra JVM options for benchmarks (scripts/bench-fleet.sh adds a metrics exporter agent).
+  local jvm_extra=()
+  read -r -a jvm_extra <<< "${EDGE_KAFKA_JAVA_OPTS:-}"
   # Detached (own session, no inherited stdio) so that the caller's pipes close when this script ends.
   setsid "$JAVA" -Xms128m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+    "${jvm_extra[@]}" \
     -Dlog4j2.configurationFile="$dir/log4j2.properties" -cp "$LIBS/*" \
     kafka.Kafka "$dir/server.properties" < /dev/null > "$dir/stdout.log" 2>&1 &
   local pid=$!

@@ -1,5 +1,5 @@
 //! Command line: `run`, `check-config`, `status`, `doctor`, `log tail|export`, `completions`, and
-//! HQ's `keygen` and `sign` for signed downlink records.
+//! HQ's `keygen` and `sign` for signed downlink records and `fleet` for the fleet view.
 
 use crate::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 use crate::report;
@@ -106,6 +106,45 @@ pub enum Command {
         expires_in: Option<Duration>,
         #[arg(long, value_enum, default_value_t = HeaderFormat::Lines)]
         format: HeaderFormat,
+    },
+    /// For HQ: every store as the side topics show it (state, last heartbeat, backlog, oldest
+    /// unsent record, gaps with reasons, the version running), worst first. Which stores are
+    /// behind, and did we lose anything?
+    Fleet {
+        /// HQ's bootstrap brokers, host:port[,host:port].
+        #[arg(long)]
+        bootstrap: String,
+        #[arg(long, default_value = "edge.heartbeats")]
+        heartbeat_topic: String,
+        #[arg(long, default_value = "edge.gaps")]
+        gap_topic: String,
+        #[arg(long, default_value = "edge.__checkpoints")]
+        checkpoint_topic: String,
+        /// Heartbeats of this last period are read (a store sends one every 30 s by default).
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        heartbeats_since: Duration,
+        /// Gaps of this last period are counted.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        gaps_since: Duration,
+        /// A store without a heartbeat for this long is `silent`.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        silent_after: Duration,
+        /// A store whose oldest record not at HQ is older than this is `behind`.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        behind_after: Duration,
+        /// A librdkafka property for HQ's cluster (security.protocol, ssl.ca.location, sasl.*),
+        /// repeatable.
+        #[arg(short = 'X', long = "property", value_name = "KEY=VALUE")]
+        property: Vec<String>,
+        /// A file of `KEY=VALUE` lines read like -X (keeps a password off the command line).
+        #[arg(long)]
+        properties_file: Option<PathBuf>,
+        /// Longest time reading one topic may take.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to standard output.
     Completions {
@@ -274,6 +313,78 @@ pub fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("edge-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Fleet {
+            bootstrap,
+            heartbeat_topic,
+            gap_topic,
+            checkpoint_topic,
+            heartbeats_since,
+            gaps_since,
+            silent_after,
+            behind_after,
+            property,
+            properties_file,
+            timeout,
+            json,
+        } => {
+            let mut props: Vec<String> = Vec::new();
+            if let Some(f) = &properties_file {
+                match std::fs::read_to_string(f) {
+                    Ok(text) => props.extend(
+                        text.lines()
+                            .map(str::trim)
+                            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                            .map(str::to_string),
+                    ),
+                    Err(e) => {
+                        eprintln!("edge-agent: cannot read {}: {e}", f.display());
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                }
+            }
+            props.extend(property);
+            let mut client = rdkafka::ClientConfig::new();
+            client.set("bootstrap.servers", &bootstrap);
+            for p in &props {
+                let Some((k, v)) = p.split_once('=') else {
+                    eprintln!(
+                        "edge-agent: property {:?} is not KEY=VALUE",
+                        p.split('=').next().unwrap_or("")
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                };
+                client.set(k.trim(), v.trim());
+            }
+            let now = edge_core::time::now_ms();
+            let since = |d: Duration| now.saturating_sub(d.as_millis() as i64);
+            let q = edge_sync::kafka::fleet::FleetQuery {
+                heartbeat_topic,
+                gap_topic,
+                checkpoint_topic,
+                heartbeats_since_ms: since(heartbeats_since),
+                gaps_since_ms: since(gaps_since),
+                timeout,
+            };
+            match edge_sync::kafka::fleet::fleet_view(&client, &q) {
+                Ok(views) => {
+                    let t = crate::fleet::Thresholds {
+                        silent_after_ms: silent_after.as_millis() as u64,
+                        behind_after_ms: behind_after.as_millis() as u64,
+                    };
+                    let r = crate::fleet::classify(views, t, edge_core::time::now_ms());
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    } else {
+                        print!("{}", crate::fleet::render_text(&r));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edge-agent: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod fleet;
 pub mod fuzzing;
 pub mod hq_sign;
 pub mod http;

@@ -324,3 +324,134 @@ async fn bandwidth_cap_is_kept() {
     );
     store.stop_components().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_view_tells_which_stores_are_behind_silent_or_lost_records() {
+    use edge_core::Event;
+    use edge_core::log::AppendRequest;
+    let b = shared_broker();
+    let cfg = private_config(b, DeliveryMode::ExactlyOnce);
+    assert_eq!(cfg.heartbeat_interval_ms, 2000);
+    let s = "pos.transactions";
+    // A store that keeps up.
+    let mut ok = Store::open();
+    append(&*ok.log, s, 0..100).await;
+    ok.start_uplink(cfg.clone());
+    // A store behind a 16 KiB/s link (the smallest transaction under a cap is 16 KiB) with a
+    // backlog of minutes.
+    let mut behind = Store::open();
+    append(&*behind.log, s, 0..20_000).await;
+    behind.start_uplink(edge_sync::kafka::KafkaConfig {
+        max_bytes_per_sec: edge_core::config::ByteSize::kib(16),
+        ..cfg.clone()
+    });
+    // A store whose disk budget evicted unmirrored beacon sightings before the link came up.
+    let mut lossy = Store::open_with(edge_sync::log::LogConfig {
+        disk_budget: edge_core::config::ByteSize::mib(2),
+        ..edge_tests::kafka::test_log_config()
+    });
+    for chunk in (0..6000u64).collect::<Vec<_>>().chunks(200) {
+        let evs = chunk
+            .iter()
+            .map(|i| {
+                Event::new(
+                    "beacon.sightings",
+                    format!("{{\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(900)),
+                )
+            })
+            .collect();
+        lossy.log.append(AppendRequest::events(evs)).await.unwrap();
+    }
+    lossy.log.maintain().await.unwrap();
+    let evicted: u64 = lossy
+        .log
+        .gaps(0, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.count)
+        .sum();
+    assert!(evicted > 0);
+    lossy.start_uplink(cfg.clone());
+    // A store that mirrored, then went quiet.
+    let mut quiet = Store::open();
+    append(&*quiet.log, s, 0..10).await;
+    quiet.start_uplink(cfg.clone());
+    quiet.wait_cursor(s, 11, Duration::from_secs(60)).await;
+    ok.wait_cursor(s, 101, Duration::from_secs(60)).await;
+    lossy
+        .wait_cursor("beacon.sightings", 6001, Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    quiet.stop_components().await;
+    // Past the silence threshold for the quiet store; the others beat every 2 s.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let out = std::process::Command::new(edge_tests::agent_bin!())
+        .args(["fleet", "--bootstrap", &b.bootstrap()])
+        .args(["--heartbeat-topic", &cfg.heartbeat_topic])
+        .args(["--gap-topic", &cfg.gap_topic])
+        .args(["--checkpoint-topic", &cfg.checkpoint_topic])
+        .args(["--silent-after", "5s", "--behind-after", "2s", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |id: &str| {
+        r["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["store"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} is not in the fleet view: {r}"))
+    };
+    assert_eq!(r["stores"], 4, "{r}");
+    let v = row(&ok.id);
+    assert_eq!(v["state"], "ok", "{v}");
+    assert_eq!(v["gaps"], 0);
+    assert_eq!(v["agent_version"], env!("CARGO_PKG_VERSION"));
+    assert!(v["checkpoint_txn"].as_u64().unwrap() >= 1, "{v}");
+    let v = row(&behind.id);
+    assert_eq!(v["state"], "behind", "{v}");
+    assert!(v["backlog_records"].as_u64().unwrap() > 10_000, "{v}");
+    assert!(v["oldest_unsent_age_ms"].as_u64().unwrap() > 2000, "{v}");
+    let v = row(&quiet.id);
+    assert_eq!(v["state"], "silent", "{v}");
+    let v = row(&lossy.id);
+    assert_eq!(v["state"], "ok", "{v}");
+    assert_eq!(v["gap_records"].as_u64().unwrap(), evicted, "{v}");
+    let reasons = v["gap_reasons"].as_object().unwrap();
+    assert!(reasons.keys().all(|k| k.contains("evicted")), "{reasons:?}");
+    assert_eq!(r["silent"], 1);
+    assert_eq!(r["behind"], 1);
+    assert_eq!(r["with_gaps"], 1);
+    assert_eq!(r["gap_records"].as_u64().unwrap(), evicted);
+    // The table says the same, worst first.
+    let out = std::process::Command::new(edge_tests::agent_bin!())
+        .args(["fleet", "--bootstrap", &b.bootstrap()])
+        .args(["--heartbeat-topic", &cfg.heartbeat_topic])
+        .args(["--gap-topic", &cfg.gap_topic])
+        .args(["--checkpoint-topic", &cfg.checkpoint_topic])
+        .args(["--silent-after", "5s", "--behind-after", "2s"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[1].starts_with(&quiet.id), "{text}");
+    assert!(lines[2].starts_with(&behind.id), "{text}");
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .starts_with("4 stores: 1 silent, 1 behind, 1 with gaps"),
+        "{text}"
+    );
+    for st in [&mut ok, &mut behind, &mut lossy] {
+        st.stop_components().await;
+    }
+}

@@ -234,19 +234,51 @@ pub fn read_checkpoint(
     store: &str,
     timeout: Duration,
 ) -> Result<Option<Checkpoint>, CheckpointError> {
-    let deadline = Instant::now() + timeout;
     let consumer = reader(base, context, store, topic)?;
+    let mut best: Option<Checkpoint> = None;
+    let key = store.as_bytes();
+    read_to_end(&consumer, topic, None, timeout, |m| {
+        if m.key() != Some(key) {
+            return;
+        }
+        match m.payload().map(serde_json::from_slice::<Checkpoint>) {
+            Some(Ok(cp)) if cp.store == store && best.as_ref().is_none_or(|b| cp.txn >= b.txn) => {
+                best = Some(cp);
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(e)) => {
+                metrics::counter!("edge_uplink_bad_checkpoints_total").increment(1);
+                tracing::warn!(topic, partition = m.partition(), offset = m.offset(), error = %e,
+                    "ignoring a checkpoint record of this store that is not valid JSON");
+            }
+        }
+    })?;
+    Ok(best)
+}
+
+/// Reads every partition of `topic` from `since_ms` (a timestamp; `None`: the beginning) up to the
+/// high watermark it has when the read starts, handing each record to `each` (blocking). With a
+/// `read_committed` consumer, a partition whose end is held back by an open transaction is waited
+/// for until `timeout`. A topic that does not exist reads as empty.
+pub fn read_to_end<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    since_ms: Option<i64>,
+    timeout: Duration,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<(), CheckpointError> {
+    let deadline = Instant::now() + timeout;
     let op_timeout = Duration::from_secs(10).min(timeout);
     let md = consumer
         .fetch_metadata(Some(topic), op_timeout)
         .map_err(kafka_err(topic))?;
     let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-        return Ok(None);
+        return Ok(());
     };
     match t.error() {
         None => {}
         Some(e) if RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition => {
-            return Ok(None);
+            return Ok(());
         }
         Some(e) => {
             return Err(CheckpointError::Kafka {
@@ -255,8 +287,8 @@ pub fn read_checkpoint(
             });
         }
     }
-    // Read every partition up to the high watermark it has now. A store's checkpoints land in one
-    // partition, but reading all of them keeps this right if the partition count ever changes.
+    // Every partition up to the high watermark it has now (a store's records land in one
+    // partition, but reading all of them keeps this right if the partition count ever changes).
     let mut need: HashMap<i32, i64> = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in t.partitions() {
@@ -269,12 +301,36 @@ pub fn read_checkpoint(
                 .map_err(kafka_err(topic))?;
         }
     }
+    if let Some(ts) = since_ms
+        && tpl.count() > 0
+    {
+        let mut at = TopicPartitionList::new();
+        for e in tpl.elements() {
+            at.add_partition_offset(topic, e.partition(), Offset::Offset(ts))
+                .map_err(kafka_err(topic))?;
+        }
+        let found = consumer
+            .offsets_for_times(at, op_timeout)
+            .map_err(kafka_err(topic))?;
+        let mut from = TopicPartitionList::new();
+        for e in found.elements() {
+            match e.offset() {
+                Offset::Offset(o) => {
+                    from.add_partition_offset(topic, e.partition(), Offset::Offset(o))
+                        .map_err(kafka_err(topic))?;
+                }
+                // Nothing at or after the time in this partition.
+                _ => {
+                    need.remove(&e.partition());
+                }
+            }
+        }
+        tpl = from;
+    }
     if need.is_empty() {
-        return Ok(None);
+        return Ok(());
     }
     consumer.assign(&tpl).map_err(kafka_err(topic))?;
-    let mut best: Option<Checkpoint> = None;
-    let key = store.as_bytes();
     while !need.is_empty() {
         if Instant::now() >= deadline {
             return Err(CheckpointError::Timeout {
@@ -285,23 +341,7 @@ pub fn read_checkpoint(
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
             Some(Ok(m)) => {
-                if m.key() == Some(key) {
-                    match m.payload().map(serde_json::from_slice::<Checkpoint>) {
-                        Some(Ok(cp))
-                            if cp.store == store
-                                && best.as_ref().is_none_or(|b| cp.txn >= b.txn) =>
-                        {
-                            best = Some(cp);
-                        }
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => {
-                            metrics::counter!("edge_uplink_bad_checkpoints_total").increment(1);
-                            tracing::warn!(topic, partition = m.partition(), offset = m.offset(), error = %e,
-                                "ignoring a checkpoint record of this store that is not valid JSON");
-                        }
-                        None => {}
-                    }
-                }
+                each(&m);
                 if need
                     .get(&m.partition())
                     .is_some_and(|hi| m.offset() + 1 >= *hi)
@@ -325,7 +365,7 @@ pub fn read_checkpoint(
             Some(Err(e)) => return Err(kafka_err(topic)(e)),
         }
     }
-    Ok(best)
+    Ok(())
 }
 
 /// Lets several clients share one [`LinkContext`].

@@ -11,6 +11,7 @@ pub mod client;
 pub use edge_core::command;
 pub mod config;
 pub mod downlink;
+pub mod fleet;
 mod probe;
 pub mod record;
 mod topics;
