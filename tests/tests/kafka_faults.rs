@@ -341,3 +341,35 @@ async fn broker_killed_in_the_middle_of_transactions() {
     check_exactly_once(&hq.on(&topic), &store.id, S, n).unwrap();
     store.stop_components().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_interval_gathers_a_trickle_into_few_transactions() {
+    let b = shared_broker();
+    let mut cfg = private_config(b, DeliveryMode::ExactlyOnce);
+    cfg.heartbeat_interval_ms = 0;
+    cfg.transaction_interval_ms = 500;
+    let mut store = Store::open();
+    store.start_uplink(cfg.clone());
+    // A trickle of 60 records, one every 50 ms: without the interval, about one transaction each.
+    let t0 = std::time::Instant::now();
+    for i in 0..60 {
+        append(&*store.log, S, i..i + 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store.wait_cursor(S, 61, Duration::from_secs(60)).await;
+    let elapsed = t0.elapsed().as_millis() as u64;
+    let (txns, cp) = group_checkpoint(b, &cfg.checkpoint_topic, &store.id);
+    assert_eq!(cp["streams"][S]["next_seq"], 61);
+    // One transaction per started 500 ms, plus the first and the last.
+    let bound = elapsed / 500 + 2;
+    assert!(
+        (txns as u64) <= bound,
+        "{txns} transactions for 60 records in {elapsed} ms; at most {bound} expected"
+    );
+    let topic = cfg.topic(&store.id, S);
+    let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
+    hq.wait_for_count(&topic, 60, Duration::from_secs(30));
+    hq.poll_for(Duration::from_secs(1));
+    check_exactly_once(&hq.on(&topic), &store.id, S, 60).unwrap();
+    store.stop_components().await;
+}

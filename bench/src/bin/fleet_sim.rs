@@ -70,6 +70,13 @@ struct Args {
     /// Checkpoint records per synthetic store.
     #[arg(long, default_value_t = 20)]
     synthetic_history: usize,
+    /// `[kafka] transaction_interval_ms` of every store.
+    #[arg(long, default_value_t = 0)]
+    transaction_interval_ms: u64,
+    /// `[kafka] checkpoint_offsets` of every store (false: the previous design, for the broker
+    /// load it saves or costs).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    checkpoint_offsets: bool,
     /// The broker's metrics endpoint (Prometheus text, with the RequestsPerSec counters).
     #[arg(long)]
     metrics_url: Option<String>,
@@ -103,14 +110,16 @@ impl HqSeen {
     }
 }
 
-fn fleet_config(bootstrap: &str, partitions: i32) -> KafkaConfig {
+fn fleet_config(bootstrap: &str, args: &Args) -> KafkaConfig {
     KafkaConfig {
+        transaction_interval_ms: args.transaction_interval_ms,
+        checkpoint_offsets: args.checkpoint_offsets,
         brokers: vec![bootstrap.to_string()],
         topic_template: "fleet.{stream}".into(),
         checkpoint_topic: "fleet.__checkpoints".into(),
         heartbeat_topic: "fleet.heartbeats".into(),
         gap_topic: "fleet.gaps".into(),
-        topic_partitions: partitions,
+        topic_partitions: args.partitions,
         ..KafkaConfig::default()
     }
 }
@@ -357,6 +366,10 @@ async fn lookup_comparison(
         checkpoint_offsets: false,
         ..cfg.clone()
     };
+    let cfg = &KafkaConfig {
+        checkpoint_offsets: true,
+        ..cfg.clone()
+    };
     let records = topic_records(bootstrap, &cfg.checkpoint_topic);
     let group = restarts(s, cfg, n).await;
     let scan = restarts(s, &scan_cfg, n).await;
@@ -424,7 +437,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let broker = KafkaBroker::start();
     let bootstrap = broker.bootstrap();
     let broker_pid: u32 = broker.var("PID").parse().context("broker PID")?;
-    let cfg = fleet_config(&bootstrap, args.partitions);
+    let cfg = fleet_config(&bootstrap, &args);
     let me = std::process::id();
     eprintln!("broker at {bootstrap} (pid {broker_pid})");
 
@@ -568,6 +581,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let cmp = lookup_comparison(&mut stores[0], &cfg, args.starts, &bootstrap).await;
         let line = serde_json::json!({
             "stores": size,
+            "transaction_interval_ms": args.transaction_interval_ms,
+            "checkpoint_offsets": args.checkpoint_offsets,
             "window_s": secs.round(),
             "hq_records_per_s": (records as f64 / secs).round(),
             "outages": outages_in_window,

@@ -286,6 +286,7 @@ impl Runner {
         let mut prefetched: Option<Batch> = None;
         let mut abort_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut refusal_mark = 0u64;
+        let mut last_txn_start: Option<Instant> = None;
         let cancel = self.cancel().clone();
         loop {
             if cancel.is_cancelled() {
@@ -323,6 +324,19 @@ impl Runner {
                         .await?
                 }
             };
+            if !first.is_empty()
+                && let Some(t) = last_txn_start
+                && let Some(wait) = Duration::from_millis(self.cfg.transaction_interval_ms)
+                    .checked_sub(t.elapsed())
+                    .filter(|w| !w.is_zero())
+            {
+                // transaction_interval_ms: let the trickle gather; the transaction below reads
+                // what arrived meanwhile after this first chunk.
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
             if first.is_empty() && gaps.is_empty() && !hb_due {
                 // Idle: the client still notices a broker going away; say so in status.
                 if self.progress.link() == Link::Up
@@ -343,6 +357,7 @@ impl Runner {
             // and handed to the blocking sender one at a time, so memory holds a few chunks and
             // librdkafka's bounded queue, however large the transaction is.
             let (chunks, chunks_rx) = tokio::sync::mpsc::channel::<TxnInput>(1);
+            last_txn_start = Some(Instant::now());
             self.set_txn_open(true);
             let run = {
                 let producer = producer.clone();
