@@ -366,14 +366,7 @@ impl Runner {
                 let sink = self.record_shape();
                 let group = group.clone();
                 tokio::task::spawn_blocking(move || {
-                    execute(
-                        &producer,
-                        chunks_rx,
-                        &sink,
-                        group.as_deref(),
-                        &this,
-                        &cancel,
-                    )
+                    execute(&producer, chunks_rx, &sink, group, &this, &cancel)
                 })
             };
             let mut moved: Vec<(u32, u64)> = Vec::new();
@@ -626,7 +619,7 @@ fn execute(
     p: &KafkaProducer,
     mut input: tokio::sync::mpsc::Receiver<TxnInput>,
     sink: &RecordShape,
-    group: Option<&ConsumerGroupMetadata>,
+    group: Option<Arc<ConsumerGroupMetadata>>,
     runner: &Runner,
     cancel: &CancellationToken,
 ) -> Result<(), TxnFailure> {
@@ -672,11 +665,40 @@ fn execute(
             return Err(abort(p, &e, runner, cancel));
         }
     }
-    if let (Some(offsets), Some(group)) = (&offsets, group) {
+    if let (Some(offsets), Some(group)) = (offsets, group) {
         // Commits atomically with the checkpoint record: the next session start finds it in one
-        // OffsetFetch. Runs while the records are still in flight.
+        // OffsetFetch. Runs while the records are still in flight. librdkafka's call can block
+        // past its timeout while the broker is away (a request in flight waits for the socket
+        // timeout), so it runs on its own thread and this one keeps reporting and watching for
+        // shutdown meanwhile.
         loop {
-            match p.send_offsets_to_transaction(offsets, group, CALL_SLICE) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            {
+                let (p, offsets, group) = (p.clone(), offsets.clone(), group.clone());
+                std::thread::spawn(move || {
+                    let _ = tx.send(p.send_offsets_to_transaction(&offsets, &group, CALL_SLICE));
+                });
+            }
+            let r = loop {
+                match rx.recv_timeout(CALL_SLICE + Duration::from_secs(1)) {
+                    Ok(r) => break r,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        runner.report_trouble(
+                            "committing the checkpoint offset",
+                            "no answer from the transaction coordinator",
+                        );
+                        if cancel.is_cancelled() {
+                            // The call is still in progress; the next session's
+                            // init_transactions aborts this transaction.
+                            return Err(TxnFailure::Cancelled);
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        break Err(KafkaError::Canceled);
+                    }
+                }
+            };
+            match r {
                 Ok(()) => break,
                 Err(e) => {
                     let (is_fatal, requires_abort, retriable) = txn_flags(&e);
