@@ -36,12 +36,22 @@ async fn a_local_cursor_behind_the_checkpoint_resends_nothing() {
     append(&*store.log, S, 2000..2500).await;
     store.start_uplink(cfg.clone());
     store.wait_cursor(S, 2501, Duration::from_secs(60)).await;
+    hq_has_exactly_once(b, &cfg, &store, 2500);
+    store.stop_components().await;
+}
+
+/// HQ's read_committed view of `store`'s stream `S` in `cfg`: exactly `n` records, once each, in order.
+fn hq_has_exactly_once(
+    b: &KafkaBroker,
+    cfg: &edge_sync::kafka::KafkaConfig,
+    store: &Store,
+    n: u64,
+) {
     let topic = cfg.topic(&store.id, S);
     let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
-    hq.wait_for_count(&topic, 2500, Duration::from_secs(30));
+    hq.wait_for_count(&topic, n as usize, Duration::from_secs(30));
     hq.poll_for(Duration::from_secs(2));
-    check_exactly_once(&hq.on(&topic), &store.id, S, 2500).unwrap();
-    store.stop_components().await;
+    check_exactly_once(&hq.on(&topic), &store.id, S, n).unwrap();
 }
 
 /// The checkpoint committed as the offset of the store's consumer group (offset, metadata).
@@ -103,11 +113,7 @@ async fn a_session_start_takes_the_checkpoint_from_the_group_offset_not_a_topic_
     append(&*store.log, S, 2000..2500).await;
     store.start_uplink(cfg.clone());
     store.wait_cursor(S, 2501, Duration::from_secs(60)).await;
-    let topic = cfg.topic(&store.id, S);
-    let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
-    hq.wait_for_count(&topic, 2500, Duration::from_secs(30));
-    hq.poll_for(Duration::from_secs(2));
-    check_exactly_once(&hq.on(&topic), &store.id, S, 2500).unwrap();
+    hq_has_exactly_once(b, &cfg, &store, 2500);
     let (_, cp) = group_checkpoint(b, &cfg.checkpoint_topic, &store.id);
     assert_eq!(cp["streams"][S]["next_seq"], 2501);
     store.stop_components().await;
@@ -146,11 +152,7 @@ async fn a_group_offset_left_behind_by_a_run_without_it_is_not_trusted() {
     append(&*store.log, S, 2000..2500).await;
     store.start_uplink(cfg.clone());
     store.wait_cursor(S, 2501, Duration::from_secs(60)).await;
-    let topic = cfg.topic(&store.id, S);
-    let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
-    hq.wait_for_count(&topic, 2500, Duration::from_secs(30));
-    hq.poll_for(Duration::from_secs(2));
-    check_exactly_once(&hq.on(&topic), &store.id, S, 2500).unwrap();
+    hq_has_exactly_once(b, &cfg, &store, 2500);
     store.stop_components().await;
 }
 
@@ -366,10 +368,6 @@ async fn transaction_interval_gathers_a_trickle_into_few_transactions() {
         (txns as u64) <= bound,
         "{txns} transactions for 60 records in {elapsed} ms; at most {bound} expected"
     );
-    let topic = cfg.topic(&store.id, S);
-    let mut hq = HqConsumer::new(&b.bootstrap(), &[&topic], true);
-    hq.wait_for_count(&topic, 60, Duration::from_secs(30));
-    hq.poll_for(Duration::from_secs(1));
-    check_exactly_once(&hq.on(&topic), &store.id, S, 60).unwrap();
+    hq_has_exactly_once(b, &cfg, &store, 60);
     store.stop_components().await;
 }

@@ -9,6 +9,7 @@
 //! Prints one JSON line.
 
 use clap::Parser;
+use edge_bench::rss_kib;
 use edge_core::Event;
 use edge_core::log::{AppendRequest, Log};
 use edge_sync::log::{LogConfig, SqliteLog, Synchronous};
@@ -150,18 +151,6 @@ fn stop(mut c: Child) {
         nix::sys::signal::Signal::SIGTERM,
     );
     let _ = c.wait();
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

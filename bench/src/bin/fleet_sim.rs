@@ -29,6 +29,7 @@
 
 use anyhow::Context;
 use clap::Parser;
+use edge_bench::rss_kib;
 use edge_core::Event;
 use edge_core::log::{AppendRequest, Log};
 use edge_sync::kafka::KafkaConfig;
@@ -131,18 +132,6 @@ fn sim_log_config() -> LogConfig {
         synchronous: Synchronous::Normal,
         ..test_log_config()
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// utime + stime of `pid`, seconds.
